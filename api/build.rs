@@ -1,0 +1,10 @@
+//! Generates the gRPC code from `proto/` with a vendored `protoc`, so no system protoc is needed.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    // Build scripts are single-threaded: nothing reads the environment concurrently.
+    std::env::set_var("PROTOC", protoc);
+    println!("cargo:rerun-if-changed=proto");
+    tonic_prost_build::configure().compile_protos(&["proto/discovery.proto"], &["proto"])?;
+    Ok(())
+}

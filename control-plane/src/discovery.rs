@@ -1,0 +1,61 @@
+//! The discovery gRPC service: one stream per destination, a full answer first and a whole
+//! replacement on every change of that answer.
+
+use std::sync::Arc;
+
+use strait_api::discovery::discovery_server::Discovery;
+use strait_api::discovery::{DestinationUpdate, WatchRequest};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::index::{normalize_target, MeshIndex};
+
+/// Serves [`Discovery`] from the latest [`MeshIndex`].
+#[derive(Clone)]
+pub struct DiscoveryService {
+    index: watch::Receiver<Arc<MeshIndex>>,
+}
+
+impl DiscoveryService {
+    pub fn new(index: watch::Receiver<Arc<MeshIndex>>) -> Self {
+        Self { index }
+    }
+}
+
+#[tonic::async_trait]
+impl Discovery for DiscoveryService {
+    type WatchStream = ReceiverStream<Result<DestinationUpdate, Status>>;
+
+    async fn watch(
+        &self,
+        request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let WatchRequest { target, proxy } = request.into_inner();
+        if normalize_target(&target).is_none() {
+            return Err(Status::invalid_argument(format!(
+                "target {target:?} is not ip:port or host:port"
+            )));
+        }
+        tracing::debug!(%target, %proxy, "watch");
+        let (tx, rx) = mpsc::channel(2);
+        let mut index = self.index.clone();
+        tokio::spawn(async move {
+            let mut last: Option<Arc<DestinationUpdate>> = None;
+            loop {
+                let answer = index.borrow_and_update().lookup(&target);
+                if last.as_ref() != Some(&answer) {
+                    if tx.send(Ok((*answer).clone())).await.is_err() {
+                        return; // the proxy went away
+                    }
+                    last = Some(answer);
+                }
+                tokio::select! {
+                    changed = index.changed() => if changed.is_err() { return },
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

@@ -1,0 +1,419 @@
+//! The mesh index: resources in, discovery answers out.
+//!
+//! Every answer is computed once per change of the resources, keyed by every name a proxy may ask
+//! for (cluster IP and port, the service's DNS names and port, an endpoint's own address), so a
+//! watch stream only does a map lookup when the index changes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use strait_api::discovery::{
+    destination_update::Update, Destination, DestinationUpdate, Endpoint, NotInMesh, ProtocolHint,
+};
+
+use crate::resources::{annotations, EndpointSlice, IntOrString, Pod, Resource, Service, ServicePort};
+
+/// Naming settings of the cluster.
+#[derive(Debug, Clone)]
+pub struct Naming {
+    /// The SPIFFE trust domain: `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`.
+    pub trust_domain: String,
+    /// The DNS suffix of services: `<svc>.<ns>.svc.<cluster-domain>`.
+    pub cluster_domain: String,
+}
+
+impl Default for Naming {
+    fn default() -> Self {
+        Self {
+            trust_domain: "cluster.local".into(),
+            cluster_domain: "cluster.local".into(),
+        }
+    }
+}
+
+/// All answers of one version of the mesh state.
+#[derive(Debug, Default)]
+pub struct MeshIndex {
+    answers: HashMap<String, Arc<DestinationUpdate>>,
+    services: usize,
+}
+
+impl MeshIndex {
+    /// Builds the index of `resources`. Never fails: an object that cannot be used (a bad IP, a
+    /// slice whose service does not exist) is skipped with a warning.
+    pub fn build(resources: &[Resource], naming: &Naming) -> Self {
+        let mut services = Vec::new();
+        let mut slices: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+        let mut pods: HashMap<(&str, &str), &Pod> = HashMap::new();
+        for r in resources {
+            match r {
+                Resource::Service(s) => services.push(s),
+                Resource::EndpointSlice(s) => match s.service_name() {
+                    Some(svc) => slices
+                        .entry((s.metadata.namespace.as_str(), svc))
+                        .or_default()
+                        .push(s),
+                    None => tracing::warn!(
+                        slice = %s.metadata.name,
+                        "EndpointSlice has no kubernetes.io/service-name label; ignored"
+                    ),
+                },
+                Resource::Pod(p) => {
+                    pods.insert((p.metadata.namespace.as_str(), p.metadata.name.as_str()), p);
+                }
+            }
+        }
+        // Deterministic answers whatever the file order.
+        services.sort_by(|a, b| {
+            (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
+        });
+
+        let mut index = MeshIndex {
+            answers: HashMap::new(),
+            services: services.len(),
+        };
+        for svc in services {
+            let ns = svc.metadata.namespace.as_str();
+            let name = svc.metadata.name.as_str();
+            let svc_slices = slices.get(&(ns, name)).map(Vec::as_slice).unwrap_or(&[]);
+            let opaque = parse_port_list(
+                svc.metadata
+                    .annotations
+                    .get(annotations::OPAQUE_PORTS)
+                    .map(String::as_str)
+                    .unwrap_or(""),
+            );
+            for port in &svc.spec.ports {
+                let authority = format!("{name}.{ns}.svc.{}:{}", naming.cluster_domain, port.port);
+                let endpoints = endpoints_for(svc, port, svc_slices, &pods, naming);
+                let protocol = protocol_hint(port, opaque.contains(&port.port));
+                let destination = |endpoints: Vec<Endpoint>| {
+                    Arc::new(DestinationUpdate {
+                        update: Some(Update::Destination(Destination {
+                            service: authority.clone(),
+                            protocol: protocol as i32,
+                            endpoints,
+                        })),
+                    })
+                };
+                // A direct call to one endpoint (a pod IP) still goes through the mesh.
+                for ep in &endpoints {
+                    if let Ok(ip) = ep.ip.parse::<IpAddr>() {
+                        let key = SocketAddr::new(ip, ep.port as u16).to_string();
+                        index
+                            .answers
+                            .entry(key)
+                            .or_insert_with(|| destination(vec![ep.clone()]));
+                    }
+                }
+                let answer = destination(endpoints);
+                for ip in cluster_ips(svc) {
+                    index
+                        .answers
+                        .insert(SocketAddr::new(ip, port.port).to_string(), answer.clone());
+                }
+                for host in [
+                    format!("{name}.{ns}.svc.{}", naming.cluster_domain),
+                    format!("{name}.{ns}.svc"),
+                    format!("{name}.{ns}"),
+                ] {
+                    index
+                        .answers
+                        .insert(format!("{host}:{}", port.port), answer.clone());
+                }
+            }
+        }
+        index
+    }
+
+    /// The answer for `target` (`ip:port` or `host:port`), "not in the mesh" when unknown.
+    pub fn lookup(&self, target: &str) -> Arc<DestinationUpdate> {
+        match normalize_target(target) {
+            Some(key) => match self.answers.get(&key) {
+                Some(answer) => answer.clone(),
+                None => not_in_mesh(format!("{target} is not a mesh service or endpoint")),
+            },
+            None => not_in_mesh(format!("{target} is not an ip:port or host:port")),
+        }
+    }
+
+    /// How many services the index holds.
+    pub fn service_count(&self) -> usize {
+        self.services
+    }
+}
+
+fn not_in_mesh(reason: String) -> Arc<DestinationUpdate> {
+    Arc::new(DestinationUpdate {
+        update: Some(Update::NotInMesh(NotInMesh { reason })),
+    })
+}
+
+/// Canonical form of a target: `SocketAddr` display for addresses, lower-case host without a
+/// trailing dot otherwise. `None` when it has no port.
+pub fn normalize_target(target: &str) -> Option<String> {
+    if let Ok(addr) = target.parse::<SocketAddr>() {
+        return Some(addr.to_string());
+    }
+    let (host, port) = target.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    if host.is_empty() || host.contains(['[', ']', '/', ' ']) {
+        return None;
+    }
+    Some(format!("{host}:{port}"))
+}
+
+fn cluster_ips(svc: &Service) -> Vec<IpAddr> {
+    let mut ips: Vec<IpAddr> = Vec::new();
+    for raw in svc.spec.cluster_ip.iter().chain(svc.spec.cluster_ips.iter()) {
+        if raw.is_empty() || raw == "None" {
+            continue;
+        }
+        match raw.parse() {
+            Ok(ip) if !ips.contains(&ip) => ips.push(ip),
+            Ok(_) => {}
+            Err(_) => tracing::warn!(
+                service = %svc.metadata.name,
+                namespace = %svc.metadata.namespace,
+                cluster_ip = %raw,
+                "clusterIP is not an IP address; the service is reachable by name only"
+            ),
+        }
+    }
+    ips
+}
+
+fn endpoints_for(
+    svc: &Service,
+    port: &ServicePort,
+    slices: &[&EndpointSlice],
+    pods: &HashMap<(&str, &str), &Pod>,
+    naming: &Naming,
+) -> Vec<Endpoint> {
+    let ns = svc.metadata.namespace.as_str();
+    let mut out = Vec::new();
+    for slice in slices {
+        let slice_ports = slice.ports.as_deref().unwrap_or(&[]);
+        // EndpointSlice ports carry the service port's name ("" when the service has one port).
+        let target_port = slice_ports
+            .iter()
+            .find(|p| p.name.as_deref().unwrap_or("") == port.name)
+            .and_then(|p| p.port)
+            .or(match (&port.target_port, slice_ports.is_empty()) {
+                (Some(IntOrString::Int(p)), true) => Some(*p),
+                (None, true) => Some(port.port),
+                _ => None,
+            });
+        let Some(target_port) = target_port else {
+            continue;
+        };
+        let slice_sa = slice.metadata.annotations.get(annotations::SERVICE_ACCOUNT);
+        let slice_meshed = !is_off(slice.metadata.annotations.get(annotations::MESHED));
+        for ep in slice.endpoints.as_deref().unwrap_or(&[]) {
+            if !ep.conditions.is_ready() {
+                continue;
+            }
+            let pod = ep.target_ref.as_ref().and_then(|r| {
+                let kind_ok = r.kind.as_deref().is_none_or(|k| k == "Pod");
+                let name = r.name.as_deref()?;
+                let pod_ns = r.namespace.as_deref().unwrap_or(ns);
+                if kind_ok {
+                    pods.get(&(pod_ns, name)).copied()
+                } else {
+                    None
+                }
+            });
+            let sa = pod
+                .and_then(|p| p.spec.service_account_name.as_deref())
+                .or(slice_sa.map(String::as_str))
+                .unwrap_or("default");
+            let meshed = slice_meshed
+                && pod.is_none_or(|p| {
+                    !is_off(p.metadata.annotations.get(annotations::MESHED))
+                        && !is_off(p.metadata.annotations.get(annotations::INJECT))
+                });
+            let mut labels = BTreeMap::new();
+            if let Some(name) = ep.target_ref.as_ref().and_then(|r| r.name.clone()) {
+                labels.insert("pod".to_string(), name);
+            }
+            if let Some(zone) = &ep.zone {
+                labels.insert("zone".to_string(), zone.clone());
+            }
+            if let Some(node) = &ep.node_name {
+                labels.insert("node".to_string(), node.clone());
+            }
+            for address in &ep.addresses {
+                let Ok(ip) = address.parse::<IpAddr>() else {
+                    tracing::warn!(slice = %slice.metadata.name, %address, "endpoint address is not an IP; skipped");
+                    continue;
+                };
+                out.push(Endpoint {
+                    ip: ip.to_string(),
+                    port: u32::from(target_port),
+                    weight: 1,
+                    identity: format!("spiffe://{}/ns/{ns}/sa/{sa}", naming.trust_domain),
+                    meshed,
+                    labels: labels.clone().into_iter().collect(),
+                });
+            }
+        }
+    }
+    out.sort_by(|a, b| (&a.ip, a.port).cmp(&(&b.ip, b.port)));
+    out.dedup_by(|a, b| a.ip == b.ip && a.port == b.port);
+    out
+}
+
+fn is_off(v: Option<&String>) -> bool {
+    matches!(v.map(String::as_str), Some("false" | "disabled"))
+}
+
+fn protocol_hint(port: &ServicePort, annotated_opaque: bool) -> ProtocolHint {
+    if annotated_opaque {
+        return ProtocolHint::Opaque;
+    }
+    match port.app_protocol.as_deref() {
+        Some("kubernetes.io/h2c" | "h2c" | "http2" | "grpc") => ProtocolHint::Http2,
+        Some("http" | "kubernetes.io/http") => ProtocolHint::Http1,
+        Some("tcp" | "opaque") => ProtocolHint::Opaque,
+        _ => ProtocolHint::Unknown,
+    }
+}
+
+/// Parses `"25,587, 4444-4450"`. Bad items are skipped with a warning (an annotation typo must
+/// not take a service out of discovery).
+pub fn parse_port_list(list: &str) -> Vec<u16> {
+    let mut out = Vec::new();
+    for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let parsed = match item.split_once('-') {
+            Some((a, b)) => match (a.trim().parse::<u16>(), b.trim().parse::<u16>()) {
+                (Ok(a), Ok(b)) if a <= b => Some((a..=b).collect::<Vec<_>>()),
+                _ => None,
+            },
+            None => item.parse::<u16>().ok().map(|p| vec![p]),
+        };
+        match parsed {
+            Some(ports) => out.extend(ports),
+            None => tracing::warn!(item, "not a port or port range; ignored"),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::local::parse::parse_documents;
+
+    const MESH: &str = r#"
+kind: Service
+metadata: {name: web, namespace: shop, annotations: {strait.io/opaque-ports: "6379"}}
+spec:
+  clusterIP: 10.96.0.10
+  ports:
+  - {name: http, port: 80, targetPort: 8080}
+  - {name: redis, port: 6379}
+  - {name: grpc, port: 9000, appProtocol: kubernetes.io/h2c}
+---
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: shop
+  labels: {kubernetes.io/service-name: web}
+  annotations: {strait.io/service-account: web-sa}
+endpoints:
+- addresses: [10.0.0.3]
+  targetRef: {kind: Pod, name: web-b}
+- addresses: [10.0.0.2]
+  targetRef: {kind: Pod, name: web-a}
+- addresses: [10.0.0.9]
+  conditions: {ready: false}
+ports: [{name: http, port: 8080}, {name: redis, port: 6379}, {name: grpc, port: 9001}]
+---
+kind: Pod
+metadata: {name: web-b, namespace: shop, annotations: {strait.io/inject: disabled}}
+spec: {serviceAccountName: other}
+"#;
+
+    fn index() -> MeshIndex {
+        MeshIndex::build(&parse_documents(MESH).expect("valid"), &Naming::default())
+    }
+
+    fn destination(answer: &DestinationUpdate) -> &Destination {
+        match &answer.update {
+            Some(Update::Destination(d)) => d,
+            other => panic!("expected a destination, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn cluster_ip_and_every_dns_form_resolve_to_the_same_answer() {
+        let index = index();
+        let by_ip = index.lookup("10.96.0.10:80");
+        for name in [
+            "web.shop.svc.cluster.local:80",
+            "WEB.shop.svc.cluster.local.:80",
+            "web.shop.svc:80",
+            "web.shop:80",
+        ] {
+            assert_eq!(index.lookup(name), by_ip, "{name}");
+        }
+        let d = destination(&by_ip);
+        assert_eq!(d.service, "web.shop.svc.cluster.local:80");
+        let eps: Vec<_> = d.endpoints.iter().map(|e| (e.ip.as_str(), e.port)).collect();
+        assert_eq!(eps, [("10.0.0.2", 8080), ("10.0.0.3", 8080)], "sorted, ready only");
+    }
+
+    #[test]
+    fn identity_comes_from_the_pod_then_the_slice_and_meshed_from_annotations() {
+        let index = index();
+        let answer = index.lookup("10.96.0.10:80");
+        let d = destination(&answer);
+        assert_eq!(d.endpoints[0].identity, "spiffe://cluster.local/ns/shop/sa/web-sa");
+        assert!(d.endpoints[0].meshed);
+        assert_eq!(d.endpoints[1].identity, "spiffe://cluster.local/ns/shop/sa/other");
+        assert!(!d.endpoints[1].meshed, "pod opted out");
+        assert_eq!(d.endpoints[1].labels.get("pod").map(String::as_str), Some("web-b"));
+    }
+
+    #[test]
+    fn protocol_hints_follow_annotations_and_app_protocol() {
+        let index = index();
+        assert_eq!(destination(&index.lookup("10.96.0.10:6379")).protocol, ProtocolHint::Opaque as i32);
+        let grpc = index.lookup("10.96.0.10:9000");
+        assert_eq!(destination(&grpc).protocol, ProtocolHint::Http2 as i32);
+        assert_eq!(destination(&grpc).endpoints[0].port, 9001, "named target port");
+    }
+
+    #[test]
+    fn endpoint_addresses_resolve_to_themselves() {
+        let index = index();
+        let d = index.lookup("10.0.0.3:8080");
+        let eps = &destination(&d).endpoints;
+        assert_eq!(eps.len(), 1);
+        assert_eq!(eps[0].ip, "10.0.0.3");
+    }
+
+    #[test]
+    fn unknown_and_malformed_targets_are_not_in_the_mesh() {
+        let index = index();
+        for t in ["10.96.0.10:81", "nope.shop:80", "no-port", "[::1:80", ""] {
+            assert!(
+                matches!(index.lookup(t).update, Some(Update::NotInMesh(_))),
+                "{t}"
+            );
+        }
+    }
+
+    #[test]
+    fn port_lists_accept_ranges_and_skip_garbage() {
+        assert_eq!(parse_port_list("25, 587,4444-4446,x,9-1"), [25, 587, 4444, 4445, 4446]);
+        assert!(parse_port_list("").is_empty());
+    }
+
+    #[test]
+    fn ipv6_targets_are_canonical() {
+        assert_eq!(normalize_target("[fd00:0::1]:80").as_deref(), Some("[fd00::1]:80"));
+    }
+}

@@ -1,0 +1,11 @@
+//! The Strait control plane: turns the cluster's (or a directory's) services and endpoints into
+//! discovery answers streamed to proxies.
+//!
+//! ```text
+//! config dir (YAML) --scan--> LocalSource --resources--> MeshIndex --watch--> DiscoveryService --gRPC--> proxies
+//! ```
+
+pub mod discovery;
+pub mod index;
+pub mod local;
+pub mod resources;

@@ -1,0 +1,231 @@
+//! Local mode: the mesh state comes from Kubernetes-style YAML files in a directory.
+//!
+//! The directory is rescanned every `interval` (default 250 ms) and a file is re-parsed only when
+//! its bytes change. Polling, rather than inotify, sees every way a file can change (editors that
+//! rename over it, `kubectl`-style tools, bind mounts) and costs little for a config directory.
+//! A file that does not parse is reported with its path and error, and its last good content
+//! keeps being served: a typo never takes services out of the mesh.
+
+pub mod parse;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::index::{MeshIndex, Naming};
+use crate::resources::Resource;
+
+/// Why the directory could not be read at all.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read the config directory {dir}: {source} (set --config-dir / STRAIT_CONFIG_DIR to a readable directory)")]
+pub struct DirError {
+    dir: PathBuf,
+    #[source]
+    source: std::io::Error,
+}
+
+#[derive(Debug)]
+struct FileState {
+    content: Vec<u8>,
+    /// The last content that parsed; kept while the file is broken.
+    resources: Vec<Resource>,
+    error: Option<String>,
+}
+
+/// The state of one config directory.
+#[derive(Debug)]
+pub struct LocalSource {
+    dir: PathBuf,
+    files: BTreeMap<PathBuf, FileState>,
+}
+
+impl LocalSource {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            files: BTreeMap::new(),
+        }
+    }
+
+    /// Rereads the directory. Returns whether the set of resources may have changed.
+    pub fn scan(&mut self) -> Result<bool, DirError> {
+        let mut paths = Vec::new();
+        collect_yaml_files(&self.dir, &mut paths).map_err(|source| DirError {
+            dir: self.dir.clone(),
+            source,
+        })?;
+        let mut changed = false;
+        let before = self.files.len();
+        self.files.retain(|p, _| paths.contains(p));
+        if self.files.len() != before {
+            changed = true;
+        }
+        for path in paths {
+            let content = match std::fs::read(&path) {
+                Ok(c) => c,
+                // Deleted between listing and reading: the next scan drops it.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "cannot read config file; keeping its last good content");
+                    continue;
+                }
+            };
+            if self.files.get(&path).is_some_and(|f| f.content == content) {
+                continue;
+            }
+            let parsed = std::str::from_utf8(&content)
+                .map_err(|e| format!("not UTF-8: {e}"))
+                .and_then(|text| parse::parse_documents(text).map_err(|e| e.to_string()));
+            let entry = self.files.entry(path.clone()).or_insert(FileState {
+                content: Vec::new(),
+                resources: Vec::new(),
+                error: None,
+            });
+            entry.content = content;
+            match parsed {
+                Ok(resources) => {
+                    if entry.error.take().is_some() {
+                        tracing::info!(path = %path.display(), "config file parses again");
+                    }
+                    if entry.resources != resources {
+                        entry.resources = resources;
+                        changed = true;
+                    }
+                }
+                Err(error) => {
+                    tracing::error!(
+                        path = %path.display(),
+                        %error,
+                        "invalid config file; keeping its last good content"
+                    );
+                    entry.error = Some(error);
+                }
+            }
+        }
+        Ok(changed)
+    }
+
+    /// The resources of every file, in path order.
+    pub fn resources(&self) -> Vec<Resource> {
+        self.files
+            .values()
+            .flat_map(|f| f.resources.iter().cloned())
+            .collect()
+    }
+
+    /// Files that currently fail to parse, with their errors.
+    pub fn errors(&self) -> Vec<(PathBuf, String)> {
+        self.files
+            .iter()
+            .filter_map(|(p, f)| f.error.clone().map(|e| (p.clone(), e)))
+            .collect()
+    }
+
+    /// Scans once (failing if the directory is unreadable), then keeps `tx` up to date.
+    pub async fn run(
+        mut self,
+        naming: Naming,
+        interval: Duration,
+        tx: watch::Sender<Arc<MeshIndex>>,
+    ) -> Result<(), DirError> {
+        self.scan()?;
+        publish(&self, &naming, &tx);
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match self.scan() {
+                Ok(true) => publish(&self, &naming, &tx),
+                Ok(false) => {}
+                Err(e) => tracing::error!(error = %e, "keeping the last good mesh state"),
+            }
+        }
+    }
+}
+
+fn publish(source: &LocalSource, naming: &Naming, tx: &watch::Sender<Arc<MeshIndex>>) {
+    let index = MeshIndex::build(&source.resources(), naming);
+    tracing::info!(services = index.service_count(), "mesh state updated");
+    tx.send_replace(Arc::new(index));
+}
+
+fn collect_yaml_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') {
+            continue; // editor swap files, `..data` of Kubernetes ConfigMap mounts
+        }
+        let file_type = entry.file_type()?;
+        if file_type.is_dir() {
+            collect_yaml_files(&path, out)?;
+        } else if name.ends_with(".yaml") || name.ends_with(".yml") {
+            out.push(path);
+        }
+    }
+    out.sort();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tempdir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("strait-cp-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        dir
+    }
+
+    const SVC: &str = "kind: Service\nmetadata: {name: web, namespace: shop}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n";
+
+    #[test]
+    fn a_broken_file_keeps_its_last_good_content_and_reports_the_path() {
+        let dir = tempdir("broken");
+        let file = dir.join("web.yaml");
+        std::fs::write(&file, SVC).expect("write");
+        let mut src = LocalSource::new(&dir);
+        assert!(src.scan().expect("scan"));
+        assert_eq!(src.resources().len(), 1);
+
+        std::fs::write(&file, "kind: Service\nmetadata: {name: [oops\n").expect("write");
+        assert!(!src.scan().expect("scan"), "a broken file changes nothing");
+        assert_eq!(src.resources().len(), 1, "last good content kept");
+        let errors = src.errors();
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].0, file);
+
+        std::fs::write(&file, SVC.replace("web", "api")).expect("write");
+        assert!(src.scan().expect("scan"));
+        assert!(src.errors().is_empty());
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn removed_files_and_hidden_files() {
+        let dir = tempdir("removed");
+        std::fs::write(dir.join("a.yaml"), SVC).expect("write");
+        std::fs::write(dir.join(".a.yaml.swp"), "garbage").expect("write");
+        std::fs::write(dir.join("notes.txt"), "garbage").expect("write");
+        let mut src = LocalSource::new(&dir);
+        src.scan().expect("scan");
+        assert_eq!(src.resources().len(), 1);
+        assert!(src.errors().is_empty());
+        std::fs::remove_file(dir.join("a.yaml")).expect("rm");
+        assert!(src.scan().expect("scan"));
+        assert!(src.resources().is_empty());
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn a_missing_directory_is_a_clear_error() {
+        let err = LocalSource::new("/nonexistent/strait").scan().expect_err("missing");
+        assert!(err.to_string().contains("/nonexistent/strait"), "{err}");
+    }
+}

@@ -1,0 +1,178 @@
+//! The Kubernetes-shaped objects the control plane understands, as plain serde structs.
+//!
+//! Local mode reads them from YAML; the Kubernetes mode (later) gets the same shapes from the API
+//! server, so both feed one [`crate::index::MeshIndex`]. Only the fields Strait uses are modelled;
+//! everything else in a document is ignored, as `kubectl apply` users expect.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+/// `metadata` of any object.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectMeta {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+}
+
+fn default_namespace() -> String {
+    "default".to_string()
+}
+
+/// A `v1/Service`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Service {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: ServiceSpec,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSpec {
+    /// `None` (the string) for a headless service.
+    #[serde(default, rename = "clusterIP")]
+    pub cluster_ip: Option<String>,
+    #[serde(default, rename = "clusterIPs")]
+    pub cluster_ips: Vec<String>,
+    #[serde(default)]
+    pub ports: Vec<ServicePort>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePort {
+    #[serde(default)]
+    pub name: String,
+    pub port: u16,
+    #[serde(default)]
+    pub target_port: Option<IntOrString>,
+    #[serde(default)]
+    pub app_protocol: Option<String>,
+    #[serde(default)]
+    pub protocol: Option<String>,
+}
+
+/// Kubernetes' `IntOrString`, as used by `targetPort`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum IntOrString {
+    Int(u16),
+    String(String),
+}
+
+/// A `discovery.k8s.io/v1/EndpointSlice`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointSlice {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub address_type: Option<String>,
+    #[serde(default)]
+    pub endpoints: Option<Vec<SliceEndpoint>>,
+    #[serde(default)]
+    pub ports: Option<Vec<SlicePort>>,
+}
+
+impl EndpointSlice {
+    /// The service this slice belongs to (the `kubernetes.io/service-name` label).
+    pub fn service_name(&self) -> Option<&str> {
+        self.metadata
+            .labels
+            .get("kubernetes.io/service-name")
+            .map(String::as_str)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SliceEndpoint {
+    pub addresses: Vec<String>,
+    #[serde(default)]
+    pub conditions: EndpointConditions,
+    #[serde(default)]
+    pub target_ref: Option<ObjectReference>,
+    #[serde(default)]
+    pub node_name: Option<String>,
+    #[serde(default)]
+    pub zone: Option<String>,
+}
+
+/// Kubernetes semantics: a nil `ready` means ready.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+pub struct EndpointConditions {
+    #[serde(default)]
+    pub ready: Option<bool>,
+    #[serde(default)]
+    pub serving: Option<bool>,
+    #[serde(default)]
+    pub terminating: Option<bool>,
+}
+
+impl EndpointConditions {
+    pub fn is_ready(&self) -> bool {
+        self.ready.unwrap_or(true)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct ObjectReference {
+    #[serde(default)]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub namespace: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SlicePort {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub app_protocol: Option<String>,
+}
+
+/// A `v1/Pod`: only what discovery needs (its service account and whether it is meshed).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Pod {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: PodSpec,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSpec {
+    #[serde(default)]
+    pub service_account_name: Option<String>,
+}
+
+/// Every object kind the control plane acts on. Documents of other kinds are skipped.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resource {
+    Service(Service),
+    EndpointSlice(EndpointSlice),
+    Pod(Pod),
+}
+
+/// Annotations and labels Strait reads.
+pub mod annotations {
+    /// On a Service: comma-separated ports (or ranges `a-b`) that carry opaque TCP.
+    pub const OPAQUE_PORTS: &str = "strait.io/opaque-ports";
+    /// On an EndpointSlice (local mode): the service account of its endpoints when no Pod says.
+    pub const SERVICE_ACCOUNT: &str = "strait.io/service-account";
+    /// On an EndpointSlice or a Pod: `"false"` / `disabled` marks endpoints without a sidecar.
+    pub const MESHED: &str = "strait.io/meshed";
+    /// On a Pod: `disabled` opts it out of the mesh.
+    pub const INJECT: &str = "strait.io/inject";
+}
