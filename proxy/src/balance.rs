@@ -1,0 +1,279 @@
+//! Load balancing: power of two choices over peak-EWMA latency (Linkerd's default).
+//!
+//! Each endpoint keeps a latency estimate that jumps up to any slower observation at once (the
+//! "peak") and decays toward faster ones with a time constant (10 s). Its cost is the estimate
+//! times the requests in flight plus one, divided by its weight. Picking samples two endpoints
+//! at random and takes the cheaper one: near-optimal, and no global ordering or lock.
+//!
+//! All state is atomics: the request path never takes a lock. Concurrent updates of an estimate
+//! may lose one observation to another; for an estimator that is harmless.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+
+use crate::http::client::H2Conn;
+
+/// Decay time constant of the estimate.
+const DECAY: Duration = Duration::from_secs(10);
+/// Estimate of an endpoint never measured: optimistic, so new endpoints get tried.
+const DEFAULT_RTT: Duration = Duration::from_millis(1);
+/// What a failed attempt counts as, so that a broken endpoint is avoided until it decays.
+pub const FAILURE_PENALTY: Duration = Duration::from_secs(1);
+
+fn now_ns() -> u64 {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    BASE.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+/// What discovery says of an endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointSpec {
+    pub addr: SocketAddr,
+    pub weight: u32,
+    pub identity: String,
+    pub meshed: bool,
+}
+
+/// A live endpoint: its spec, its load, and its pooled HTTP/2 connection.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub spec: EndpointSpec,
+    pub h2: H2Conn,
+    load: PeakEwma,
+}
+
+impl Endpoint {
+    pub fn new(spec: EndpointSpec, connect_timeout: Duration) -> Self {
+        Self {
+            h2: H2Conn::new(spec.addr, connect_timeout),
+            spec,
+            load: PeakEwma::default(),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.spec.addr
+    }
+
+    /// Marks a request in flight; the guard records its latency when it ends.
+    pub fn start(self: &Arc<Self>) -> InFlight {
+        self.load.pending.fetch_add(1, Ordering::Relaxed);
+        InFlight {
+            endpoint: self.clone(),
+            start: Instant::now(),
+            done: false,
+        }
+    }
+
+    fn cost(&self, now: u64) -> f64 {
+        let pending = f64::from(self.load.pending.load(Ordering::Relaxed));
+        let weight = f64::from(self.spec.weight.max(1));
+        (self.load.estimate(now) + 1.0) * (pending + 1.0) / weight
+    }
+}
+
+#[derive(Debug)]
+struct PeakEwma {
+    pending: AtomicU32,
+    /// f64 nanoseconds, as bits.
+    rtt: AtomicU64,
+    stamp: AtomicU64,
+}
+
+impl Default for PeakEwma {
+    fn default() -> Self {
+        Self {
+            pending: AtomicU32::new(0),
+            rtt: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
+            stamp: AtomicU64::new(now_ns()),
+        }
+    }
+}
+
+impl PeakEwma {
+    /// The estimate decayed to `now` (decays toward zero while idle, so idle endpoints get
+    /// retried).
+    fn estimate(&self, now: u64) -> f64 {
+        let rtt = f64::from_bits(self.rtt.load(Ordering::Relaxed));
+        let elapsed = now.saturating_sub(self.stamp.load(Ordering::Relaxed)) as f64;
+        rtt * (-elapsed / DECAY.as_nanos() as f64).exp()
+    }
+
+    fn observe(&self, rtt: Duration) {
+        let now = now_ns();
+        let rtt = rtt.as_nanos() as f64;
+        let current = self.estimate(now);
+        let next = if rtt > current {
+            rtt
+        } else {
+            let elapsed = now.saturating_sub(self.stamp.load(Ordering::Relaxed)) as f64;
+            let w = (-elapsed / DECAY.as_nanos() as f64).exp();
+            current * w + rtt * (1.0 - w)
+        };
+        self.rtt.store(next.to_bits(), Ordering::Relaxed);
+        self.stamp.store(now, Ordering::Relaxed);
+    }
+}
+
+/// A request in flight on an endpoint.
+#[derive(Debug)]
+pub struct InFlight {
+    endpoint: Arc<Endpoint>,
+    start: Instant,
+    done: bool,
+}
+
+impl InFlight {
+    /// The response headers arrived: record the latency.
+    pub fn success(mut self) {
+        self.endpoint.load.observe(self.start.elapsed());
+        self.done = true;
+    }
+
+    /// The attempt failed (connect error, reset): penalise the endpoint.
+    pub fn failure(mut self) {
+        self.endpoint.load.observe(FAILURE_PENALTY.max(self.start.elapsed()));
+        self.done = true;
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.endpoint.load.pending.fetch_sub(1, Ordering::Relaxed);
+        if !self.done {
+            // Cancelled: the client went away. Count the time spent, no penalty.
+            self.endpoint.load.observe(self.start.elapsed());
+        }
+    }
+}
+
+/// The endpoints of one destination.
+#[derive(Debug)]
+pub struct Balancer {
+    endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
+    connect_timeout: Duration,
+}
+
+impl Balancer {
+    pub fn new(connect_timeout: Duration) -> Self {
+        Self {
+            endpoints: ArcSwap::from_pointee(Vec::new()),
+            connect_timeout,
+        }
+    }
+
+    /// Replaces the endpoint set. Endpoints that stay keep their load and connection.
+    pub fn update(&self, specs: Vec<EndpointSpec>) {
+        let current = self.endpoints.load();
+        let next: Vec<Arc<Endpoint>> = specs
+            .into_iter()
+            .map(|spec| {
+                current
+                    .iter()
+                    .find(|e| e.spec == spec)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(Endpoint::new(spec, self.connect_timeout)))
+            })
+            .collect();
+        self.endpoints.store(Arc::new(next));
+    }
+
+    pub fn len(&self) -> usize {
+        self.endpoints.load().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Power of two choices. `None` when there is no endpoint.
+    pub fn pick(&self) -> Option<Arc<Endpoint>> {
+        let endpoints = self.endpoints.load();
+        match endpoints.len() {
+            0 => None,
+            1 => Some(endpoints[0].clone()),
+            n => {
+                let a = fastrand::usize(..n);
+                let mut b = fastrand::usize(..n - 1);
+                if b >= a {
+                    b += 1;
+                }
+                let now = now_ns();
+                let (ea, eb) = (&endpoints[a], &endpoints[b]);
+                Some(if ea.cost(now) <= eb.cost(now) { ea.clone() } else { eb.clone() })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(port: u16) -> EndpointSpec {
+        EndpointSpec {
+            addr: SocketAddr::from(([10, 0, 0, 1], port)),
+            weight: 1,
+            identity: String::new(),
+            meshed: false,
+        }
+    }
+
+    #[test]
+    fn empty_balancer_picks_nothing() {
+        assert!(Balancer::new(Duration::from_secs(1)).pick().is_none());
+    }
+
+    #[test]
+    fn a_slow_endpoint_gets_less_traffic() {
+        let b = Balancer::new(Duration::from_secs(1));
+        b.update(vec![spec(1), spec(2), spec(3)]);
+        let slow = SocketAddr::from(([10, 0, 0, 1], 3));
+        let mut counts = std::collections::HashMap::new();
+        for _ in 0..3000 {
+            let e = b.pick().expect("endpoints");
+            *counts.entry(e.addr()).or_insert(0u32) += 1;
+            let f = e.start();
+            // Simulated latency: the slow one takes 50 ms, others 1 ms.
+            let rtt = if e.addr() == slow { Duration::from_millis(50) } else { Duration::from_millis(1) };
+            e.load.observe(rtt);
+            f.success_without_observing();
+        }
+        let slow_share = f64::from(counts[&slow]) / 3000.0;
+        assert!(slow_share < 0.15, "slow endpoint got {slow_share:.2} of picks: {counts:?}");
+    }
+
+    #[test]
+    fn in_flight_requests_spread_load() {
+        let b = Balancer::new(Duration::from_secs(1));
+        b.update(vec![spec(1), spec(2)]);
+        let first = b.pick().expect("endpoints");
+        let _busy: Vec<_> = (0..10).map(|_| first.start()).collect();
+        for _ in 0..20 {
+            assert_ne!(b.pick().expect("endpoints").addr(), first.addr());
+        }
+    }
+
+    #[test]
+    fn updates_keep_the_state_of_endpoints_that_stay() {
+        let b = Balancer::new(Duration::from_secs(1));
+        b.update(vec![spec(1), spec(2)]);
+        let before = b.pick().expect("endpoints");
+        b.update(vec![spec(1), spec(2), spec(3)]);
+        let after = b.endpoints.load();
+        assert!(after.iter().any(|e| Arc::ptr_eq(e, &before)));
+        b.update(vec![spec(3)]);
+        assert_eq!(b.len(), 1);
+        assert_eq!(b.pick().expect("one").addr().port(), 3);
+    }
+
+    impl InFlight {
+        fn success_without_observing(mut self) {
+            self.done = true;
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! Typed proxy configuration, from flags or `STRAIT_*` environment variables. A bad value is
+//! rejected at start with the flag, the variable and the value named.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Args;
+
+/// Linkerd's default opaque ports: server-speaks-first protocols that detection would stall.
+pub const DEFAULT_OPAQUE_PORTS: &str = "25,587,3306,4444,5432,6379,9300,11211";
+
+/// Settings of `strait-proxy run`.
+#[derive(Debug, Clone, Args)]
+pub struct ProxyConfig {
+    /// Listener for the pod's outbound traffic (redirected by iptables).
+    #[arg(long, env = "STRAIT_OUTBOUND_ADDR", default_value = "0.0.0.0:4140")]
+    pub outbound_addr: SocketAddr,
+    /// Listener for the pod's inbound traffic (redirected by iptables).
+    #[arg(long, env = "STRAIT_INBOUND_ADDR", default_value = "0.0.0.0:4143")]
+    pub inbound_addr: SocketAddr,
+    /// Admin server: /live, /ready, /metrics, POST /shutdown (loopback only).
+    #[arg(long, env = "STRAIT_ADMIN_ADDR", default_value = "0.0.0.0:4191")]
+    pub admin_addr: SocketAddr,
+    /// Discovery server, `host:port` or `http://host:port`. Unset: every destination is passed
+    /// through to its original address.
+    #[arg(long, env = "STRAIT_CONTROL_PLANE_ADDR")]
+    pub control_plane_addr: Option<String>,
+    /// How long to wait for a client's first bytes before treating the connection as opaque TCP.
+    #[arg(long, env = "STRAIT_DETECT_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub detect_timeout: Duration,
+    /// Ports that carry opaque TCP: no protocol detection (comma-separated, ranges `a-b`).
+    #[arg(long, env = "STRAIT_OPAQUE_PORTS", default_value = DEFAULT_OPAQUE_PORTS, value_parser = PortList::parse)]
+    pub opaque_ports: PortList,
+    /// Timeout of a TCP connect to an endpoint or the application.
+    #[arg(long, env = "STRAIT_CONNECT_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+    /// How long a new destination waits for its first discovery answer before passing through.
+    #[arg(long, env = "STRAIT_DISCOVERY_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub discovery_timeout: Duration,
+    /// On SIGTERM or /shutdown: how long in-flight connections may take to finish.
+    #[arg(long, env = "STRAIT_SHUTDOWN_GRACE_PERIOD", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace_period: Duration,
+    /// Runtime worker threads (1 = a single-threaded runtime, the sidecar default).
+    #[arg(long, env = "STRAIT_THREADS", default_value = "1", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub threads: u16,
+    /// This workload, `<namespace>/<pod>`, for logs and the control plane.
+    #[arg(long, env = "STRAIT_WORKLOAD", default_value = "")]
+    pub workload: String,
+}
+
+/// A set of TCP ports, parsed from `"25,587,4444-4450"`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PortList(Vec<u16>);
+
+impl PortList {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut ports = Vec::new();
+        for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let bad = || format!("{item:?} is not a port (1-65535) or a range a-b");
+            match item.split_once('-') {
+                Some((a, b)) => {
+                    let a: u16 = a.trim().parse().map_err(|_| bad())?;
+                    let b: u16 = b.trim().parse().map_err(|_| bad())?;
+                    if a == 0 || a > b {
+                        return Err(bad());
+                    }
+                    ports.extend(a..=b);
+                }
+                None => {
+                    let p: u16 = item.parse().map_err(|_| bad())?;
+                    if p == 0 {
+                        return Err(bad());
+                    }
+                    ports.push(p);
+                }
+            }
+        }
+        ports.sort_unstable();
+        ports.dedup();
+        Ok(Self(ports))
+    }
+
+    pub fn contains(&self, port: u16) -> bool {
+        self.0.binary_search(&port).is_ok()
+    }
+
+    pub fn ports(&self) -> &[u16] {
+        &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_lists() {
+        let l = PortList::parse(" 6379, 25 ,4444-4446").expect("valid");
+        assert_eq!(l.ports(), [25, 4444, 4445, 4446, 6379]);
+        assert!(l.contains(4445) && !l.contains(80));
+        assert!(PortList::parse("").expect("empty is fine").ports().is_empty());
+        for bad in ["x", "0", "70000", "9-1", "1-"] {
+            let err = PortList::parse(bad).expect_err(bad);
+            assert!(err.contains(bad.split('-').next().unwrap_or(bad)), "{err}");
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! Protocol detection: read the first bytes of a connection and decide HTTP/2 (prior-knowledge
+//! preface), HTTP/1 (a request line) or opaque TCP, as early as the bytes allow.
+//!
+//! Client-first non-HTTP protocols are recognised on their first bytes, not after the timeout;
+//! only a client that sends nothing (a server-speaks-first protocol on a port not marked opaque)
+//! waits for the timeout.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// What a connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    Http2,
+    Opaque,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http1 => "http/1",
+            Protocol::Http2 => "h2",
+            Protocol::Opaque => "tcp",
+        }
+    }
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Longest method token accepted (the longest registered method is 17 bytes).
+const MAX_METHOD: usize = 24;
+/// Past this many bytes a plausible request line is called HTTP/1; hyper then answers 414.
+pub const MAX_PEEK: usize = 8 * 1024;
+
+/// How detection ended.
+#[derive(Debug)]
+pub struct Detected {
+    pub protocol: Protocol,
+    /// The bytes read so far, to replay before the rest of the stream.
+    pub prefix: Bytes,
+    /// True when the protocol was decided by the timeout (nothing conclusive arrived).
+    pub timed_out: bool,
+}
+
+/// Reads from `io` until the protocol is known, the peer closes, or `timeout` passes.
+pub async fn detect<T: AsyncRead + Unpin>(io: &mut T, timeout: Duration) -> std::io::Result<Detected> {
+    let mut buf = BytesMut::with_capacity(1024);
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
+            Err(_elapsed) => {
+                return Ok(Detected {
+                    protocol: Protocol::Opaque,
+                    prefix: buf.freeze(),
+                    timed_out: true,
+                })
+            }
+            Ok(Err(e)) => return Err(e),
+            Ok(Ok(0)) => {
+                // EOF: whatever arrived can only be forwarded as is.
+                let protocol = classify(&buf).unwrap_or(Protocol::Opaque);
+                return Ok(Detected {
+                    protocol,
+                    prefix: buf.freeze(),
+                    timed_out: false,
+                });
+            }
+            Ok(Ok(_)) => {
+                if let Some(protocol) = classify(&buf) {
+                    return Ok(Detected {
+                        protocol,
+                        prefix: buf.freeze(),
+                        timed_out: false,
+                    });
+                }
+                if buf.capacity() == buf.len() {
+                    buf.reserve(buf.len());
+                }
+            }
+        }
+    }
+}
+
+/// Decides from the bytes so far; `None` when more bytes are needed.
+pub fn classify(buf: &[u8]) -> Option<Protocol> {
+    if buf.is_empty() {
+        return None;
+    }
+    let n = buf.len().min(H2_PREFACE.len());
+    if buf[..n] == H2_PREFACE[..n] {
+        return if buf.len() >= H2_PREFACE.len() {
+            Some(Protocol::Http2)
+        } else {
+            None
+        };
+    }
+    classify_http1(buf)
+}
+
+fn is_token(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// `method SP request-target SP HTTP/1.x CRLF` (RFC 9112 section 3), checked byte by byte.
+fn classify_http1(buf: &[u8]) -> Option<Protocol> {
+    let opaque = Some(Protocol::Opaque);
+    // method
+    let method_len = buf.iter().take_while(|b| is_token(**b)).count();
+    if method_len == 0 || method_len > MAX_METHOD {
+        return opaque;
+    }
+    let Some(&after_method) = buf.get(method_len) else {
+        return None;
+    };
+    if after_method != b' ' {
+        return opaque;
+    }
+    // request-target: visible ASCII
+    let rest = &buf[method_len + 1..];
+    let target_len = rest.iter().take_while(|b| (0x21..=0x7e).contains(*b)).count();
+    let Some(&after_target) = rest.get(target_len) else {
+        return if buf.len() >= MAX_PEEK { Some(Protocol::Http1) } else { None };
+    };
+    if target_len == 0 || after_target != b' ' {
+        return opaque;
+    }
+    // version and line end
+    let version = &rest[target_len + 1..];
+    const V: &[u8] = b"HTTP/1.";
+    let n = version.len().min(V.len());
+    if version[..n] != V[..n] {
+        return opaque;
+    }
+    if version.len() < V.len() + 1 {
+        return None;
+    }
+    if !version[V.len()].is_ascii_digit() {
+        return opaque;
+    }
+    match version.get(V.len() + 1) {
+        None => None,
+        Some(b'\r' | b'\n') => Some(Protocol::Http1),
+        Some(_) => opaque,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_complete_prefixes() {
+        assert_eq!(classify(H2_PREFACE), Some(Protocol::Http2));
+        assert_eq!(classify(b"GET / HTTP/1.1\r\nHost: x\r\n"), Some(Protocol::Http1));
+        assert_eq!(classify(b"M-SEARCH * HTTP/1.1\r\n"), Some(Protocol::Http1));
+        assert_eq!(classify(b"\x16\x03\x01\x02\x00"), Some(Protocol::Opaque), "TLS");
+        assert_eq!(classify(b"PING\r\n"), Some(Protocol::Opaque));
+        assert_eq!(classify(b"hello world\n"), Some(Protocol::Opaque));
+        assert_eq!(classify(b"GET / HTTP/2.0\r\n"), Some(Protocol::Opaque));
+        assert_eq!(classify(b"*3\r\n$3\r\nSET\r\n"), Some(Protocol::Opaque), "redis");
+    }
+
+    #[test]
+    fn waits_for_more_only_while_the_bytes_could_still_be_http() {
+        for partial in [&b"G"[..], b"GET", b"GET /", b"GET /x HTTP", b"GET / HTTP/1.1", b"PRI * HTTP/2.0\r\n"] {
+            assert_eq!(classify(partial), None, "{:?}", String::from_utf8_lossy(partial));
+        }
+    }
+
+    #[tokio::test]
+    async fn detection_decides_on_first_bytes_and_times_out_on_silence() {
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        tokio::io::AsyncWriteExt::write_all(&mut client, b"GET / HTTP/1.1\r\n").await.expect("write");
+        let d = detect(&mut server, Duration::from_secs(5)).await.expect("detect");
+        assert_eq!(d.protocol, Protocol::Http1);
+        assert_eq!(&d.prefix[..], b"GET / HTTP/1.1\r\n");
+
+        let (_client, mut server) = tokio::io::duplex(1024);
+        let d = detect(&mut server, Duration::from_millis(20)).await.expect("detect");
+        assert!(d.timed_out);
+        assert_eq!(d.protocol, Protocol::Opaque);
+    }
+}

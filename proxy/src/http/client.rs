@@ -1,0 +1,251 @@
+//! Upstream connections: one pooled, multiplexed HTTP/2 connection per peer ([`H2Conn`]), pooled
+//! HTTP/1 keep-alive connections (hyper-util's pool), and one-off connections for upgrades.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::http2;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use super::error::ProxyError;
+
+/// Connects with a timeout, `TCP_NODELAY` set.
+pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ProxyError> {
+    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Err(_) => Err(ProxyError::ConnectTimeout { addr, timeout }),
+        Ok(Err(source)) => Err(ProxyError::Connect { addr, source }),
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            Ok(stream)
+        }
+    }
+}
+
+/// A lazily established HTTP/2 connection to one address, shared by every request to it and
+/// re-established when it closes.
+#[derive(Debug)]
+pub struct H2Conn {
+    addr: SocketAddr,
+    connect_timeout: Duration,
+    current: ArcSwapOption<http2::SendRequest<Incoming>>,
+    connecting: tokio::sync::Mutex<()>,
+}
+
+impl H2Conn {
+    pub fn new(addr: SocketAddr, connect_timeout: Duration) -> Self {
+        Self {
+            addr,
+            connect_timeout,
+            current: ArcSwapOption::empty(),
+            connecting: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.current.load().as_ref().is_some_and(|s| !s.is_closed())
+    }
+
+    async fn sender(&self) -> Result<http2::SendRequest<Incoming>, ProxyError> {
+        if let Some(s) = self.current.load().as_ref() {
+            if !s.is_closed() {
+                return Ok((**s).clone());
+            }
+        }
+        let _one_at_a_time = self.connecting.lock().await;
+        if let Some(s) = self.current.load().as_ref() {
+            if !s.is_closed() {
+                return Ok((**s).clone());
+            }
+        }
+        let stream = connect(self.addr, self.connect_timeout).await?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .adaptive_window(true)
+            .keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ProxyError::Upstream {
+                addr: self.addr,
+                source: Box::new(e),
+            })?;
+        let addr = self.addr;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%addr, error = %e, "HTTP/2 connection closed");
+            }
+        });
+        self.current.store(Some(Arc::new(sender.clone())));
+        Ok(sender)
+    }
+
+    /// Sends on the shared connection. A request the connection could not take (it was closing)
+    /// is sent once more on a fresh connection.
+    pub async fn send(&self, req: Request<Incoming>) -> Result<Response<Incoming>, ProxyError> {
+        let mut sender = self.sender().await?;
+        match sender.try_send_request(req).await {
+            Ok(resp) => Ok(resp),
+            Err(mut e) => match e.take_message() {
+                Some(req) => {
+                    self.current.store(None);
+                    let mut sender = self.sender().await?;
+                    sender.send_request(req).await.map_err(|e| self.upstream(e))
+                }
+                None => Err(self.upstream(e.into_error())),
+            },
+        }
+    }
+
+    fn upstream(&self, e: hyper::Error) -> ProxyError {
+        ProxyError::Upstream {
+            addr: self.addr,
+            source: Box::new(e),
+        }
+    }
+}
+
+/// HTTP/2 connections to addresses that are not balanced endpoints (the local application,
+/// passthrough destinations), one per address.
+#[derive(Debug)]
+pub struct H2Pool {
+    conns: Mutex<HashMap<SocketAddr, Arc<H2Conn>>>,
+    connect_timeout: Duration,
+}
+
+/// Above this many entries, entries without an open connection are dropped.
+const H2_POOL_SOFT_CAP: usize = 512;
+
+impl H2Pool {
+    pub fn new(connect_timeout: Duration) -> Self {
+        Self {
+            conns: Mutex::new(HashMap::new()),
+            connect_timeout,
+        }
+    }
+
+    /// Called once per accepted connection, not per request.
+    pub fn get(&self, addr: SocketAddr) -> Arc<H2Conn> {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        if conns.len() > H2_POOL_SOFT_CAP {
+            conns.retain(|_, c| c.is_open() || Arc::strong_count(c) > 1);
+        }
+        conns
+            .entry(addr)
+            .or_insert_with(|| Arc::new(H2Conn::new(addr, self.connect_timeout)))
+            .clone()
+    }
+}
+
+/// Pooled HTTP/1.1 keep-alive connections, keyed by the address in the request URI.
+pub type H1Client = hyper_util::client::legacy::Client<HttpConnector, Incoming>;
+
+pub fn h1_client(connect_timeout: Duration) -> H1Client {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(connect_timeout));
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .http1_preserve_header_case(false)
+        .build(connector)
+}
+
+/// Sends an HTTP/1 request through the pool to `addr`. The URI is rewritten to address `addr`
+/// (the pool key); the Host header is kept, so the application sees what the client sent.
+pub async fn send_h1(
+    client: &H1Client,
+    addr: SocketAddr,
+    mut req: Request<Incoming>,
+) -> Result<Response<Incoming>, ProxyError> {
+    if !req.headers().contains_key(http::header::HOST) {
+        if let Some(a) = req.uri().authority() {
+            if let Ok(v) = http::HeaderValue::from_str(a.as_str()) {
+                req.headers_mut().insert(http::header::HOST, v);
+            }
+        }
+    }
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let uri = format!("http://{addr}{path}")
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| ProxyError::Upstream {
+            addr,
+            source: Box::new(e),
+        })?;
+    *req.uri_mut() = uri;
+    *req.version_mut() = http::Version::HTTP_11;
+    client.request(req).await.map_err(|e| {
+        let timed_out = std::error::Error::source(&e)
+            .and_then(|s| s.source())
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+            || format!("{e:?}").contains("TimedOut");
+        if e.is_connect() && timed_out {
+            ProxyError::ConnectTimeout {
+                addr,
+                timeout: Duration::ZERO,
+            }
+        } else if e.is_connect() {
+            ProxyError::Connect {
+                addr,
+                source: std::io::Error::new(std::io::ErrorKind::ConnectionRefused, e),
+            }
+        } else {
+            ProxyError::Upstream {
+                addr,
+                source: Box::new(e),
+            }
+        }
+    })
+}
+
+/// Forwards an upgrade (WebSocket, CONNECT) on a dedicated HTTP/1 connection, then splices the
+/// two upgraded streams together.
+pub async fn send_upgrade(
+    addr: SocketAddr,
+    connect_timeout: Duration,
+    mut req: Request<Incoming>,
+) -> Result<Response<Incoming>, ProxyError> {
+    let tunnel = req.method() == http::Method::CONNECT;
+    let downstream = hyper::upgrade::on(&mut req);
+    let stream = connect(addr, connect_timeout).await?;
+    let upstream_err = |e: hyper::Error| ProxyError::Upstream {
+        addr,
+        source: Box::new(e),
+    };
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(upstream_err)?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(%addr, error = %e, "upgrade connection ended");
+        }
+    });
+    let mut resp = sender.send_request(req).await.map_err(upstream_err)?;
+    if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS || (tunnel && resp.status().is_success()) {
+        let upstream = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            match tokio::try_join!(downstream, upstream) {
+                Ok((down, up)) => {
+                    let mut down = TokioIo::new(down);
+                    let mut up = TokioIo::new(up);
+                    if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+                        tracing::debug!(%addr, error = %e, "upgraded stream ended");
+                    }
+                }
+                Err(e) => tracing::debug!(%addr, error = %e, "upgrade failed"),
+            }
+        });
+    }
+    Ok(resp)
+}

@@ -1,0 +1,110 @@
+//! Errors the proxy answers itself. One place maps them to responses: an HTTP status that says
+//! what failed (or a gRPC status for gRPC requests) and the `strait-proxy-error` header, so an
+//! operator can tell the proxy's answer from the application's.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode};
+use http_body_util::{Either, Full};
+
+use super::headers::PROXY_ERROR;
+use super::Body;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no endpoint is available for {0}")]
+    NoEndpoints(String),
+    #[error("connection to {addr} failed: {source}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("connection to {addr} timed out after {timeout:?}")]
+    ConnectTimeout { addr: SocketAddr, timeout: Duration },
+    #[error("request to {addr} failed: {source}")]
+    Upstream {
+        addr: SocketAddr,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("the request has no authority (Host header)")]
+    NoAuthority,
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoEndpoints(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::ConnectTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::NoAuthority => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// A short, bounded label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProxyError::NoEndpoints(_) => "no endpoints",
+            ProxyError::Connect { .. } => "connect failed",
+            ProxyError::ConnectTimeout { .. } => "connect timeout",
+            ProxyError::Upstream { .. } => "upstream failed",
+            ProxyError::NoAuthority => "no authority",
+        }
+    }
+
+    fn grpc_status(&self) -> u8 {
+        match self {
+            ProxyError::ConnectTimeout { .. } => 4, // DEADLINE_EXCEEDED
+            ProxyError::NoAuthority => 13,          // INTERNAL
+            _ => 14,                                // UNAVAILABLE
+        }
+    }
+
+    /// The response for this error; a gRPC request gets a trailers-only gRPC status.
+    pub fn to_response(&self, grpc: bool) -> Response<Body> {
+        let message = self.to_string();
+        let marker = HeaderValue::from_str(&message)
+            .unwrap_or_else(|_| HeaderValue::from_static("proxy error"));
+        let mut response = if grpc {
+            let mut r = Response::new(Either::Right(Full::new(Bytes::new())));
+            let headers = r.headers_mut();
+            headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+            headers.insert("grpc-status", HeaderValue::from(i32::from(self.grpc_status())));
+            headers.insert("grpc-message", marker.clone());
+            r
+        } else {
+            let mut r = Response::new(Either::Right(Full::new(Bytes::from(message + "\n"))));
+            *r.status_mut() = self.status();
+            r.headers_mut()
+                .insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            r
+        };
+        response.headers_mut().insert(PROXY_ERROR, marker);
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_map_to_statuses_with_the_marker_header() {
+        let e = ProxyError::NoEndpoints("web.shop.svc.cluster.local:80".into());
+        let r = e.to_response(false);
+        assert_eq!(r.status(), 503);
+        assert!(r.headers()[PROXY_ERROR].to_str().expect("ascii").contains("web.shop"));
+        let r = e.to_response(true);
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["grpc-status"], "14");
+        let t = ProxyError::ConnectTimeout {
+            addr: ([10, 0, 0, 1], 80).into(),
+            timeout: Duration::from_secs(1),
+        };
+        assert_eq!(t.to_response(false).status(), 504);
+        assert_eq!(t.to_response(true).headers()["grpc-status"], "4");
+    }
+}

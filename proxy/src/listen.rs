@@ -1,0 +1,65 @@
+//! Listeners: accept, find the original destination (SO_ORIGINAL_DST), hand the connection on.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::task::TaskTracker;
+
+use crate::drain::Drain;
+
+/// The destination the client asked for before iptables redirected it here.
+pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
+    let sock = socket2::SockRef::from(stream);
+    let local = stream.local_addr()?;
+    let addr = if local.is_ipv4() {
+        sock.original_dst_v4()?
+    } else {
+        sock.original_dst_v6()?
+    };
+    addr.as_socket()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "original destination is not an IP address"))
+}
+
+/// Accepts until the drain starts. Each connection runs `handle(stream, original_dst)` as a
+/// task of `tracker`. A connection made straight to the listener (not redirected) would loop
+/// back into the proxy, so it is refused.
+pub async fn accept_loop<F, Fut>(name: &'static str, listener: TcpListener, drain: Drain, tracker: TaskTracker, handle: F)
+where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let local = listener.local_addr().ok();
+    let stop = drain.signaled();
+    tokio::pin!(stop);
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = &mut stop => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // EMFILE and friends: back off briefly rather than spin.
+                tracing::warn!(listener = name, error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let orig_dst = match original_dst(&stream) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(listener = name, %peer, error = %e, "no original destination (not redirected by iptables?); closing");
+                continue;
+            }
+        };
+        if Some(orig_dst.port()) == local.map(|l| l.port()) && stream.local_addr().ok() == Some(orig_dst) {
+            tracing::warn!(listener = name, %peer, "connection addressed to the proxy itself; closing to avoid a loop");
+            continue;
+        }
+        tracker.spawn(handle(stream, orig_dst));
+    }
+    tracing::info!(listener = name, "stopped accepting");
+}

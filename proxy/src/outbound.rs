@@ -1,0 +1,172 @@
+//! Outbound: the application's own connections, redirected here by iptables.
+//!
+//! accept -> original destination -> discovery lookup -> detect (unless opaque) ->
+//!   HTTP: per request, pick an endpoint (P2C) -> peer proxy over HTTP/2, or direct
+//!   TCP:  pick an endpoint -> splice
+//! A destination not in the mesh is passed through to its original address.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{Request, Response};
+use http_body_util::Either;
+use hyper::body::Incoming;
+use strait_api::discovery::ProtocolHint;
+use tokio::net::TcpStream;
+
+use crate::detect::{self, Protocol};
+use crate::discovery::Lookup;
+use crate::http::client::H2Conn;
+use crate::http::error::ProxyError;
+use crate::http::forward::{direct, to_peer};
+use crate::http::headers::{is_grpc, is_upgrade, strip_hop_by_hop};
+use crate::http::server::{serve, Handler};
+use crate::http::Body;
+use crate::io::{CountingIo, PrefixedIo};
+use crate::metrics::{Direction, HttpMetrics};
+use crate::Context;
+
+const PASSTHROUGH: &str = "passthrough";
+
+pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: SocketAddr) {
+    let lookup = match &ctx.discovery {
+        Some(d) => d.lookup(orig_dst).await,
+        None => Lookup::Passthrough,
+    };
+    let label: &str = match &lookup {
+        Lookup::Mesh { service, .. } => service,
+        Lookup::Passthrough => PASSTHROUGH,
+    };
+    let tcp = ctx.metrics.tcp(Direction::Outbound, label);
+    let mut io = CountingIo::new(stream, tcp.read.clone(), tcp.written.clone());
+
+    let opaque = ctx.cfg.opaque_ports.contains(orig_dst.port())
+        || matches!(lookup, Lookup::Mesh { hint: ProtocolHint::Opaque, .. });
+    let (protocol, prefix) = if opaque {
+        (Protocol::Opaque, bytes::Bytes::new())
+    } else {
+        let started = Instant::now();
+        match detect::detect(&mut io, ctx.cfg.detect_timeout).await {
+            Ok(d) => {
+                ctx.metrics.detected(Direction::Outbound, d.protocol.as_str(), d.timed_out);
+                tracing::trace!(protocol = ?d.protocol, elapsed = ?started.elapsed(), "detected");
+                (d.protocol, d.prefix)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "connection failed during detection");
+                return;
+            }
+        }
+    };
+    let io = PrefixedIo::new(prefix, io);
+
+    match protocol {
+        Protocol::Opaque => {
+            let addr = match &lookup {
+                Lookup::Passthrough => orig_dst,
+                Lookup::Mesh { resolution, service, .. } => match resolution.balancer.pick() {
+                    Some(e) => e.addr(),
+                    None => {
+                        tracing::warn!(%service, "no endpoints; closing TCP connection");
+                        return;
+                    }
+                },
+            };
+            if let Err(e) = crate::tcp::forward(io, addr, ctx.cfg.connect_timeout).await {
+                tracing::warn!(%orig_dst, error = %e, "outbound TCP forward failed");
+            }
+        }
+        Protocol::Http1 | Protocol::Http2 => {
+            let passthrough_h2 = match (&lookup, protocol) {
+                (Lookup::Passthrough, Protocol::Http2) => Some(ctx.clients.h2.get(orig_dst)),
+                _ => None,
+            };
+            let handler = Arc::new(OutboundHttp {
+                metrics: ctx.metrics.http(Direction::Outbound, label),
+                ctx: ctx.clone(),
+                lookup,
+                orig_dst,
+                passthrough_h2,
+            });
+            serve(io, protocol, ctx.drain.clone(), handler).await;
+        }
+    }
+    drop(tcp);
+}
+
+/// The requests of one outbound HTTP connection.
+struct OutboundHttp {
+    ctx: Arc<Context>,
+    lookup: Lookup,
+    orig_dst: SocketAddr,
+    passthrough_h2: Option<Arc<H2Conn>>,
+    metrics: HttpMetrics,
+}
+
+impl Handler for OutboundHttp {
+    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let start = Instant::now();
+        self.metrics.request();
+        let grpc = is_grpc(&req);
+        let version = req.version();
+        let (resp, error) = match self.forward(req).await {
+            Ok(mut resp) => {
+                if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+                    strip_hop_by_hop(resp.headers_mut(), false);
+                }
+                *resp.version_mut() = version;
+                (resp.map(Either::Left), "")
+            }
+            Err(e) => {
+                tracing::warn!(dst = %self.orig_dst, error = %e, "outbound request failed");
+                (e.to_response(grpc), e.kind())
+            }
+        };
+        let grpc_failed = resp.headers().get("grpc-status").is_some_and(|s| s != "0");
+        self.metrics
+            .response(resp.status().as_u16(), grpc_failed, error, start.elapsed());
+        resp
+    }
+}
+
+impl OutboundHttp {
+    async fn forward(&self, mut req: Request<Incoming>) -> Result<Response<Incoming>, ProxyError> {
+        let upgrade = is_upgrade(&req);
+        strip_hop_by_hop(req.headers_mut(), upgrade);
+        match &self.lookup {
+            Lookup::Passthrough => {
+                let fallback;
+                let h2 = match &self.passthrough_h2 {
+                    Some(h2) => h2,
+                    None => {
+                        fallback = self.ctx.clients.h2.get(self.orig_dst);
+                        &fallback
+                    }
+                };
+                direct(&self.ctx.clients, self.orig_dst, h2, req).await
+            }
+            Lookup::Mesh {
+                service,
+                resolution,
+                ..
+            } => {
+                let endpoint = resolution
+                    .balancer
+                    .pick()
+                    .ok_or_else(|| ProxyError::NoEndpoints(service.to_string()))?;
+                let in_flight = endpoint.start();
+                let result = if endpoint.spec.meshed && !upgrade {
+                    to_peer(&endpoint.h2, req).await
+                } else {
+                    direct(&self.ctx.clients, endpoint.addr(), &endpoint.h2, req).await
+                };
+                match &result {
+                    Ok(_) => in_flight.success(),
+                    Err(_) => in_flight.failure(),
+                }
+                result
+            }
+        }
+    }
+}
