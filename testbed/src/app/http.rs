@@ -1,0 +1,136 @@
+//! HTTP/1.1 + h2c test server (with WebSocket echo) and the WebSocket client.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::Message;
+
+type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+pub async fn serve(listen: SocketAddr, name: String) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(listen).await.with_context(|| format!("bind {listen}"))?;
+    println!("listening on {listen}");
+    let name: Arc<str> = name.into();
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let _ = stream.set_nodelay(true);
+        let name = name.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let name = name.clone();
+                async move { Ok::<_, Infallible>(handle(req, &name).await) }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+async fn handle(mut req: Request<Incoming>, name: &str) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let mut resp = if path == "/ws" && req.headers().contains_key("sec-websocket-key") {
+        websocket(&mut req)
+    } else if path == "/echo" {
+        Response::new(req.into_body().map_err(|e| Box::new(e) as _).boxed())
+    } else if let Some(n) = path.strip_prefix("/bytes/").and_then(|n| n.parse::<u64>().ok()) {
+        Response::new(pattern_body(n))
+    } else if let Some(code) = path.strip_prefix("/status/").and_then(|c| c.parse::<u16>().ok()) {
+        let mut r = Response::new(full(format!("status {code} from {name}\n")));
+        *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST);
+        r
+    } else if let Some(ms) = path.strip_prefix("/delay/").and_then(|c| c.parse::<u64>().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
+        Response::new(full(format!("delayed {ms} ms by {name}\n")))
+    } else if path == "/headers" {
+        let mut text = format!("version: {:?}\n", req.version());
+        for (k, v) in req.headers() {
+            text.push_str(&format!("{k}: {}\n", v.to_str().unwrap_or("<binary>")));
+        }
+        Response::new(full(text))
+    } else {
+        Response::new(full(format!("hello from {name}\n")))
+    };
+    if let Ok(v) = HeaderValue::from_str(name) {
+        resp.headers_mut().insert("x-served-by", v);
+    }
+    resp
+}
+
+fn pattern_body(n: u64) -> Body {
+    const CHUNK: u64 = 64 * 1024;
+    let chunks = (0..n.div_ceil(CHUNK)).map(move |c| {
+        let start = c * CHUNK;
+        let end = (start + CHUNK).min(n);
+        let bytes: Vec<u8> = (start..end).map(super::pattern_byte).collect();
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Frame::data(Bytes::from(bytes)))
+    });
+    BodyExt::boxed(StreamBody::new(futures_util::stream::iter(chunks)))
+}
+
+fn websocket(req: &mut Request<Incoming>) -> Response<Body> {
+    let key = req.headers()["sec-websocket-key"].as_bytes().to_vec();
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(&key);
+    let on_upgrade = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else { return };
+        let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        let (mut tx, mut rx) = ws.split();
+        while let Some(Ok(msg)) = rx.next().await {
+            if msg.is_text() || msg.is_binary() {
+                if tx.send(msg).await.is_err() {
+                    break;
+                }
+            } else if msg.is_close() {
+                break;
+            }
+        }
+    });
+    let mut r = Response::new(full(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(v) = HeaderValue::from_str(&accept) {
+        h.insert("sec-websocket-accept", v);
+    }
+    r
+}
+
+pub async fn ws_client(url: &str, messages: u32) -> anyhow::Result<()> {
+    let (mut ws, resp) = tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::connect_async(url))
+        .await
+        .context("websocket handshake timed out")??;
+    println!("handshake status={}", resp.status().as_u16());
+    for i in 0..messages {
+        let text = format!("message {i} through the mesh");
+        ws.send(Message::text(text.clone())).await?;
+        let reply = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .context("no echo within 5 s")?
+            .context("connection closed")??;
+        if reply.to_text()? != text {
+            bail!("echo mismatch: sent {text:?}, got {reply:?}");
+        }
+    }
+    ws.close(None).await.ok();
+    println!("echoed {messages} messages");
+    Ok(())
+}

@@ -1,0 +1,331 @@
+//! Network namespaces, veth pairs, a bridge, and processes inside them.
+//!
+//! Layout of one [`Net`] (addresses exist only inside its namespaces):
+//!
+//! ```text
+//!  netns <prefix>-br:  br0 10.88.0.1/16 ── control plane, metrics scrapers
+//!        │ veth (v<n> in -br, eth0 in the pod)
+//!  netns <prefix>-<pod>: eth0 10.88.0.<n>/16, default route via 10.88.0.1
+//!        app + strait-proxy (uid 2102) + iptables from `strait-proxy init`
+//! ```
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+
+/// The address of the bridge (and of the control plane) inside every Net.
+pub const BRIDGE_IP: &str = "10.88.0.1";
+/// The UID proxies run as; `strait-proxy init` excludes it from redirection.
+pub const PROXY_UID: u32 = 2102;
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A pod: a network namespace with one address on the Net's bridge.
+#[derive(Debug, Clone)]
+pub struct Pod {
+    pub name: String,
+    pub ns: String,
+    pub ip: String,
+}
+
+/// A process started in a namespace; killed when the Net is dropped, or by [`Net::kill`].
+#[derive(Debug, Clone)]
+pub struct Proc {
+    pub name: String,
+    pub pid: u32,
+    pub log: PathBuf,
+}
+
+/// A private network of pods. Dropping it kills its processes and deletes its namespaces.
+#[derive(Debug)]
+pub struct Net {
+    pub prefix: String,
+    pub bridge_ns: String,
+    pub dir: PathBuf,
+    pods: Mutex<Vec<Pod>>,
+    children: Mutex<Vec<(Proc, Child)>>,
+    next_host: AtomicU32,
+    keep_logs: bool,
+}
+
+/// Runs a command to completion, failing with its stderr.
+pub fn sh(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {program}"))?;
+    if !out.status.success() {
+        bail!(
+            "`{program} {}` failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ip(args: &[&str]) -> Result<String> {
+    sh("ip", args)
+}
+
+impl Net {
+    /// Creates the bridge namespace. `tag` is a short name for this network (test name).
+    pub fn new(tag: &str) -> Result<Self> {
+        Self::with_prefix(format!(
+            "stt{}x{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed),
+            tag
+        ))
+    }
+
+    /// Creates a Net whose namespaces are named `<prefix>-*`.
+    pub fn with_prefix(prefix: String) -> Result<Self> {
+        if !crate::is_root() {
+            bail!("network namespaces need root: run as root (e.g. sudo)");
+        }
+        remove_stale_namespaces();
+        let dir = std::env::temp_dir().join(format!("strait-{prefix}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let bridge_ns = format!("{prefix}-br");
+        let net = Net {
+            prefix,
+            bridge_ns: bridge_ns.clone(),
+            dir,
+            pods: Mutex::new(Vec::new()),
+            children: Mutex::new(Vec::new()),
+            next_host: AtomicU32::new(2),
+            keep_logs: std::env::var_os("STRAIT_KEEP_LOGS").is_some(),
+        };
+        ip(&["netns", "add", &bridge_ns])?;
+        let b = bridge_ns.as_str();
+        ip(&["-n", b, "link", "set", "lo", "up"])?;
+        ip(&["-n", b, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", b, "addr", "add", &format!("{BRIDGE_IP}/16"), "dev", "br0"])?;
+        ip(&["-n", b, "link", "set", "br0", "up"])?;
+        Ok(net)
+    }
+
+    /// Adds a pod: its namespace, a veth to the bridge, an address and a default route.
+    pub fn pod(&self, name: &str) -> Result<Pod> {
+        let n = self.next_host.fetch_add(1, Ordering::Relaxed);
+        if n > 250 {
+            bail!("too many pods in one Net");
+        }
+        let ns = format!("{}-{name}", self.prefix);
+        let pod_ip = format!("10.88.0.{n}");
+        ip(&["netns", "add", &ns])?;
+        let pod = Pod {
+            name: name.to_string(),
+            ns: ns.clone(),
+            ip: pod_ip.clone(),
+        };
+        self.pods.lock().unwrap_or_else(|p| p.into_inner()).push(pod.clone());
+        let veth = format!("v{n}");
+        ip(&["link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &veth, "netns", &self.bridge_ns])?;
+        ip(&["-n", &self.bridge_ns, "link", "set", &veth, "master", "br0", "up"])?;
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        ip(&["-n", &ns, "addr", "add", &format!("{pod_ip}/16"), "dev", "eth0"])?;
+        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        ip(&["-n", &ns, "route", "add", "default", "via", BRIDGE_IP])?;
+        Ok(pod)
+    }
+
+    /// Starts `cmd` in namespace `ns` (as `uid` when given), logging to `<dir>/<name>.log`.
+    pub fn spawn_in(&self, ns: &str, name: &str, uid: Option<u32>, cmd: &[&str], env: &[(&str, &str)]) -> Result<Proc> {
+        let log = self.dir.join(format!("{name}.log"));
+        let file = File::create(&log)?;
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns]);
+        if let Some(uid) = uid {
+            let (u, g) = (format!("--reuid={uid}"), format!("--regid={uid}"));
+            c.args(["setpriv", &u, &g, "--clear-groups", "--"]);
+        }
+        c.args(cmd)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file);
+        let child = c.spawn().with_context(|| format!("cannot start {name}: {cmd:?}"))?;
+        let proc = Proc {
+            name: name.to_string(),
+            pid: child.id(),
+            log,
+        };
+        self.children
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((proc.clone(), child));
+        Ok(proc)
+    }
+
+    /// Starts `cmd` in a pod.
+    pub fn spawn(&self, pod: &Pod, name: &str, cmd: &[&str]) -> Result<Proc> {
+        self.spawn_in(&pod.ns, &format!("{}-{name}", pod.name), None, cmd, &[])
+    }
+
+    /// Runs `cmd` in namespace `ns` to completion; returns stdout, fails with stderr.
+    pub fn exec_in(&self, ns: &str, cmd: &[&str]) -> Result<String> {
+        let mut args = vec!["netns", "exec", ns];
+        args.extend_from_slice(cmd);
+        sh("ip", &args)
+    }
+
+    /// Runs `cmd` in a pod to completion.
+    pub fn exec(&self, pod: &Pod, cmd: &[&str]) -> Result<String> {
+        self.exec_in(&pod.ns, cmd)
+    }
+
+    /// Like [`Net::exec`] but returns (exit success, stdout, stderr) instead of failing.
+    pub fn try_exec(&self, pod: &Pod, cmd: &[&str]) -> Result<(bool, String, String)> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &pod.ns])
+            .args(cmd)
+            .stdin(Stdio::null())
+            .output()?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
+    /// Waits until `proc`'s log contains `needle` (or the process exits, or `timeout`).
+    pub fn wait_log(&self, proc: &Proc, needle: &str, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            if let Ok(f) = File::open(&proc.log) {
+                if BufReader::new(f).lines().map_while(|l| l.ok()).any(|l| l.contains(needle)) {
+                    return Ok(());
+                }
+            }
+            if !self.is_running(proc) {
+                bail!("{} exited before logging {needle:?}; log:\n{}", proc.name, read(&proc.log));
+            }
+            if start.elapsed() > timeout {
+                bail!("{} did not log {needle:?} within {timeout:?}; log:\n{}", proc.name, read(&proc.log));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether `proc` is still running.
+    pub fn is_running(&self, proc: &Proc) -> bool {
+        let mut children = self.children.lock().unwrap_or_else(|p| p.into_inner());
+        children
+            .iter_mut()
+            .find(|(p, _)| p.pid == proc.pid)
+            .is_some_and(|(_, c)| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Sends `signal` to `proc` and waits (up to 10 s) for it to exit.
+    pub fn kill(&self, proc: &Proc, signal: nix::sys::signal::Signal) -> Result<()> {
+        let mut children = self.children.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(pos) = children.iter().position(|(p, _)| p.pid == proc.pid) {
+            let (_, mut child) = children.remove(pos);
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, signal);
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(10) {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        Ok(())
+    }
+
+    /// The pods created so far.
+    pub fn pods(&self) -> Vec<Pod> {
+        self.pods.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Every process log, for failure reports.
+    pub fn logs(&self) -> String {
+        let children = self.children.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = String::new();
+        for (p, _) in children.iter() {
+            out.push_str(&format!("----- {} (pid {}) -----\n{}\n", p.name, p.pid, tail(&read(&p.log), 60)));
+        }
+        out
+    }
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+fn tail(s: &str, lines: usize) -> String {
+    let all: Vec<&str> = s.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Kills every process in `ns` and deletes it.
+pub fn delete_namespace(ns: &str) {
+    if let Ok(pids) = sh("ip", &["netns", "pids", ns]) {
+        for pid in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+    let _ = sh("ip", &["netns", "del", ns]);
+}
+
+/// Names of the existing network namespaces.
+pub fn namespaces() -> Vec<String> {
+    sh("ip", &["netns", "list"])
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect()
+}
+
+/// Removes `stt<pid>x...` namespaces whose owner process is gone (a killed test run).
+fn remove_stale_namespaces() {
+    for ns in namespaces() {
+        let Some(rest) = ns.strip_prefix("stt") else { continue };
+        let Some(pid) = rest.split('x').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            delete_namespace(&ns);
+        }
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        let failing = std::thread::panicking();
+        let mut children = self.children.lock().unwrap_or_else(|p| p.into_inner());
+        if failing {
+            eprintln!("===== logs of {} =====", self.prefix);
+            for (p, _) in children.iter() {
+                eprintln!("----- {} (pid {}) -----\n{}", p.name, p.pid, tail(&read(&p.log), 80));
+            }
+        }
+        for (_, child) in children.iter_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        children.clear();
+        let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        for pod in pods.iter() {
+            delete_namespace(&pod.ns);
+        }
+        delete_namespace(&self.bridge_ns);
+        if !self.keep_logs && !failing {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
