@@ -218,6 +218,31 @@ impl Net {
         }
     }
 
+    /// Waits (up to `timeout`) for `proc` to exit; returns whether it exited successfully.
+    pub fn wait(&self, proc: &Proc, timeout: Duration) -> Result<bool> {
+        let start = Instant::now();
+        loop {
+            {
+                let mut children = self.children.lock().unwrap_or_else(|p| p.into_inner());
+                let Some((_, child)) = children.iter_mut().find(|(p, _)| p.pid == proc.pid) else {
+                    bail!("{} is not a process of this Net", proc.name);
+                };
+                if let Some(status) = child.try_wait()? {
+                    return Ok(status.success());
+                }
+            }
+            if start.elapsed() > timeout {
+                bail!("{} still running after {timeout:?}; log:\n{}", proc.name, read(&proc.log));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// What `proc` has written so far.
+    pub fn output(&self, proc: &Proc) -> String {
+        read(&proc.log)
+    }
+
     /// Whether `proc` is still running.
     pub fn is_running(&self, proc: &Proc) -> bool {
         let mut children = self.children.lock().unwrap_or_else(|p| p.into_inner());
@@ -225,6 +250,12 @@ impl Net {
             .iter_mut()
             .find(|(p, _)| p.pid == proc.pid)
             .is_some_and(|(_, c)| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Sends `signal` to `proc` without waiting (see [`Net::wait`]).
+    pub fn kill_nowait(&self, proc: &Proc, signal: nix::sys::signal::Signal) -> Result<()> {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(proc.pid as i32), signal)?;
+        Ok(())
     }
 
     /// Sends `signal` to `proc` and waits (up to 10 s) for it to exit.
