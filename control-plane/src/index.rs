@@ -12,7 +12,9 @@ use strait_api::discovery::{
     destination_update::Update, Destination, DestinationUpdate, Endpoint, NotInMesh, ProtocolHint,
 };
 
-use crate::resources::{annotations, EndpointSlice, IntOrString, Pod, Resource, Service, ServicePort};
+use crate::resources::{
+    annotations, EndpointSlice, IntOrString, Pod, Resource, Service, ServicePort,
+};
 
 /// Naming settings of the cluster.
 #[derive(Debug, Clone)]
@@ -66,7 +68,8 @@ impl MeshIndex {
         }
         // Deterministic answers whatever the file order.
         services.sort_by(|a, b| {
-            (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
+            (&a.metadata.namespace, &a.metadata.name)
+                .cmp(&(&b.metadata.namespace, &b.metadata.name))
         });
 
         let mut index = MeshIndex {
@@ -167,7 +170,12 @@ pub fn normalize_target(target: &str) -> Option<String> {
 
 fn cluster_ips(svc: &Service) -> Vec<IpAddr> {
     let mut ips: Vec<IpAddr> = Vec::new();
-    for raw in svc.spec.cluster_ip.iter().chain(svc.spec.cluster_ips.iter()) {
+    for raw in svc
+        .spec
+        .cluster_ip
+        .iter()
+        .chain(svc.spec.cluster_ips.iter())
+    {
         if raw.is_empty() || raw == "None" {
             continue;
         }
@@ -361,8 +369,16 @@ spec: {serviceAccountName: other}
         }
         let d = destination(&by_ip);
         assert_eq!(d.service, "web.shop.svc.cluster.local:80");
-        let eps: Vec<_> = d.endpoints.iter().map(|e| (e.ip.as_str(), e.port)).collect();
-        assert_eq!(eps, [("10.0.0.2", 8080), ("10.0.0.3", 8080)], "sorted, ready only");
+        let eps: Vec<_> = d
+            .endpoints
+            .iter()
+            .map(|e| (e.ip.as_str(), e.port))
+            .collect();
+        assert_eq!(
+            eps,
+            [("10.0.0.2", 8080), ("10.0.0.3", 8080)],
+            "sorted, ready only"
+        );
     }
 
     #[test]
@@ -370,20 +386,36 @@ spec: {serviceAccountName: other}
         let index = index();
         let answer = index.lookup("10.96.0.10:80");
         let d = destination(&answer);
-        assert_eq!(d.endpoints[0].identity, "spiffe://cluster.local/ns/shop/sa/web-sa");
+        assert_eq!(
+            d.endpoints[0].identity,
+            "spiffe://cluster.local/ns/shop/sa/web-sa"
+        );
         assert!(d.endpoints[0].meshed);
-        assert_eq!(d.endpoints[1].identity, "spiffe://cluster.local/ns/shop/sa/other");
+        assert_eq!(
+            d.endpoints[1].identity,
+            "spiffe://cluster.local/ns/shop/sa/other"
+        );
         assert!(!d.endpoints[1].meshed, "pod opted out");
-        assert_eq!(d.endpoints[1].labels.get("pod").map(String::as_str), Some("web-b"));
+        assert_eq!(
+            d.endpoints[1].labels.get("pod").map(String::as_str),
+            Some("web-b")
+        );
     }
 
     #[test]
     fn protocol_hints_follow_annotations_and_app_protocol() {
         let index = index();
-        assert_eq!(destination(&index.lookup("10.96.0.10:6379")).protocol, ProtocolHint::Opaque as i32);
+        assert_eq!(
+            destination(&index.lookup("10.96.0.10:6379")).protocol,
+            ProtocolHint::Opaque as i32
+        );
         let grpc = index.lookup("10.96.0.10:9000");
         assert_eq!(destination(&grpc).protocol, ProtocolHint::Http2 as i32);
-        assert_eq!(destination(&grpc).endpoints[0].port, 9001, "named target port");
+        assert_eq!(
+            destination(&grpc).endpoints[0].port,
+            9001,
+            "named target port"
+        );
     }
 
     #[test]
@@ -408,12 +440,18 @@ spec: {serviceAccountName: other}
 
     #[test]
     fn port_lists_accept_ranges_and_skip_garbage() {
-        assert_eq!(parse_port_list("25, 587,4444-4446,x,9-1"), [25, 587, 4444, 4445, 4446]);
+        assert_eq!(
+            parse_port_list("25, 587,4444-4446,x,9-1"),
+            [25, 587, 4444, 4445, 4446]
+        );
         assert!(parse_port_list("").is_empty());
     }
 
     #[test]
     fn ipv6_targets_are_canonical() {
-        assert_eq!(normalize_target("[fd00:0::1]:80").as_deref(), Some("[fd00::1]:80"));
+        assert_eq!(
+            normalize_target("[fd00:0::1]:80").as_deref(),
+            Some("[fd00::1]:80")
+        );
     }
 }

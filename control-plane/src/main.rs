@@ -61,7 +61,12 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 
     let listener = tokio::net::TcpListener::bind(args.discovery_addr)
         .await
-        .map_err(|e| format!("cannot listen on --discovery-addr {}: {e}", args.discovery_addr))?;
+        .map_err(|e| {
+            format!(
+                "cannot listen on --discovery-addr {}: {e}",
+                args.discovery_addr
+            )
+        })?;
     tracing::info!(addr = %args.discovery_addr, dir = %args.config_dir.display(), "serving discovery");
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let server = tonic::transport::Server::builder()

@@ -52,7 +52,11 @@ impl Mesh {
     }
 
     /// Polls `check` every 50 ms until it returns true or `timeout` passes.
-    pub fn eventually(&self, timeout: Duration, mut check: impl FnMut() -> Result<bool>) -> Result<Duration> {
+    pub fn eventually(
+        &self,
+        timeout: Duration,
+        mut check: impl FnMut() -> Result<bool>,
+    ) -> Result<Duration> {
         let start = Instant::now();
         loop {
             if check()? {
@@ -82,7 +86,15 @@ pub fn sha256(bytes: &[u8]) -> Result<String> {
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()?;
-    child.stdin.take().map(|mut s| s.write_all(bytes)).transpose()?;
+    child
+        .stdin
+        .take()
+        .map(|mut s| s.write_all(bytes))
+        .transpose()?;
     let out = child.wait_with_output()?;
-    Ok(String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or("").to_string())
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_string())
 }

@@ -9,24 +9,62 @@ const TEN_MB: u64 = 10 * 1024 * 1024;
 fn http1_status_headers_and_10mb_bodies_cross_the_mesh_intact() -> anyhow::Result<()> {
     let mesh = Mesh::new("http1")?;
     let server = mesh.meshed_pod("server")?;
-    mesh.net.start_app(&server, "app", &["http", "--listen", "0.0.0.0:8080", "--name", "server"])?;
-    mesh.config.service(&ServiceDef::new("web", "10.96.0.10", 80, 8080, &[&server]))?;
+    mesh.net.start_app(
+        &server,
+        "app",
+        &["http", "--listen", "0.0.0.0:8080", "--name", "server"],
+    )?;
+    mesh.config
+        .service(&ServiceDef::new("web", "10.96.0.10", 80, 8080, &[&server]))?;
     let client = mesh.meshed_pod("client")?;
 
     // Status and headers: the app's status and headers arrive; Host is what the client sent.
-    let out = mesh.curl(&client, &["-i", "-H", "x-custom: kept", "http://10.96.0.10/status/418"])?;
+    let out = mesh.curl(
+        &client,
+        &["-i", "-H", "x-custom: kept", "http://10.96.0.10/status/418"],
+    )?;
     assert!(out.starts_with("HTTP/1.1 418"), "{out}");
-    assert!(out.to_ascii_lowercase().contains("x-served-by: server"), "{out}");
-    let headers = mesh.curl(&client, &["-H", "x-custom: kept", "-H", "Connection: keep-alive, x-hop", "-H", "x-hop: dropped", "http://10.96.0.10/headers"])?;
-    assert!(headers.contains("version: HTTP/1.1"), "the app gets HTTP/1.1 back: {headers}");
+    assert!(
+        out.to_ascii_lowercase().contains("x-served-by: server"),
+        "{out}"
+    );
+    let headers = mesh.curl(
+        &client,
+        &[
+            "-H",
+            "x-custom: kept",
+            "-H",
+            "Connection: keep-alive, x-hop",
+            "-H",
+            "x-hop: dropped",
+            "http://10.96.0.10/headers",
+        ],
+    )?;
+    assert!(
+        headers.contains("version: HTTP/1.1"),
+        "the app gets HTTP/1.1 back: {headers}"
+    );
     assert!(headers.contains("host: 10.96.0.10"), "{headers}");
     assert!(headers.contains("x-custom: kept"), "{headers}");
-    assert!(!headers.contains("x-hop"), "Connection-listed headers are hop-by-hop: {headers}");
-    assert!(!headers.contains("strait-orig-proto"), "the inbound proxy strips its marker: {headers}");
+    assert!(
+        !headers.contains("x-hop"),
+        "Connection-listed headers are hop-by-hop: {headers}"
+    );
+    assert!(
+        !headers.contains("strait-orig-proto"),
+        "the inbound proxy strips its marker: {headers}"
+    );
 
     // A 10 MB download, streamed, arrives byte for byte.
     let file = mesh.net.dir.join("download");
-    mesh.curl(&client, &["-o", &file.to_string_lossy(), &format!("http://10.96.0.10/bytes/{TEN_MB}")])?;
+    mesh.curl(
+        &client,
+        &[
+            "-o",
+            &file.to_string_lossy(),
+            &format!("http://10.96.0.10/bytes/{TEN_MB}"),
+        ],
+    )?;
     let got = std::fs::read(&file)?;
     assert_eq!(got.len() as u64, TEN_MB);
     assert_eq!(sha256(&got)?, sha256(&pattern(TEN_MB))?);
@@ -38,9 +76,16 @@ fn http1_status_headers_and_10mb_bodies_cross_the_mesh_intact() -> anyhow::Resul
     let out = mesh.curl(
         &client,
         &[
-            "-o", &echoed.to_string_lossy(), "-w", "%{http_code}",
-            "-H", "Transfer-Encoding: chunked", "-H", "Expect: 100-continue",
-            "--data-binary", &format!("@{}", upload.to_string_lossy()),
+            "-o",
+            &echoed.to_string_lossy(),
+            "-w",
+            "%{http_code}",
+            "-H",
+            "Transfer-Encoding: chunked",
+            "-H",
+            "Expect: 100-continue",
+            "--data-binary",
+            &format!("@{}", upload.to_string_lossy()),
             "http://10.96.0.10/echo",
         ],
     )?;
@@ -48,25 +93,53 @@ fn http1_status_headers_and_10mb_bodies_cross_the_mesh_intact() -> anyhow::Resul
     assert_eq!(sha256(&std::fs::read(&echoed)?)?, sha256(&pattern(TEN_MB))?);
 
     // Keep-alive: several requests on one connection.
-    let out = mesh.curl(&client, &["-w", "%{num_connects}\n", "http://10.96.0.10/", "http://10.96.0.10/"])?;
+    let out = mesh.curl(
+        &client,
+        &[
+            "-w",
+            "%{num_connects}\n",
+            "http://10.96.0.10/",
+            "http://10.96.0.10/",
+        ],
+    )?;
     assert_eq!(out.matches("hello from server").count(), 2, "{out}");
 
     // Both proxies counted the requests.
     let m = mesh.metrics(&client)?;
-    let outbound = metric(&m, "strait_request_total", &["direction=\"outbound\"", "target=\"web.default.svc.cluster.local:80\""]);
+    let outbound = metric(
+        &m,
+        "strait_request_total",
+        &[
+            "direction=\"outbound\"",
+            "target=\"web.default.svc.cluster.local:80\"",
+        ],
+    );
     assert!(outbound >= Some(6.0), "{m}");
     let m = mesh.metrics(&server)?;
-    assert!(metric(&m, "strait_request_total", &["direction=\"inbound\"", "target=\"8080\""]) >= Some(6.0), "{m}");
+    assert!(
+        metric(
+            &m,
+            "strait_request_total",
+            &["direction=\"inbound\"", "target=\"8080\""]
+        ) >= Some(6.0),
+        "{m}"
+    );
     Ok(())
 }
 
 #[test]
 fn a_service_without_endpoints_gets_a_503_from_the_proxy() -> anyhow::Result<()> {
     let mesh = Mesh::new("noep")?;
-    mesh.config.service(&ServiceDef::new("empty", "10.96.0.11", 80, 8080, &[]))?;
+    mesh.config
+        .service(&ServiceDef::new("empty", "10.96.0.11", 80, 8080, &[]))?;
     let client = mesh.meshed_pod("client")?;
     let out = mesh.curl(&client, &["-i", "http://10.96.0.11/"])?;
     assert!(out.starts_with("HTTP/1.1 503"), "{out}");
-    assert!(out.contains("strait-proxy-error: no endpoint is available for empty.default.svc.cluster.local:80"), "{out}");
+    assert!(
+        out.contains(
+            "strait-proxy-error: no endpoint is available for empty.default.svc.cluster.local:80"
+        ),
+        "{out}"
+    );
     Ok(())
 }

@@ -11,21 +11,33 @@ const MALFORMED: &str =
 fn malformed_http_gets_a_400_and_the_proxy_keeps_serving() -> anyhow::Result<()> {
     let mesh = Mesh::new("malformed")?;
     let server = mesh.meshed_pod("server")?;
-    mesh.net.start_app(&server, "app", &["http", "--listen", "0.0.0.0:8080", "--name", "server"])?;
-    mesh.config.service(&ServiceDef::new("web", "10.96.0.10", 80, 8080, &[&server]))?;
+    mesh.net.start_app(
+        &server,
+        "app",
+        &["http", "--listen", "0.0.0.0:8080", "--name", "server"],
+    )?;
+    mesh.config
+        .service(&ServiceDef::new("web", "10.96.0.10", 80, 8080, &[&server]))?;
     let client = mesh.meshed_pod("client")?;
 
     for _ in 0..3 {
         let (_, out, _) = mesh.net.try_exec(&client, &["bash", "-c", MALFORMED])?;
         assert!(out.starts_with("HTTP/1.1 400"), "{out:?}");
-        assert_eq!(mesh.curl(&client, &["http://10.96.0.10/"])?.trim(), "hello from server");
+        assert_eq!(
+            mesh.curl(&client, &["http://10.96.0.10/"])?.trim(),
+            "hello from server"
+        );
     }
     // The inbound side too: a plain client sending garbage straight to the pod.
     let plain = mesh.net.pod("plain")?;
     let script = MALFORMED.replace("10.96.0.10/80", &format!("{}/8080", server.ip));
     let (_, out, _) = mesh.net.try_exec(&plain, &["bash", "-c", &script])?;
     assert!(out.starts_with("HTTP/1.1 400"), "{out:?}");
-    assert_eq!(mesh.curl(&plain, &[&format!("http://{}:8080/", server.ip)])?.trim(), "hello from server");
+    assert_eq!(
+        mesh.curl(&plain, &[&format!("http://{}:8080/", server.ip)])?
+            .trim(),
+        "hello from server"
+    );
     Ok(())
 }
 
@@ -33,27 +45,70 @@ fn malformed_http_gets_a_400_and_the_proxy_keeps_serving() -> anyhow::Result<()>
 fn sigterm_drains_in_flight_requests_and_refuses_new_ones() -> anyhow::Result<()> {
     let mesh = Mesh::new("drain")?;
     let server = mesh.meshed_pod("server")?;
-    mesh.net.start_app(&server, "app", &["http", "--listen", "0.0.0.0:8080", "--name", "server"])?;
-    mesh.config.service(&ServiceDef::new("web", "10.96.0.10", 80, 8080, &[&server]))?;
+    mesh.net.start_app(
+        &server,
+        "app",
+        &["http", "--listen", "0.0.0.0:8080", "--name", "server"],
+    )?;
+    mesh.config
+        .service(&ServiceDef::new("web", "10.96.0.10", 80, 8080, &[&server]))?;
     let client = mesh.net.pod("client")?;
     let proxy = mesh.net.start_sidecar(&client, &Default::default())?;
 
     // /shutdown is refused from outside the pod.
-    let out = mesh.net.exec_in(&mesh.net.bridge_ns, &["curl", "-s", "-X", "POST", &format!("http://{}:4191/shutdown", client.ip)])?;
+    let out = mesh.net.exec_in(
+        &mesh.net.bridge_ns,
+        &[
+            "curl",
+            "-s",
+            "-X",
+            "POST",
+            &format!("http://{}:4191/shutdown", client.ip),
+        ],
+    )?;
     assert!(out.contains("only accepted from loopback"), "{out}");
 
-    let slow = mesh.net.spawn(&client, "slow", &["curl", "-sS", "--max-time", "10", "-w", " code=%{http_code}", "http://10.96.0.10/delay/1500"])?;
+    let slow = mesh.net.spawn(
+        &client,
+        "slow",
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "-w",
+            " code=%{http_code}",
+            "http://10.96.0.10/delay/1500",
+        ],
+    )?;
     std::thread::sleep(Duration::from_millis(400));
-    mesh.net.kill_nowait(&proxy, nix::sys::signal::Signal::SIGTERM)?;
+    mesh.net
+        .kill_nowait(&proxy, nix::sys::signal::Signal::SIGTERM)?;
     std::thread::sleep(Duration::from_millis(200));
     // New connections are refused while the old one finishes.
-    let (ok, _, err) = mesh.net.try_exec(&client, &["curl", "-sS", "--max-time", "3", "http://10.96.0.10/"])?;
+    let (ok, _, err) = mesh.net.try_exec(
+        &client,
+        &["curl", "-sS", "--max-time", "3", "http://10.96.0.10/"],
+    )?;
     assert!(!ok, "a new request during the drain must fail");
-    assert!(err.contains("refused") || err.contains("Failed to connect"), "{err}");
-    assert!(mesh.net.wait(&slow, Duration::from_secs(5))?, "in-flight request failed: {}", mesh.net.output(&slow));
+    assert!(
+        err.contains("refused") || err.contains("Failed to connect"),
+        "{err}"
+    );
+    assert!(
+        mesh.net.wait(&slow, Duration::from_secs(5))?,
+        "in-flight request failed: {}",
+        mesh.net.output(&slow)
+    );
     let out = mesh.net.output(&slow);
-    assert!(out.contains("delayed 1500 ms by server") && out.contains("code=200"), "{out}");
-    assert!(mesh.net.wait(&proxy, Duration::from_secs(5))?, "the proxy exits cleanly after draining");
+    assert!(
+        out.contains("delayed 1500 ms by server") && out.contains("code=200"),
+        "{out}"
+    );
+    assert!(
+        mesh.net.wait(&proxy, Duration::from_secs(5))?,
+        "the proxy exits cleanly after draining"
+    );
     Ok(())
 }
 
@@ -73,14 +128,25 @@ fn init_is_idempotent_and_cleanup_removes_every_rule() -> anyhow::Result<()> {
     };
     net.exec(&pod, &[&bin, "init", "--skip-outbound-ports", "22"])?;
     let first = rules()?;
-    assert!(first.iter().any(|l| l.contains("--uid-owner 2102 -j RETURN")), "{first:#?}");
-    assert!(first.iter().any(|l| l.contains("--dport 22 -j RETURN")), "{first:#?}");
+    assert!(
+        first
+            .iter()
+            .any(|l| l.contains("--uid-owner 2102 -j RETURN")),
+        "{first:#?}"
+    );
+    assert!(
+        first.iter().any(|l| l.contains("--dport 22 -j RETURN")),
+        "{first:#?}"
+    );
     net.exec(&pod, &[&bin, "init", "--skip-outbound-ports", "22"])?;
     assert_eq!(rules()?, first, "a second init changes nothing");
     net.exec(&pod, &[&bin, "init", "--cleanup"])?;
     assert!(rules()?.is_empty(), "{:#?}", rules()?);
     // Bad settings are named.
-    let (ok, _, err) = net.try_exec(&pod, &[&bin, "init", "--skip-outbound-cidrs", "10.0.0.0/99"])?;
+    let (ok, _, err) = net.try_exec(
+        &pod,
+        &[&bin, "init", "--skip-outbound-cidrs", "10.0.0.0/99"],
+    )?;
     assert!(!ok && err.contains("--skip-outbound-cidrs"), "{err}");
     Ok(())
 }

@@ -78,13 +78,19 @@ impl Admin {
                     self.trigger.drain();
                     text(StatusCode::OK, "draining\n")
                 } else {
-                    text(StatusCode::FORBIDDEN, "shutdown is only accepted from loopback\n")
+                    text(
+                        StatusCode::FORBIDDEN,
+                        "shutdown is only accepted from loopback\n",
+                    )
                 }
             }
             (_, "/live" | "/ready" | "/metrics" | "/shutdown") => {
                 text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
             }
-            _ => text(StatusCode::NOT_FOUND, "not found: try /live /ready /metrics /shutdown\n"),
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found: try /live /ready /metrics /shutdown\n",
+            ),
         }
     }
 }

@@ -136,7 +136,9 @@ impl InFlight {
 
     /// The attempt failed (connect error, reset): penalise the endpoint.
     pub fn failure(mut self) {
-        self.endpoint.load.observe(FAILURE_PENALTY.max(self.start.elapsed()));
+        self.endpoint
+            .load
+            .observe(FAILURE_PENALTY.max(self.start.elapsed()));
         self.done = true;
     }
 }
@@ -204,7 +206,11 @@ impl Balancer {
                 }
                 let now = now_ns();
                 let (ea, eb) = (&endpoints[a], &endpoints[b]);
-                Some(if ea.cost(now) <= eb.cost(now) { ea.clone() } else { eb.clone() })
+                Some(if ea.cost(now) <= eb.cost(now) {
+                    ea.clone()
+                } else {
+                    eb.clone()
+                })
             }
         }
     }
@@ -239,12 +245,19 @@ mod tests {
             *counts.entry(e.addr()).or_insert(0u32) += 1;
             let f = e.start();
             // Simulated latency: the slow one takes 50 ms, others 1 ms.
-            let rtt = if e.addr() == slow { Duration::from_millis(50) } else { Duration::from_millis(1) };
+            let rtt = if e.addr() == slow {
+                Duration::from_millis(50)
+            } else {
+                Duration::from_millis(1)
+            };
             e.load.observe(rtt);
             f.success_without_observing();
         }
         let slow_share = f64::from(counts[&slow]) / 3000.0;
-        assert!(slow_share < 0.15, "slow endpoint got {slow_share:.2} of picks: {counts:?}");
+        assert!(
+            slow_share < 0.15,
+            "slow endpoint got {slow_share:.2} of picks: {counts:?}"
+        );
     }
 
     #[test]

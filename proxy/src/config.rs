@@ -98,7 +98,10 @@ mod tests {
         let l = PortList::parse(" 6379, 25 ,4444-4446").expect("valid");
         assert_eq!(l.ports(), [25, 4444, 4445, 4446, 6379]);
         assert!(l.contains(4445) && !l.contains(80));
-        assert!(PortList::parse("").expect("empty is fine").ports().is_empty());
+        assert!(PortList::parse("")
+            .expect("empty is fine")
+            .ports()
+            .is_empty());
         for bad in ["x", "0", "70000", "9-1", "1-"] {
             let err = PortList::parse(bad).expect_err(bad);
             assert!(err.contains(bad.split('-').next().unwrap_or(bad)), "{err}");

@@ -45,7 +45,10 @@ pub struct Detected {
 }
 
 /// Reads from `io` until the protocol is known, the peer closes, or `timeout` passes.
-pub async fn detect<T: AsyncRead + Unpin>(io: &mut T, timeout: Duration) -> std::io::Result<Detected> {
+pub async fn detect<T: AsyncRead + Unpin>(
+    io: &mut T,
+    timeout: Duration,
+) -> std::io::Result<Detected> {
     let mut buf = BytesMut::with_capacity(1024);
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
@@ -111,17 +114,22 @@ fn classify_http1(buf: &[u8]) -> Option<Protocol> {
     if method_len == 0 || method_len > MAX_METHOD {
         return opaque;
     }
-    let Some(&after_method) = buf.get(method_len) else {
-        return None;
-    };
+    let &after_method = buf.get(method_len)?;
     if after_method != b' ' {
         return opaque;
     }
     // request-target: visible ASCII
     let rest = &buf[method_len + 1..];
-    let target_len = rest.iter().take_while(|b| (0x21..=0x7e).contains(*b)).count();
+    let target_len = rest
+        .iter()
+        .take_while(|b| (0x21..=0x7e).contains(*b))
+        .count();
     let Some(&after_target) = rest.get(target_len) else {
-        return if buf.len() >= MAX_PEEK { Some(Protocol::Http1) } else { None };
+        return if buf.len() >= MAX_PEEK {
+            Some(Protocol::Http1)
+        } else {
+            None
+        };
     };
     if target_len == 0 || after_target != b' ' {
         return opaque;
@@ -153,32 +161,61 @@ mod tests {
     #[test]
     fn classifies_complete_prefixes() {
         assert_eq!(classify(H2_PREFACE), Some(Protocol::Http2));
-        assert_eq!(classify(b"GET / HTTP/1.1\r\nHost: x\r\n"), Some(Protocol::Http1));
+        assert_eq!(
+            classify(b"GET / HTTP/1.1\r\nHost: x\r\n"),
+            Some(Protocol::Http1)
+        );
         assert_eq!(classify(b"M-SEARCH * HTTP/1.1\r\n"), Some(Protocol::Http1));
-        assert_eq!(classify(b"\x16\x03\x01\x02\x00"), Some(Protocol::Opaque), "TLS");
+        assert_eq!(
+            classify(b"\x16\x03\x01\x02\x00"),
+            Some(Protocol::Opaque),
+            "TLS"
+        );
         assert_eq!(classify(b"PING\r\n"), Some(Protocol::Opaque));
         assert_eq!(classify(b"hello world\n"), Some(Protocol::Opaque));
         assert_eq!(classify(b"GET / HTTP/2.0\r\n"), Some(Protocol::Opaque));
-        assert_eq!(classify(b"*3\r\n$3\r\nSET\r\n"), Some(Protocol::Opaque), "redis");
+        assert_eq!(
+            classify(b"*3\r\n$3\r\nSET\r\n"),
+            Some(Protocol::Opaque),
+            "redis"
+        );
     }
 
     #[test]
     fn waits_for_more_only_while_the_bytes_could_still_be_http() {
-        for partial in [&b"G"[..], b"GET", b"GET /", b"GET /x HTTP", b"GET / HTTP/1.1", b"PRI * HTTP/2.0\r\n"] {
-            assert_eq!(classify(partial), None, "{:?}", String::from_utf8_lossy(partial));
+        for partial in [
+            &b"G"[..],
+            b"GET",
+            b"GET /",
+            b"GET /x HTTP",
+            b"GET / HTTP/1.1",
+            b"PRI * HTTP/2.0\r\n",
+        ] {
+            assert_eq!(
+                classify(partial),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(partial)
+            );
         }
     }
 
     #[tokio::test]
     async fn detection_decides_on_first_bytes_and_times_out_on_silence() {
         let (mut client, mut server) = tokio::io::duplex(1024);
-        tokio::io::AsyncWriteExt::write_all(&mut client, b"GET / HTTP/1.1\r\n").await.expect("write");
-        let d = detect(&mut server, Duration::from_secs(5)).await.expect("detect");
+        tokio::io::AsyncWriteExt::write_all(&mut client, b"GET / HTTP/1.1\r\n")
+            .await
+            .expect("write");
+        let d = detect(&mut server, Duration::from_secs(5))
+            .await
+            .expect("detect");
         assert_eq!(d.protocol, Protocol::Http1);
         assert_eq!(&d.prefix[..], b"GET / HTTP/1.1\r\n");
 
         let (_client, mut server) = tokio::io::duplex(1024);
-        let d = detect(&mut server, Duration::from_millis(20)).await.expect("detect");
+        let d = detect(&mut server, Duration::from_millis(20))
+            .await
+            .expect("detect");
         assert!(d.timed_out);
         assert_eq!(d.protocol, Protocol::Opaque);
     }

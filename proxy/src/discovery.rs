@@ -27,7 +27,10 @@ pub enum Resolved {
     /// No answer yet.
     Pending,
     NotInMesh,
-    Mesh { service: Arc<str>, hint: ProtocolHint },
+    Mesh {
+        service: Arc<str>,
+        hint: ProtocolHint,
+    },
 }
 
 /// One destination's live resolution. Connections hold it while they use its balancer.
@@ -47,7 +50,9 @@ impl Resolution {
     async fn ready(&self, timeout: Duration) -> Resolved {
         let mut rx = self.state.clone();
         let known = tokio::time::timeout(timeout, async {
-            rx.wait_for(|s| *s != Resolved::Pending).await.map(|s| s.clone())
+            rx.wait_for(|s| *s != Resolved::Pending)
+                .await
+                .map(|s| s.clone())
         })
         .await;
         match known {
@@ -58,7 +63,9 @@ impl Resolution {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("--control-plane-addr / STRAIT_CONTROL_PLANE_ADDR {addr:?} is not a valid address: {source}")]
+#[error(
+    "--control-plane-addr / STRAIT_CONTROL_PLANE_ADDR {addr:?} is not a valid address: {source}"
+)]
 pub struct AddrError {
     addr: String,
     #[source]
@@ -148,10 +155,14 @@ impl Discovery {
     fn resolution(&self, target: SocketAddr) -> Arc<Resolution> {
         let now = now_secs();
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.swept.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+        if cache
+            .swept
+            .is_none_or(|t| t.elapsed() > Duration::from_secs(60))
+        {
             cache.swept = Some(Instant::now());
             cache.entries.retain(|_, r| {
-                Arc::strong_count(r) > 1 || now - r.last_used.load(Ordering::Relaxed) < IDLE_EVICTION.as_secs()
+                Arc::strong_count(r) > 1
+                    || now - r.last_used.load(Ordering::Relaxed) < IDLE_EVICTION.as_secs()
             });
         }
         if let Some(r) = cache.entries.get(&target) {
@@ -228,7 +239,12 @@ async fn watch_destination(
     }
 }
 
-fn apply(target: &str, update: DestinationUpdate, tx: &watch::Sender<Resolved>, balancer: &Balancer) {
+fn apply(
+    target: &str,
+    update: DestinationUpdate,
+    tx: &watch::Sender<Resolved>,
+    balancer: &Balancer,
+) {
     match update.update {
         Some(Update::Destination(d)) => {
             let specs: Vec<EndpointSpec> = d
@@ -320,17 +336,37 @@ mod tests {
                 service: "web.shop.svc.cluster.local:80".into(),
                 protocol: ProtocolHint::Opaque as i32,
                 endpoints: vec![
-                    Endpoint { ip: "10.0.0.2".into(), port: 8080, weight: 0, meshed: true, ..Default::default() },
-                    Endpoint { ip: "not-an-ip".into(), port: 8080, ..Default::default() },
+                    Endpoint {
+                        ip: "10.0.0.2".into(),
+                        port: 8080,
+                        weight: 0,
+                        meshed: true,
+                        ..Default::default()
+                    },
+                    Endpoint {
+                        ip: "not-an-ip".into(),
+                        port: 8080,
+                        ..Default::default()
+                    },
                 ],
             })),
         };
         apply("t", update, &tx, &balancer);
         assert_eq!(balancer.len(), 1, "bad addresses skipped");
-        assert!(matches!(&*rx.borrow(), Resolved::Mesh { hint: ProtocolHint::Opaque, .. }));
+        assert!(matches!(
+            &*rx.borrow(),
+            Resolved::Mesh {
+                hint: ProtocolHint::Opaque,
+                ..
+            }
+        ));
         apply(
             "t",
-            DestinationUpdate { update: Some(Update::NotInMesh(NotInMesh { reason: String::new() })) },
+            DestinationUpdate {
+                update: Some(Update::NotInMesh(NotInMesh {
+                    reason: String::new(),
+                })),
+            },
             &tx,
             &balancer,
         );

@@ -35,7 +35,8 @@ pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: So
     } else {
         match detect::detect(&mut io, ctx.cfg.detect_timeout).await {
             Ok(d) => {
-                ctx.metrics.detected(Direction::Inbound, d.protocol.as_str(), d.timed_out);
+                ctx.metrics
+                    .detected(Direction::Inbound, d.protocol.as_str(), d.timed_out);
                 (d.protocol, d.prefix)
             }
             Err(e) => {

@@ -57,7 +57,11 @@ fn parse_cidrs(s: &str) -> Result<Cidrs, String> {
         let (ip, len) = item.split_once('/').unwrap_or((item, ""));
         let ip: IpAddr = ip.parse().map_err(|_| bad())?;
         let max = if ip.is_ipv4() { 32 } else { 128 };
-        let len: u8 = if len.is_empty() { max } else { len.parse().map_err(|_| bad())? };
+        let len: u8 = if len.is_empty() {
+            max
+        } else {
+            len.parse().map_err(|_| bad())?
+        };
         if len > max {
             return Err(bad());
         }
@@ -68,7 +72,9 @@ fn parse_cidrs(s: &str) -> Result<Cidrs, String> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
-    #[error("`{command}` failed: {stderr} (init needs root or CAP_NET_ADMIN, and the iptables package)")]
+    #[error(
+        "`{command}` failed: {stderr} (init needs root or CAP_NET_ADMIN, and the iptables package)"
+    )]
     Command { command: String, stderr: String },
     #[error("cannot run `{program}`: {source} (install the iptables package)")]
     Spawn {
@@ -115,32 +121,118 @@ fn args(list: &[&str]) -> Vec<String> {
 /// The steps that install the rules for `family`.
 pub fn install_plan(cfg: &InitConfig, family: Family) -> Vec<Step> {
     let mut steps = Vec::new();
-    let plain = |a: Vec<String>| Step { args: a, may_fail: false, unless: None };
+    let plain = |a: Vec<String>| Step {
+        args: a,
+        may_fail: false,
+        unless: None,
+    };
     for chain in [INBOUND_CHAIN, OUTBOUND_CHAIN] {
         // -N fails when the chain exists; that is fine, -F then empties it.
-        steps.push(Step { args: args(&["-t", "nat", "-N", chain]), may_fail: true, unless: None });
+        steps.push(Step {
+            args: args(&["-t", "nat", "-N", chain]),
+            may_fail: true,
+            unless: None,
+        });
         steps.push(plain(args(&["-t", "nat", "-F", chain])));
     }
     for port in cfg.skip_inbound_ports.ports() {
-        steps.push(plain(args(&["-t", "nat", "-A", INBOUND_CHAIN, "-p", "tcp", "--dport", &port.to_string(), "-j", "RETURN"])));
+        steps.push(plain(args(&[
+            "-t",
+            "nat",
+            "-A",
+            INBOUND_CHAIN,
+            "-p",
+            "tcp",
+            "--dport",
+            &port.to_string(),
+            "-j",
+            "RETURN",
+        ])));
     }
     steps.push(plain(args(&[
-        "-t", "nat", "-A", INBOUND_CHAIN, "-p", "tcp", "-j", "REDIRECT", "--to-ports", &cfg.inbound_port.to_string(),
+        "-t",
+        "nat",
+        "-A",
+        INBOUND_CHAIN,
+        "-p",
+        "tcp",
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        &cfg.inbound_port.to_string(),
     ])));
     let uid = cfg.proxy_uid.to_string();
-    steps.push(plain(args(&["-t", "nat", "-A", OUTBOUND_CHAIN, "-m", "owner", "--uid-owner", &uid, "-j", "RETURN"])));
-    steps.push(plain(args(&["-t", "nat", "-A", OUTBOUND_CHAIN, "-o", "lo", "-j", "RETURN"])));
-    steps.push(plain(args(&["-t", "nat", "-A", OUTBOUND_CHAIN, "-d", family.loopback(), "-j", "RETURN"])));
+    steps.push(plain(args(&[
+        "-t",
+        "nat",
+        "-A",
+        OUTBOUND_CHAIN,
+        "-m",
+        "owner",
+        "--uid-owner",
+        &uid,
+        "-j",
+        "RETURN",
+    ])));
+    steps.push(plain(args(&[
+        "-t",
+        "nat",
+        "-A",
+        OUTBOUND_CHAIN,
+        "-o",
+        "lo",
+        "-j",
+        "RETURN",
+    ])));
+    steps.push(plain(args(&[
+        "-t",
+        "nat",
+        "-A",
+        OUTBOUND_CHAIN,
+        "-d",
+        family.loopback(),
+        "-j",
+        "RETURN",
+    ])));
     for port in cfg.skip_outbound_ports.ports() {
-        steps.push(plain(args(&["-t", "nat", "-A", OUTBOUND_CHAIN, "-p", "tcp", "--dport", &port.to_string(), "-j", "RETURN"])));
+        steps.push(plain(args(&[
+            "-t",
+            "nat",
+            "-A",
+            OUTBOUND_CHAIN,
+            "-p",
+            "tcp",
+            "--dport",
+            &port.to_string(),
+            "-j",
+            "RETURN",
+        ])));
     }
     for (ip, len) in &cfg.skip_outbound_cidrs.0 {
         if ip.is_ipv4() == (family == Family::V4) {
-            steps.push(plain(args(&["-t", "nat", "-A", OUTBOUND_CHAIN, "-d", &format!("{ip}/{len}"), "-j", "RETURN"])));
+            steps.push(plain(args(&[
+                "-t",
+                "nat",
+                "-A",
+                OUTBOUND_CHAIN,
+                "-d",
+                &format!("{ip}/{len}"),
+                "-j",
+                "RETURN",
+            ])));
         }
     }
     steps.push(plain(args(&[
-        "-t", "nat", "-A", OUTBOUND_CHAIN, "-p", "tcp", "-j", "REDIRECT", "--to-ports", &cfg.outbound_port.to_string(),
+        "-t",
+        "nat",
+        "-A",
+        OUTBOUND_CHAIN,
+        "-p",
+        "tcp",
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        &cfg.outbound_port.to_string(),
     ])));
     for (hook, chain) in [("PREROUTING", INBOUND_CHAIN), ("OUTPUT", OUTBOUND_CHAIN)] {
         steps.push(Step {
@@ -156,11 +248,23 @@ pub fn install_plan(cfg: &InitConfig, family: Family) -> Vec<Step> {
 pub fn cleanup_plan() -> Vec<Step> {
     let mut steps = Vec::new();
     for (hook, chain) in [("PREROUTING", INBOUND_CHAIN), ("OUTPUT", OUTBOUND_CHAIN)] {
-        steps.push(Step { args: args(&["-t", "nat", "-D", hook, "-p", "tcp", "-j", chain]), may_fail: true, unless: None });
+        steps.push(Step {
+            args: args(&["-t", "nat", "-D", hook, "-p", "tcp", "-j", chain]),
+            may_fail: true,
+            unless: None,
+        });
     }
     for chain in [INBOUND_CHAIN, OUTBOUND_CHAIN] {
-        steps.push(Step { args: args(&["-t", "nat", "-F", chain]), may_fail: true, unless: None });
-        steps.push(Step { args: args(&["-t", "nat", "-X", chain]), may_fail: true, unless: None });
+        steps.push(Step {
+            args: args(&["-t", "nat", "-F", chain]),
+            may_fail: true,
+            unless: None,
+        });
+        steps.push(Step {
+            args: args(&["-t", "nat", "-X", chain]),
+            may_fail: true,
+            unless: None,
+        });
     }
     steps
 }
@@ -255,15 +359,29 @@ mod tests {
 
     #[test]
     fn the_plan_excludes_the_proxy_uid_loopback_and_skips_then_redirects() {
-        let c = cfg(&["--skip-outbound-ports", "22", "--skip-outbound-cidrs", "10.1.0.0/16,fd00::/8"]);
+        let c = cfg(&[
+            "--skip-outbound-ports",
+            "22",
+            "--skip-outbound-cidrs",
+            "10.1.0.0/16,fd00::/8",
+        ]);
         let v4 = lines(&install_plan(&c, Family::V4));
-        let pos = |needle: &str| v4.iter().position(|l| l.contains(needle)).unwrap_or_else(|| panic!("{needle} in {v4:#?}"));
+        let pos = |needle: &str| {
+            v4.iter()
+                .position(|l| l.contains(needle))
+                .unwrap_or_else(|| panic!("{needle} in {v4:#?}"))
+        };
         assert!(pos("--uid-owner 2102 -j RETURN") < pos("REDIRECT --to-ports 4140"));
         assert!(pos("-o lo -j RETURN") < pos("REDIRECT --to-ports 4140"));
         assert!(pos("--dport 22 -j RETURN") < pos("REDIRECT --to-ports 4140"));
         assert!(pos("-d 10.1.0.0/16 -j RETURN") < pos("REDIRECT --to-ports 4140"));
-        assert!(pos("STRAIT_INBOUND -p tcp --dport 4191 -j RETURN") < pos("REDIRECT --to-ports 4143"));
-        assert!(!v4.iter().any(|l| l.contains("fd00::")), "v6 CIDRs only in the v6 plan");
+        assert!(
+            pos("STRAIT_INBOUND -p tcp --dport 4191 -j RETURN") < pos("REDIRECT --to-ports 4143")
+        );
+        assert!(
+            !v4.iter().any(|l| l.contains("fd00::")),
+            "v6 CIDRs only in the v6 plan"
+        );
         let v6 = lines(&install_plan(&c, Family::V6));
         assert!(v6.iter().any(|l| l.contains("-d fd00::/8 -j RETURN")));
         assert!(v6.iter().any(|l| l.contains("-d ::1/128 -j RETURN")));
@@ -274,17 +392,34 @@ mod tests {
         let plan = install_plan(&cfg(&[]), Family::V4);
         let jumps: Vec<_> = plan.iter().filter(|s| s.unless.is_some()).collect();
         assert_eq!(jumps.len(), 2);
-        assert!(jumps.iter().all(|s| s.unless.as_ref().is_some_and(|c| c.contains(&"-C".to_string()))));
+        assert!(jumps.iter().all(|s| s
+            .unless
+            .as_ref()
+            .is_some_and(|c| c.contains(&"-C".to_string()))));
         let cleanup = lines(&cleanup_plan());
-        assert!(cleanup.iter().any(|l| l == "-t nat -D OUTPUT -p tcp -j STRAIT_OUTBOUND"));
+        assert!(cleanup
+            .iter()
+            .any(|l| l == "-t nat -D OUTPUT -p tcp -j STRAIT_OUTBOUND"));
         assert!(cleanup.iter().any(|l| l == "-t nat -X STRAIT_INBOUND"));
     }
 
     #[test]
     fn bad_values_name_the_setting() {
-        let err = T::try_parse_from(["t", "--skip-outbound-cidrs", "10.0.0.0/40"]).err().expect("bad").to_string();
-        assert!(err.contains("--skip-outbound-cidrs") && err.contains("10.0.0.0/40"), "{err}");
-        let err = T::try_parse_from(["t", "--skip-inbound-ports", "http"]).err().expect("bad").to_string();
-        assert!(err.contains("--skip-inbound-ports") && err.contains("http"), "{err}");
+        let err = T::try_parse_from(["t", "--skip-outbound-cidrs", "10.0.0.0/40"])
+            .err()
+            .expect("bad")
+            .to_string();
+        assert!(
+            err.contains("--skip-outbound-cidrs") && err.contains("10.0.0.0/40"),
+            "{err}"
+        );
+        let err = T::try_parse_from(["t", "--skip-inbound-ports", "http"])
+            .err()
+            .expect("bad")
+            .to_string();
+        assert!(
+            err.contains("--skip-inbound-ports") && err.contains("http"),
+            "{err}"
+        );
     }
 }

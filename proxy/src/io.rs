@@ -38,7 +38,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for PrefixedIo<T> {
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for PrefixedIo<T> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_write_vectored(
@@ -69,7 +73,11 @@ pub struct CountingIo<T> {
 
 impl<T> CountingIo<T> {
     pub fn new(inner: T, read: Counter, written: Counter) -> Self {
-        Self { inner, read, written }
+        Self {
+            inner,
+            read,
+            written,
+        }
     }
 }
 
@@ -90,7 +98,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for CountingIo<T> {
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for CountingIo<T> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let res = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = res {
             self.written.inc_by(n as u64);
@@ -128,7 +140,11 @@ mod tests {
     async fn prefix_is_replayed_before_the_stream_and_bytes_are_counted() {
         let (a, mut b) = tokio::io::duplex(64);
         let (read, written) = (Counter::default(), Counter::default());
-        let mut io = CountingIo::new(PrefixedIo::new(Bytes::from_static(b"GET "), a), read.clone(), written.clone());
+        let mut io = CountingIo::new(
+            PrefixedIo::new(Bytes::from_static(b"GET "), a),
+            read.clone(),
+            written.clone(),
+        );
         b.write_all(b"/ HTTP/1.1").await.expect("write");
         drop(b);
         let mut out = String::new();

@@ -55,10 +55,17 @@ pub enum StartError {
     Discovery(#[from] discovery::AddrError),
 }
 
-async fn bind(setting: &'static str, addr: std::net::SocketAddr) -> Result<TcpListener, StartError> {
+async fn bind(
+    setting: &'static str,
+    addr: std::net::SocketAddr,
+) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|source| StartError::Bind { setting, addr, source })
+        .map_err(|source| StartError::Bind {
+            setting,
+            addr,
+            source,
+        })
 }
 
 /// Runs the proxy until SIGTERM, SIGINT or `POST /shutdown`, then drains.
@@ -102,13 +109,21 @@ pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
 
     let tracker = TaskTracker::new();
     let out_ctx = ctx.clone();
-    let outbound_loop = tokio::spawn(listen::accept_loop("outbound", outbound, drain.clone(), tracker.clone(), move |s, dst| {
-        outbound::serve_connection(out_ctx.clone(), s, dst)
-    }));
+    let outbound_loop = tokio::spawn(listen::accept_loop(
+        "outbound",
+        outbound,
+        drain.clone(),
+        tracker.clone(),
+        move |s, dst| outbound::serve_connection(out_ctx.clone(), s, dst),
+    ));
     let in_ctx = ctx.clone();
-    let inbound_loop = tokio::spawn(listen::accept_loop("inbound", inbound, drain.clone(), tracker.clone(), move |s, dst| {
-        inbound::serve_connection(in_ctx.clone(), s, dst)
-    }));
+    let inbound_loop = tokio::spawn(listen::accept_loop(
+        "inbound",
+        inbound,
+        drain.clone(),
+        tracker.clone(),
+        move |s, dst| inbound::serve_connection(in_ctx.clone(), s, dst),
+    ));
     ready.store(true, Ordering::Release);
     tracing::info!(
         outbound = %ctx.cfg.outbound_addr,
@@ -124,8 +139,14 @@ pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
     tracing::info!(grace = ?ctx.cfg.shutdown_grace_period, "draining: no new connections; in-flight requests may finish");
     let _ = tokio::join!(outbound_loop, inbound_loop);
     tracker.close();
-    if tokio::time::timeout(ctx.cfg.shutdown_grace_period, tracker.wait()).await.is_err() {
-        tracing::warn!(open = tracker.len(), "grace period over; closing the remaining connections");
+    if tokio::time::timeout(ctx.cfg.shutdown_grace_period, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = tracker.len(),
+            "grace period over; closing the remaining connections"
+        );
     }
     Ok(())
 }

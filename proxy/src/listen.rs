@@ -18,15 +18,24 @@ pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
     } else {
         sock.original_dst_v6()?
     };
-    addr.as_socket()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "original destination is not an IP address"))
+    addr.as_socket().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "original destination is not an IP address",
+        )
+    })
 }
 
 /// Accepts until the drain starts. Each connection runs `handle(stream, original_dst)` as a
 /// task of `tracker`. A connection made straight to the listener (not redirected) would loop
 /// back into the proxy, so it is refused.
-pub async fn accept_loop<F, Fut>(name: &'static str, listener: TcpListener, drain: Drain, tracker: TaskTracker, handle: F)
-where
+pub async fn accept_loop<F, Fut>(
+    name: &'static str,
+    listener: TcpListener,
+    drain: Drain,
+    tracker: TaskTracker,
+    handle: F,
+) where
     F: Fn(TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
@@ -55,7 +64,9 @@ where
                 continue;
             }
         };
-        if Some(orig_dst.port()) == local.map(|l| l.port()) && stream.local_addr().ok() == Some(orig_dst) {
+        if Some(orig_dst.port()) == local.map(|l| l.port())
+            && stream.local_addr().ok() == Some(orig_dst)
+        {
             tracing::warn!(listener = name, %peer, "connection addressed to the proxy itself; closing to avoid a loop");
             continue;
         }

@@ -113,7 +113,11 @@ impl Metrics {
             registry: Registry::default(),
         };
         registry.register("request", "HTTP requests received", m.requests.clone());
-        registry.register("response", "HTTP responses sent, by status and classification", m.responses.clone());
+        registry.register(
+            "response",
+            "HTTP responses sent, by status and classification",
+            m.responses.clone(),
+        );
         registry.register(
             "response_latency_seconds",
             "Time from receiving a request to the response headers",
@@ -121,16 +125,36 @@ impl Metrics {
         );
         registry.register("tcp_open", "TCP connections accepted", m.tcp_opened.clone());
         registry.register("tcp_close", "TCP connections closed", m.tcp_closed.clone());
-        registry.register("tcp_open_connections", "TCP connections open now", m.tcp_open.clone());
-        registry.register("tcp_read_bytes", "Bytes read from accepted connections", m.tcp_read.clone());
-        registry.register("tcp_write_bytes", "Bytes written to accepted connections", m.tcp_written.clone());
-        registry.register("protocol_detect", "Protocol detection results", m.detect.clone());
+        registry.register(
+            "tcp_open_connections",
+            "TCP connections open now",
+            m.tcp_open.clone(),
+        );
+        registry.register(
+            "tcp_read_bytes",
+            "Bytes read from accepted connections",
+            m.tcp_read.clone(),
+        );
+        registry.register(
+            "tcp_write_bytes",
+            "Bytes written to accepted connections",
+            m.tcp_written.clone(),
+        );
+        registry.register(
+            "protocol_detect",
+            "Protocol detection results",
+            m.detect.clone(),
+        );
         registry.register(
             "discovery_connected",
             "1 while at least one discovery stream is connected",
             m.discovery_connected.clone(),
         );
-        registry.register("discovery_update", "Discovery answers received", m.discovery_updates.clone());
+        registry.register(
+            "discovery_update",
+            "Discovery answers received",
+            m.discovery_updates.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -216,7 +240,13 @@ impl HttpMetrics {
     }
 
     /// Records a response: `error` names why the proxy answered itself ("" for upstream answers).
-    pub fn response(&self, status: u16, grpc_failed: bool, error: &'static str, latency: std::time::Duration) {
+    pub fn response(
+        &self,
+        status: u16,
+        grpc_failed: bool,
+        error: &'static str,
+        latency: std::time::Duration,
+    ) {
         self.latency.observe(latency.as_secs_f64());
         let failed = status >= 500 || grpc_failed || !error.is_empty();
         self.responses
@@ -241,7 +271,12 @@ mod tests {
         let http = m.http(Direction::Outbound, "web.shop.svc.cluster.local:80");
         http.request();
         http.response(200, false, "", std::time::Duration::from_millis(3));
-        http.response(503, false, "no endpoints", std::time::Duration::from_millis(1));
+        http.response(
+            503,
+            false,
+            "no endpoints",
+            std::time::Duration::from_millis(1),
+        );
         {
             let tcp = m.tcp(Direction::Inbound, "8080");
             tcp.read.inc_by(10);

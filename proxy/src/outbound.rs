@@ -42,14 +42,21 @@ pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: So
     let mut io = CountingIo::new(stream, tcp.read.clone(), tcp.written.clone());
 
     let opaque = ctx.cfg.opaque_ports.contains(orig_dst.port())
-        || matches!(lookup, Lookup::Mesh { hint: ProtocolHint::Opaque, .. });
+        || matches!(
+            lookup,
+            Lookup::Mesh {
+                hint: ProtocolHint::Opaque,
+                ..
+            }
+        );
     let (protocol, prefix) = if opaque {
         (Protocol::Opaque, bytes::Bytes::new())
     } else {
         let started = Instant::now();
         match detect::detect(&mut io, ctx.cfg.detect_timeout).await {
             Ok(d) => {
-                ctx.metrics.detected(Direction::Outbound, d.protocol.as_str(), d.timed_out);
+                ctx.metrics
+                    .detected(Direction::Outbound, d.protocol.as_str(), d.timed_out);
                 tracing::trace!(protocol = ?d.protocol, elapsed = ?started.elapsed(), "detected");
                 (d.protocol, d.prefix)
             }
@@ -65,7 +72,11 @@ pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: So
         Protocol::Opaque => {
             let addr = match &lookup {
                 Lookup::Passthrough => orig_dst,
-                Lookup::Mesh { resolution, service, .. } => match resolution.balancer.pick() {
+                Lookup::Mesh {
+                    resolution,
+                    service,
+                    ..
+                } => match resolution.balancer.pick() {
                     Some(e) => e.addr(),
                     None => {
                         tracing::warn!(%service, "no endpoints; closing TCP connection");

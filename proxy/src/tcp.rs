@@ -10,7 +10,11 @@ use crate::http::client::connect;
 use crate::http::error::ProxyError;
 
 /// Connects to `addr` and splices it with `downstream` until both directions end.
-pub async fn forward<I>(mut downstream: I, addr: SocketAddr, connect_timeout: Duration) -> Result<(), ProxyError>
+pub async fn forward<I>(
+    mut downstream: I,
+    addr: SocketAddr,
+    connect_timeout: Duration,
+) -> Result<(), ProxyError>
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {

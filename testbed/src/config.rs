@@ -28,7 +28,13 @@ pub struct ServiceDef {
 }
 
 impl ServiceDef {
-    pub fn new(name: &str, cluster_ip: &str, port: u16, target_port: u16, endpoints: &[&Pod]) -> Self {
+    pub fn new(
+        name: &str,
+        cluster_ip: &str,
+        port: u16,
+        target_port: u16,
+        endpoints: &[&Pod],
+    ) -> Self {
         Self {
             name: name.to_string(),
             namespace: "default".to_string(),
@@ -46,7 +52,10 @@ impl ServiceDef {
     pub fn yaml(&self) -> String {
         let mut annotations = String::new();
         if self.opaque {
-            annotations = format!("\n  annotations:\n    strait.io/opaque-ports: \"{}\"", self.port);
+            annotations = format!(
+                "\n  annotations:\n    strait.io/opaque-ports: \"{}\"",
+                self.port
+            );
         }
         let app_protocol = self
             .app_protocol
@@ -58,7 +67,11 @@ impl ServiceDef {
             .iter()
             .map(|ip| format!("- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}\n"))
             .collect();
-        let endpoints = if endpoints.is_empty() { "[]\n".to_string() } else { format!("\n{endpoints}") };
+        let endpoints = if endpoints.is_empty() {
+            "[]\n".to_string()
+        } else {
+            format!("\n{endpoints}")
+        };
         format!(
             r#"apiVersion: v1
 kind: Service
@@ -138,7 +151,15 @@ impl Net {
             &self.bridge_ns,
             "control-plane",
             None,
-            &[&bin.to_string_lossy(), "--config-dir", &dir, "--discovery-addr", &addr, "--poll-interval", "100ms"],
+            &[
+                &bin.to_string_lossy(),
+                "--config-dir",
+                &dir,
+                "--discovery-addr",
+                &addr,
+                "--poll-interval",
+                "100ms",
+            ],
             &[("STRAIT_LOG", "info")],
         )?;
         self.wait_log(&proc, "serving discovery", Duration::from_secs(10))?;
@@ -164,7 +185,13 @@ impl Net {
             ("STRAIT_SHUTDOWN_GRACE_PERIOD", "5s"),
         ];
         env.extend(opts.env.iter().copied());
-        let proc = self.spawn_in(&pod.ns, &format!("{}-proxy", pod.name), Some(PROXY_UID), &[&bin, "run"], &env)?;
+        let proc = self.spawn_in(
+            &pod.ns,
+            &format!("{}-proxy", pod.name),
+            Some(PROXY_UID),
+            &[&bin, "run"],
+            &env,
+        )?;
         self.wait_log(&proc, "proxy ready", Duration::from_secs(10))?;
         Ok(proc)
     }

@@ -6,9 +6,9 @@
 //! removed when it is dropped (also on panic), and namespaces left by a killed run are removed
 //! by the next one (their owner PID is in their name).
 
+pub mod app;
 pub mod config;
 pub mod netns;
-pub mod app;
 
 pub use config::{MeshConfig, ServiceDef, SidecarOpts};
 pub use netns::{Net, Pod, Proc};

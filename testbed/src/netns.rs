@@ -110,7 +110,15 @@ impl Net {
         let b = bridge_ns.as_str();
         ip(&["-n", b, "link", "set", "lo", "up"])?;
         ip(&["-n", b, "link", "add", "br0", "type", "bridge"])?;
-        ip(&["-n", b, "addr", "add", &format!("{BRIDGE_IP}/16"), "dev", "br0"])?;
+        ip(&[
+            "-n",
+            b,
+            "addr",
+            "add",
+            &format!("{BRIDGE_IP}/16"),
+            "dev",
+            "br0",
+        ])?;
         ip(&["-n", b, "link", "set", "br0", "up"])?;
         Ok(net)
     }
@@ -129,19 +137,59 @@ impl Net {
             ns: ns.clone(),
             ip: pod_ip.clone(),
         };
-        self.pods.lock().unwrap_or_else(|p| p.into_inner()).push(pod.clone());
+        self.pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(pod.clone());
         let veth = format!("v{n}");
-        ip(&["link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &veth, "netns", &self.bridge_ns])?;
-        ip(&["-n", &self.bridge_ns, "link", "set", &veth, "master", "br0", "up"])?;
+        ip(&[
+            "link",
+            "add",
+            "eth0",
+            "netns",
+            &ns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &veth,
+            "netns",
+            &self.bridge_ns,
+        ])?;
+        ip(&[
+            "-n",
+            &self.bridge_ns,
+            "link",
+            "set",
+            &veth,
+            "master",
+            "br0",
+            "up",
+        ])?;
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-        ip(&["-n", &ns, "addr", "add", &format!("{pod_ip}/16"), "dev", "eth0"])?;
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{pod_ip}/16"),
+            "dev",
+            "eth0",
+        ])?;
         ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
         ip(&["-n", &ns, "route", "add", "default", "via", BRIDGE_IP])?;
         Ok(pod)
     }
 
     /// Starts `cmd` in namespace `ns` (as `uid` when given), logging to `<dir>/<name>.log`.
-    pub fn spawn_in(&self, ns: &str, name: &str, uid: Option<u32>, cmd: &[&str], env: &[(&str, &str)]) -> Result<Proc> {
+    pub fn spawn_in(
+        &self,
+        ns: &str,
+        name: &str,
+        uid: Option<u32>,
+        cmd: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Proc> {
         let log = self.dir.join(format!("{name}.log"));
         let file = File::create(&log)?;
         let mut c = Command::new("ip");
@@ -155,7 +203,9 @@ impl Net {
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
             .stderr(file);
-        let child = c.spawn().with_context(|| format!("cannot start {name}: {cmd:?}"))?;
+        let child = c
+            .spawn()
+            .with_context(|| format!("cannot start {name}: {cmd:?}"))?;
         let proc = Proc {
             name: name.to_string(),
             pid: child.id(),
@@ -204,15 +254,27 @@ impl Net {
         let start = Instant::now();
         loop {
             if let Ok(f) = File::open(&proc.log) {
-                if BufReader::new(f).lines().map_while(|l| l.ok()).any(|l| l.contains(needle)) {
+                if BufReader::new(f)
+                    .lines()
+                    .map_while(|l| l.ok())
+                    .any(|l| l.contains(needle))
+                {
                     return Ok(());
                 }
             }
             if !self.is_running(proc) {
-                bail!("{} exited before logging {needle:?}; log:\n{}", proc.name, read(&proc.log));
+                bail!(
+                    "{} exited before logging {needle:?}; log:\n{}",
+                    proc.name,
+                    read(&proc.log)
+                );
             }
             if start.elapsed() > timeout {
-                bail!("{} did not log {needle:?} within {timeout:?}; log:\n{}", proc.name, read(&proc.log));
+                bail!(
+                    "{} did not log {needle:?} within {timeout:?}; log:\n{}",
+                    proc.name,
+                    read(&proc.log)
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -232,7 +294,11 @@ impl Net {
                 }
             }
             if start.elapsed() > timeout {
-                bail!("{} still running after {timeout:?}; log:\n{}", proc.name, read(&proc.log));
+                bail!(
+                    "{} still running after {timeout:?}; log:\n{}",
+                    proc.name,
+                    read(&proc.log)
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -288,7 +354,12 @@ impl Net {
         let children = self.children.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = String::new();
         for (p, _) in children.iter() {
-            out.push_str(&format!("----- {} (pid {}) -----\n{}\n", p.name, p.pid, tail(&read(&p.log), 60)));
+            out.push_str(&format!(
+                "----- {} (pid {}) -----\n{}\n",
+                p.name,
+                p.pid,
+                tail(&read(&p.log), 60)
+            ));
         }
         out
     }
@@ -306,8 +377,14 @@ fn tail(s: &str, lines: usize) -> String {
 /// Kills every process in `ns` and deletes it.
 pub fn delete_namespace(ns: &str) {
     if let Ok(pids) = sh("ip", &["netns", "pids", ns]) {
-        for pid in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        for pid in pids
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
     let _ = sh("ip", &["netns", "del", ns]);
@@ -325,7 +402,9 @@ pub fn namespaces() -> Vec<String> {
 /// Removes `stt<pid>x...` namespaces whose owner process is gone (a killed test run).
 fn remove_stale_namespaces() {
     for ns in namespaces() {
-        let Some(rest) = ns.strip_prefix("stt") else { continue };
+        let Some(rest) = ns.strip_prefix("stt") else {
+            continue;
+        };
         let Some(pid) = rest.split('x').next().and_then(|p| p.parse::<u32>().ok()) else {
             continue;
         };
@@ -342,7 +421,12 @@ impl Drop for Net {
         if failing {
             eprintln!("===== logs of {} =====", self.prefix);
             for (p, _) in children.iter() {
-                eprintln!("----- {} (pid {}) -----\n{}", p.name, p.pid, tail(&read(&p.log), 80));
+                eprintln!(
+                    "----- {} (pid {}) -----\n{}",
+                    p.name,
+                    p.pid,
+                    tail(&read(&p.log), 80)
+                );
             }
         }
         for (_, child) in children.iter_mut() {

@@ -225,7 +225,9 @@ mod tests {
 
     #[test]
     fn a_missing_directory_is_a_clear_error() {
-        let err = LocalSource::new("/nonexistent/strait").scan().expect_err("missing");
+        let err = LocalSource::new("/nonexistent/strait")
+            .scan()
+            .expect_err("missing");
         assert!(err.to_string().contains("/nonexistent/strait"), "{err}");
     }
 }

@@ -77,7 +77,11 @@ fn parse_value(doc: usize, value: Value, out: &mut Vec<Resource>) -> Result<(), 
             return Ok(());
         }
         other => {
-            tracing::debug!(kind = other, name, "skipping a document of a kind Strait does not use");
+            tracing::debug!(
+                kind = other,
+                name,
+                "skipping a document of a kind Strait does not use"
+            );
             return Ok(());
         }
     };
@@ -142,7 +146,9 @@ ports: [{name: http, port: 8080}]
     #[test]
     fn a_bad_field_names_the_document_and_object() {
         let text = "kind: Service\nmetadata: {name: web}\nspec: {ports: [{port: not-a-number}]}\n";
-        let err = parse_documents(text).expect_err("port must be a number").to_string();
+        let err = parse_documents(text)
+            .expect_err("port must be a number")
+            .to_string();
         assert!(err.contains("document 1 (Service \"web\")"), "{err}");
         assert!(err.contains("spec.ports[0].port"), "{err}");
     }
@@ -158,6 +164,8 @@ ports: [{name: http, port: 8080}]
     fn lists_are_flattened() {
         let text = "kind: List\nitems:\n- kind: Pod\n  metadata: {name: a, namespace: x}\n  spec: {serviceAccountName: sa}\n";
         let docs = parse_documents(text).expect("valid");
-        assert!(matches!(&docs[0], Resource::Pod(p) if p.spec.service_account_name.as_deref() == Some("sa")));
+        assert!(
+            matches!(&docs[0], Resource::Pod(p) if p.spec.service_account_name.as_deref() == Some("sa"))
+        );
     }
 }

@@ -232,7 +232,9 @@ pub async fn send_upgrade(
         }
     });
     let mut resp = sender.send_request(req).await.map_err(upstream_err)?;
-    if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS || (tunnel && resp.status().is_success()) {
+    if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS
+        || (tunnel && resp.status().is_success())
+    {
         let upstream = hyper::upgrade::on(&mut resp);
         tokio::spawn(async move {
             match tokio::try_join!(downstream, upstream) {

@@ -71,15 +71,23 @@ impl ProxyError {
         let mut response = if grpc {
             let mut r = Response::new(Either::Right(Full::new(Bytes::new())));
             let headers = r.headers_mut();
-            headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-            headers.insert("grpc-status", HeaderValue::from(i32::from(self.grpc_status())));
+            headers.insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            headers.insert(
+                "grpc-status",
+                HeaderValue::from(i32::from(self.grpc_status())),
+            );
             headers.insert("grpc-message", marker.clone());
             r
         } else {
             let mut r = Response::new(Either::Right(Full::new(Bytes::from(message + "\n"))));
             *r.status_mut() = self.status();
-            r.headers_mut()
-                .insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain"),
+            );
             r
         };
         response.headers_mut().insert(PROXY_ERROR, marker);
@@ -96,7 +104,10 @@ mod tests {
         let e = ProxyError::NoEndpoints("web.shop.svc.cluster.local:80".into());
         let r = e.to_response(false);
         assert_eq!(r.status(), 503);
-        assert!(r.headers()[PROXY_ERROR].to_str().expect("ascii").contains("web.shop"));
+        assert!(r.headers()[PROXY_ERROR]
+            .to_str()
+            .expect("ascii")
+            .contains("web.shop"));
         let r = e.to_response(true);
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["grpc-status"], "14");

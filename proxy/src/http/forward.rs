@@ -31,7 +31,10 @@ impl Clients {
 
 /// Sends `req` to a peer proxy over its HTTP/2 connection. An HTTP/1 request travels as HTTP/2
 /// with [`ORIG_PROTO`] set, so the peer restores it; its response comes back as HTTP/1.
-pub async fn to_peer(conn: &H2Conn, mut req: Request<Incoming>) -> Result<Response<Incoming>, ProxyError> {
+pub async fn to_peer(
+    conn: &H2Conn,
+    mut req: Request<Incoming>,
+) -> Result<Response<Incoming>, ProxyError> {
     let version = req.version();
     if version != Version::HTTP_2 {
         let authority = headers::authority(&req).ok_or(ProxyError::NoAuthority)?;
@@ -39,11 +42,17 @@ pub async fn to_peer(conn: &H2Conn, mut req: Request<Incoming>) -> Result<Respon
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(http::uri::Scheme::HTTP);
         parts.authority = Some(authority);
-        parts.path_and_query = Some(path.unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
+        parts.path_and_query =
+            Some(path.unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
         *req.uri_mut() = Uri::from_parts(parts).map_err(|_| ProxyError::NoAuthority)?;
         req.headers_mut().remove(header::HOST);
-        let orig = if version == Version::HTTP_10 { "HTTP/1.0" } else { "HTTP/1.1" };
-        req.headers_mut().insert(ORIG_PROTO, HeaderValue::from_static(orig));
+        let orig = if version == Version::HTTP_10 {
+            "HTTP/1.0"
+        } else {
+            "HTTP/1.1"
+        };
+        req.headers_mut()
+            .insert(ORIG_PROTO, HeaderValue::from_static(orig));
         *req.version_mut() = Version::HTTP_2;
     }
     let mut resp = conn.send(req).await?;
@@ -57,7 +66,11 @@ pub fn restore_orig_proto(req: &mut Request<Incoming>) -> bool {
     let Some(orig) = req.headers_mut().remove(ORIG_PROTO) else {
         return false;
     };
-    *req.version_mut() = if orig == "HTTP/1.0" { Version::HTTP_10 } else { Version::HTTP_11 };
+    *req.version_mut() = if orig == "HTTP/1.0" {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
     if let Some(a) = req.uri().authority() {
         if let Ok(v) = HeaderValue::from_str(a.as_str()) {
             req.headers_mut().insert(header::HOST, v);

@@ -35,7 +35,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     let te_trailers = headers
         .get(header::TE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")));
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
     for name in &HOP_BY_HOP {
         if keep_upgrade && (name == header::CONNECTION || name == header::UPGRADE) {
             continue;
@@ -93,11 +96,17 @@ mod tests {
     #[test]
     fn strips_hop_by_hop_and_connection_listed_headers() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert(header::TE, HeaderValue::from_static("trailers, deflate"));
-        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         h.insert("x-app", HeaderValue::from_static("kept"));
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 2, "{h:?}");
@@ -117,15 +126,32 @@ mod tests {
         strip_hop_by_hop(&mut h, true);
         assert_eq!(h[header::UPGRADE], "websocket");
         assert_eq!(h[header::CONNECTION], "upgrade");
-        let plain = Request::builder().header(header::UPGRADE, "h2c").body(()).expect("request");
-        assert!(!is_upgrade(&plain), "Upgrade without Connection: upgrade is not an upgrade");
+        let plain = Request::builder()
+            .header(header::UPGRADE, "h2c")
+            .body(())
+            .expect("request");
+        assert!(
+            !is_upgrade(&plain),
+            "Upgrade without Connection: upgrade is not an upgrade"
+        );
     }
 
     #[test]
     fn authority_prefers_the_uri_then_host() {
-        let r = Request::builder().uri("/x").header(header::HOST, "web.shop:80").body(()).expect("req");
-        assert_eq!(authority(&r).map(|a| a.to_string()).as_deref(), Some("web.shop:80"));
-        let r = Request::builder().uri("http://a.b/x").header(header::HOST, "c").body(()).expect("req");
+        let r = Request::builder()
+            .uri("/x")
+            .header(header::HOST, "web.shop:80")
+            .body(())
+            .expect("req");
+        assert_eq!(
+            authority(&r).map(|a| a.to_string()).as_deref(),
+            Some("web.shop:80")
+        );
+        let r = Request::builder()
+            .uri("http://a.b/x")
+            .header(header::HOST, "c")
+            .body(())
+            .expect("req");
         assert_eq!(authority(&r).map(|a| a.to_string()).as_deref(), Some("a.b"));
     }
 }

@@ -50,7 +50,10 @@ impl Echo for Server {
 
     type ServerStreamStream = ReplyStream;
 
-    async fn server_stream(&self, req: Request<StreamRequest>) -> Result<Response<ReplyStream>, Status> {
+    async fn server_stream(
+        &self,
+        req: Request<StreamRequest>,
+    ) -> Result<Response<ReplyStream>, Status> {
         let req = req.into_inner();
         let name = self.name.clone();
         let replies = (0..req.count).map(move |seq| {
@@ -61,12 +64,17 @@ impl Echo for Server {
             })
         });
         let end = (req.fail_code != 0).then(|| Err(failure(req.fail_code)));
-        Ok(Response::new(Box::pin(futures_util::stream::iter(replies.chain(end)))))
+        Ok(Response::new(Box::pin(futures_util::stream::iter(
+            replies.chain(end),
+        ))))
     }
 
     type ChatStream = ReplyStream;
 
-    async fn chat(&self, req: Request<Streaming<EchoRequest>>) -> Result<Response<ReplyStream>, Status> {
+    async fn chat(
+        &self,
+        req: Request<Streaming<EchoRequest>>,
+    ) -> Result<Response<ReplyStream>, Status> {
         let name = self.name.clone();
         let mut seq = 0;
         let replies = req.into_inner().map(move |m| {
@@ -82,7 +90,9 @@ impl Echo for Server {
 }
 
 pub async fn serve(listen: SocketAddr, name: String) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("bind {listen}"))?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("bind {listen}"))?;
     println!("listening on {listen}");
     tonic::transport::Server::builder()
         .add_service(EchoServer::new(Server { name }))
@@ -117,7 +127,11 @@ fn print_status(s: &Status) {
         .get("x-fail-reason")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    println!("status code={} message={:?} x-fail-reason={reason}", s.code() as i32, s.message());
+    println!(
+        "status code={} message={:?} x-fail-reason={reason}",
+        s.code() as i32,
+        s.message()
+    );
 }
 
 /// Runs one call and prints what came back. Exits non-zero only on transport failures.
@@ -130,15 +144,20 @@ pub async fn client(addr: String, call: Call) -> anyhow::Result<()> {
         .context("connect")?;
     let mut client = EchoClient::new(channel);
     match call {
-        Call::Unary { message, fail_code } => match client.unary(EchoRequest { message, fail_code }).await {
-            Ok(r) => {
-                let r = r.into_inner();
-                println!("ok served_by={} message={}", r.served_by, r.message);
+        Call::Unary { message, fail_code } => {
+            match client.unary(EchoRequest { message, fail_code }).await {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    println!("ok served_by={} message={}", r.served_by, r.message);
+                }
+                Err(s) => print_status(&s),
             }
-            Err(s) => print_status(&s),
-        },
+        }
         Call::Stream { count, fail_code } => {
-            let mut stream = client.server_stream(StreamRequest { count, fail_code }).await?.into_inner();
+            let mut stream = client
+                .server_stream(StreamRequest { count, fail_code })
+                .await?
+                .into_inner();
             let mut received = 0u32;
             let end = loop {
                 match stream.message().await {
@@ -160,9 +179,16 @@ pub async fn client(addr: String, call: Call) -> anyhow::Result<()> {
         }
         Call::Chat { count } => {
             let (tx, rx) = tokio::sync::mpsc::channel(4);
-            let mut replies = client.chat(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+            let mut replies = client
+                .chat(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await?
+                .into_inner();
             for i in 0..count {
-                tx.send(EchoRequest { message: format!("m{i}"), fail_code: 0 }).await?;
+                tx.send(EchoRequest {
+                    message: format!("m{i}"),
+                    fail_code: 0,
+                })
+                .await?;
                 let r = replies.message().await?.context("stream ended early")?;
                 if r.message != format!("m{i}") {
                     anyhow::bail!("chat mismatch at {i}: {}", r.message);

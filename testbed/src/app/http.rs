@@ -25,7 +25,9 @@ fn full(b: impl Into<Bytes>) -> Body {
 }
 
 pub async fn serve(listen: SocketAddr, name: String) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(listen).await.with_context(|| format!("bind {listen}"))?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("bind {listen}"))?;
     println!("listening on {listen}");
     let name: Arc<str> = name.into();
     loop {
@@ -50,13 +52,22 @@ async fn handle(mut req: Request<Incoming>, name: &str) -> Response<Body> {
         websocket(&mut req)
     } else if path == "/echo" {
         Response::new(req.into_body().map_err(|e| Box::new(e) as _).boxed())
-    } else if let Some(n) = path.strip_prefix("/bytes/").and_then(|n| n.parse::<u64>().ok()) {
+    } else if let Some(n) = path
+        .strip_prefix("/bytes/")
+        .and_then(|n| n.parse::<u64>().ok())
+    {
         Response::new(pattern_body(n))
-    } else if let Some(code) = path.strip_prefix("/status/").and_then(|c| c.parse::<u16>().ok()) {
+    } else if let Some(code) = path
+        .strip_prefix("/status/")
+        .and_then(|c| c.parse::<u16>().ok())
+    {
         let mut r = Response::new(full(format!("status {code} from {name}\n")));
         *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST);
         r
-    } else if let Some(ms) = path.strip_prefix("/delay/").and_then(|c| c.parse::<u64>().ok()) {
+    } else if let Some(ms) = path
+        .strip_prefix("/delay/")
+        .and_then(|c| c.parse::<u64>().ok())
+    {
         tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
         Response::new(full(format!("delayed {ms} ms by {name}\n")))
     } else if path == "/headers" {
@@ -90,8 +101,15 @@ fn websocket(req: &mut Request<Incoming>) -> Response<Body> {
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(&key);
     let on_upgrade = hyper::upgrade::on(req);
     tokio::spawn(async move {
-        let Ok(upgraded) = on_upgrade.await else { return };
-        let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            Role::Server,
+            None,
+        )
+        .await;
         let (mut tx, mut rx) = ws.split();
         while let Some(Ok(msg)) = rx.next().await {
             if msg.is_text() || msg.is_binary() {
@@ -115,9 +133,12 @@ fn websocket(req: &mut Request<Incoming>) -> Response<Body> {
 }
 
 pub async fn ws_client(url: &str, messages: u32) -> anyhow::Result<()> {
-    let (mut ws, resp) = tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::connect_async(url))
-        .await
-        .context("websocket handshake timed out")??;
+    let (mut ws, resp) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::connect_async(url),
+    )
+    .await
+    .context("websocket handshake timed out")??;
     println!("handshake status={}", resp.status().as_u16());
     for i in 0..messages {
         let text = format!("message {i} through the mesh");

@@ -16,7 +16,10 @@ pub async fn run(urls: Vec<String>, rps: u32, duration: Duration) -> anyhow::Res
     let period = Duration::from_secs_f64(1.0 / f64::from(rps.clamp(1, 10_000)));
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let (mut sent, ok) = (0u64, std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0)));
+    let (mut sent, ok) = (
+        0u64,
+        std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0)),
+    );
     println!("listening on nothing: load started");
     while Instant::now() < deadline {
         tick.tick().await;
@@ -39,6 +42,9 @@ pub async fn run(urls: Vec<String>, rps: u32, duration: Duration) -> anyhow::Res
         });
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    println!("sent={sent} ok={}", ok.load(std::sync::atomic::Ordering::Relaxed));
+    println!(
+        "sent={sent} ok={}",
+        ok.load(std::sync::atomic::Ordering::Relaxed)
+    );
     Ok(())
 }

@@ -9,13 +9,19 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
 pub async fn banner(listen: SocketAddr, text: String) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(listen).await.with_context(|| format!("bind {listen}"))?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("bind {listen}"))?;
     println!("listening on {listen}");
     loop {
         let (mut stream, _) = listener.accept().await?;
         let text = text.clone();
         tokio::spawn(async move {
-            if stream.write_all(format!("{text}\r\n").as_bytes()).await.is_err() {
+            if stream
+                .write_all(format!("{text}\r\n").as_bytes())
+                .await
+                .is_err()
+            {
                 return;
             }
             let (mut r, mut w) = stream.split();
@@ -25,7 +31,9 @@ pub async fn banner(listen: SocketAddr, text: String) -> anyhow::Result<()> {
 }
 
 pub async fn echo(listen: SocketAddr) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(listen).await.with_context(|| format!("bind {listen}"))?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("bind {listen}"))?;
     println!("listening on {listen}");
     loop {
         let (mut stream, _) = listener.accept().await?;
@@ -54,7 +62,11 @@ pub async fn client(addr: SocketAddr, send: Option<String>) -> anyhow::Result<()
         .await
         .context("no reply within 5 s")??;
     let elapsed = start.elapsed();
-    println!("reply={} elapsed_ms={:.2}", line.trim_end(), elapsed.as_secs_f64() * 1000.0);
+    println!(
+        "reply={} elapsed_ms={:.2}",
+        line.trim_end(),
+        elapsed.as_secs_f64() * 1000.0
+    );
     // Half-close: our FIN must reach the server, and its remaining bytes must still reach us.
     w.write_all(b"after\n").await?;
     w.shutdown().await?;

@@ -85,6 +85,10 @@ async fn main() -> anyhow::Result<()> {
         Cmd::GrpcClient { addr, call } => app::grpc::client(addr, call).await,
         Cmd::WsClient { url, messages } => app::http::ws_client(&url, messages).await,
         Cmd::TcpClient { addr, send } => app::tcp::client(addr, send).await,
-        Cmd::Load { urls, rps, duration } => app::load::run(urls, rps, duration).await,
+        Cmd::Load {
+            urls,
+            rps,
+            duration,
+        } => app::load::run(urls, rps, duration).await,
     }
 }

@@ -1,0 +1,195 @@
+//! Golden signals from the proxies' Prometheus text: requests per second, success rate, and
+//! latency quantiles, computed from the difference between two scrapes.
+
+use std::collections::BTreeMap;
+
+/// Cumulative counters of one target, as scraped.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TargetCounters {
+    pub success: f64,
+    pub failure: f64,
+    /// (upper bound in seconds, cumulative count), ascending; the last is +Inf.
+    pub buckets: Vec<(f64, f64)>,
+}
+
+/// Counters by `target` label of one direction.
+pub type Scrape = BTreeMap<String, TargetCounters>;
+
+fn label<'a>(labels: &'a str, name: &str) -> Option<&'a str> {
+    let start = labels.find(&format!("{name}=\""))? + name.len() + 2;
+    let end = labels[start..].find('"')?;
+    Some(&labels[start..start + end])
+}
+
+/// Parses the `strait_response_total` and latency buckets of `direction`.
+pub fn parse(text: &str, direction: &str) -> Scrape {
+    let mut out = Scrape::new();
+    for line in text.lines() {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        let Some((name, labels)) = series.split_once('{') else {
+            continue;
+        };
+        if label(labels, "direction") != Some(direction) {
+            continue;
+        }
+        let Some(target) = label(labels, "target") else {
+            continue;
+        };
+        let entry = out.entry(target.to_string()).or_default();
+        match name {
+            "strait_response_total" => match label(labels, "classification") {
+                Some("success") => entry.success += value,
+                Some(_) => entry.failure += value,
+                None => {}
+            },
+            "strait_response_latency_seconds_bucket" => {
+                let le = match label(labels, "le") {
+                    Some("+Inf") => f64::INFINITY,
+                    Some(le) => le.parse().unwrap_or(f64::INFINITY),
+                    None => continue,
+                };
+                entry.buckets.push((le, value));
+            }
+            _ => {}
+        }
+    }
+    for c in out.values_mut() {
+        c.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+    out
+}
+
+/// One row of the live table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub target: String,
+    pub rps: f64,
+    pub success_rate: Option<f64>,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+}
+
+/// Rows for the interval between `before` and `after`, `seconds` apart.
+pub fn rows(before: &Scrape, after: &Scrape, seconds: f64) -> Vec<Row> {
+    after
+        .iter()
+        .map(|(target, now)| {
+            let prev = before.get(target).cloned().unwrap_or_default();
+            let ok = now.success - prev.success;
+            let failed = now.failure - prev.failure;
+            let total = ok + failed;
+            let deltas: Vec<(f64, f64)> = now
+                .buckets
+                .iter()
+                .map(|(le, c)| {
+                    let p = prev
+                        .buckets
+                        .iter()
+                        .find(|(l, _)| l == le)
+                        .map_or(0.0, |(_, c)| *c);
+                    (*le, c - p)
+                })
+                .collect();
+            Row {
+                target: target.clone(),
+                rps: total / seconds.max(1e-9),
+                success_rate: (total > 0.0).then(|| ok / total),
+                p50_ms: quantile(&deltas, 0.5).map(|s| s * 1000.0),
+                p99_ms: quantile(&deltas, 0.99).map(|s| s * 1000.0),
+            }
+        })
+        .collect()
+}
+
+/// The `q` quantile of cumulative buckets, interpolated linearly inside the bucket (as
+/// Prometheus' `histogram_quantile` does).
+pub fn quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
+    let total = buckets.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let mut prev = (0.0, 0.0);
+    for &(le, count) in buckets {
+        if count >= rank {
+            if le.is_infinite() {
+                return Some(prev.0);
+            }
+            let inside = count - prev.1;
+            let frac = if inside > 0.0 {
+                (rank - prev.1) / inside
+            } else {
+                1.0
+            };
+            return Some(prev.0 + (le - prev.0) * frac);
+        }
+        prev = (le, count);
+    }
+    Some(prev.0)
+}
+
+/// The table as text.
+pub fn render(rows: &[Row]) -> String {
+    let fmt = |v: Option<f64>, unit: &str| v.map_or("-".to_string(), |v| format!("{v:.1}{unit}"));
+    let mut out = format!(
+        "{:<40} {:>8} {:>9} {:>9} {:>9}\n",
+        "SERVICE", "RPS", "SUCCESS", "P50", "P99"
+    );
+    for r in rows {
+        out.push_str(&format!(
+            "{:<40} {:>8.1} {:>9} {:>9} {:>9}\n",
+            r.target,
+            r.rps,
+            fmt(r.success_rate.map(|s| s * 100.0), "%"),
+            fmt(r.p50_ms, "ms"),
+            fmt(r.p99_ms, "ms"),
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = r#"strait_response_total{direction="outbound",target="web:80",status_code="200",classification="success",error=""} 10
+strait_response_latency_seconds_bucket{le="0.001",direction="outbound",target="web:80"} 0
+strait_response_latency_seconds_bucket{le="0.002",direction="outbound",target="web:80"} 10
+strait_response_latency_seconds_bucket{le="+Inf",direction="outbound",target="web:80"} 10
+strait_response_total{direction="inbound",target="8080",status_code="200",classification="success",error=""} 99
+"#;
+    const B: &str = r#"strait_response_total{direction="outbound",target="web:80",status_code="200",classification="success",error=""} 28
+strait_response_total{direction="outbound",target="web:80",status_code="500",classification="failure",error=""} 2
+strait_response_latency_seconds_bucket{le="0.001",direction="outbound",target="web:80"} 10
+strait_response_latency_seconds_bucket{le="0.002",direction="outbound",target="web:80"} 28
+strait_response_latency_seconds_bucket{le="+Inf",direction="outbound",target="web:80"} 30
+"#;
+
+    #[test]
+    fn rows_come_from_the_difference_of_two_scrapes() {
+        let rows = rows(&parse(A, "outbound"), &parse(B, "outbound"), 2.0);
+        assert_eq!(rows.len(), 1);
+        let r = &rows[0];
+        assert_eq!(r.target, "web:80");
+        assert!((r.rps - 10.0).abs() < 1e-9);
+        assert!((r.success_rate.expect("traffic") - 0.9).abs() < 1e-9);
+        // 10 of 20 new samples are under 1 ms: the median sits at the first bucket's edge.
+        assert!((r.p50_ms.expect("p50") - 1.0).abs() < 1e-6, "{r:?}");
+        // 2 samples above 2 ms (in +Inf): p99 is reported at the highest finite bound.
+        assert!((r.p99_ms.expect("p99") - 2.0).abs() < 1e-6, "{r:?}");
+        assert!(render(&rows).contains("90.0%"));
+    }
+
+    #[test]
+    fn quantiles_interpolate_and_handle_empty_histograms() {
+        assert_eq!(quantile(&[], 0.5), None);
+        assert_eq!(quantile(&[(1.0, 0.0), (f64::INFINITY, 0.0)], 0.5), None);
+        let q = quantile(&[(1.0, 0.0), (3.0, 4.0), (f64::INFINITY, 4.0)], 0.5).expect("q");
+        assert!((q - 2.0).abs() < 1e-9);
+    }
+}
