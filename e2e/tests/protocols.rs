@@ -236,3 +236,54 @@ fn server_first_on_an_opaque_port_and_client_first_tcp_on_an_ordinary_port() -> 
     );
     Ok(())
 }
+
+#[test]
+fn ipv6_service_through_both_sidecars() -> anyhow::Result<()> {
+    let mesh = Mesh::new("ipv6")?;
+    let server = mesh.meshed_pod("server")?;
+    mesh.net.start_app(
+        &server,
+        "app",
+        &["http", "--listen", "[::]:8080", "--name", "server6"],
+    )?;
+    mesh.config.write(
+        "web6.yaml",
+        &format!(
+            r#"kind: Service
+metadata: {{name: web6, namespace: default}}
+spec: {{clusterIP: "fd00:96::10", ports: [{{name: http, port: 80, targetPort: 8080}}]}}
+---
+kind: EndpointSlice
+metadata: {{name: web6, namespace: default, labels: {{kubernetes.io/service-name: web6}}}}
+addressType: IPv6
+ports: [{{name: http, port: 8080}}]
+endpoints: [{{addresses: ["{}"]}}]
+"#,
+            server.ip6
+        ),
+    )?;
+    let client = mesh.meshed_pod("client")?;
+    let out = mesh.curl(&client, &["-g", "http://[fd00:96::10]/headers"])?;
+    assert!(out.contains("host: [fd00:96::10]"), "{out}");
+    let m = mesh.metrics(&client)?;
+    assert_eq!(
+        metric(
+            &m,
+            "strait_request_total",
+            &["target=\"web6.default.svc.cluster.local:80\""]
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    let m = mesh.metrics(&server)?;
+    assert_eq!(
+        metric(
+            &m,
+            "strait_request_total",
+            &["direction=\"inbound\"", "target=\"8080\""]
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    Ok(())
+}

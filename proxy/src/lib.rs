@@ -55,17 +55,37 @@ pub enum StartError {
     Discovery(#[from] discovery::AddrError),
 }
 
+/// Binds `addr`. For the IPv4 wildcard (`0.0.0.0:p`) it also binds `[::]:p` (IPv6 only), when
+/// the host has IPv6, so that ip6tables-redirected connections are served too.
 async fn bind(
     setting: &'static str,
     addr: std::net::SocketAddr,
-) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind {
-            setting,
-            addr,
-            source,
-        })
+) -> Result<Vec<TcpListener>, StartError> {
+    let err = |source| StartError::Bind {
+        setting,
+        addr,
+        source,
+    };
+    let mut listeners = vec![TcpListener::bind(addr).await.map_err(err)?];
+    if addr.ip() == std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED) {
+        let v6 = std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, addr.port()));
+        match bind_v6_only(v6) {
+            Ok(l) => listeners.push(l),
+            Err(e) => tracing::debug!(%v6, error = %e, "no IPv6 listener (IPv6 unavailable?)"),
+        }
+    }
+    Ok(listeners)
+}
+
+fn bind_v6_only(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_only_v6(true)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
 }
 
 /// Runs the proxy until SIGTERM, SIGINT or `POST /shutdown`, then drains.
@@ -105,25 +125,32 @@ pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
         trigger: trigger.clone(),
         drain: drain.clone(),
     });
-    tokio::spawn(admin.serve(admin_listener));
+    for listener in admin_listener {
+        tokio::spawn(admin.clone().serve(listener));
+    }
 
     let tracker = TaskTracker::new();
-    let out_ctx = ctx.clone();
-    let outbound_loop = tokio::spawn(listen::accept_loop(
-        "outbound",
-        outbound,
-        drain.clone(),
-        tracker.clone(),
-        move |s, dst| outbound::serve_connection(out_ctx.clone(), s, dst),
-    ));
-    let in_ctx = ctx.clone();
-    let inbound_loop = tokio::spawn(listen::accept_loop(
-        "inbound",
-        inbound,
-        drain.clone(),
-        tracker.clone(),
-        move |s, dst| inbound::serve_connection(in_ctx.clone(), s, dst),
-    ));
+    let mut loops = Vec::new();
+    for listener in outbound {
+        let ctx = ctx.clone();
+        loops.push(tokio::spawn(listen::accept_loop(
+            "outbound",
+            listener,
+            drain.clone(),
+            tracker.clone(),
+            move |s, dst| outbound::serve_connection(ctx.clone(), s, dst),
+        )));
+    }
+    for listener in inbound {
+        let ctx = ctx.clone();
+        loops.push(tokio::spawn(listen::accept_loop(
+            "inbound",
+            listener,
+            drain.clone(),
+            tracker.clone(),
+            move |s, dst| inbound::serve_connection(ctx.clone(), s, dst),
+        )));
+    }
     ready.store(true, Ordering::Release);
     tracing::info!(
         outbound = %ctx.cfg.outbound_addr,
@@ -137,7 +164,9 @@ pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
         _ = drain.clone().signaled() => {}
     }
     tracing::info!(grace = ?ctx.cfg.shutdown_grace_period, "draining: no new connections; in-flight requests may finish");
-    let _ = tokio::join!(outbound_loop, inbound_loop);
+    for l in loops {
+        let _ = l.await;
+    }
     tracker.close();
     if tokio::time::timeout(ctx.cfg.shutdown_grace_period, tracker.wait())
         .await

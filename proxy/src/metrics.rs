@@ -37,17 +37,29 @@ impl EncodeLabelValue for Direction {
     }
 }
 
+/// A `target` label value, shared by every series of a connection: cloning it per response
+/// is a reference-count increment, not a string copy.
+#[derive(Debug, Clone, Hash, PartialEq, Eq)]
+pub struct Target(Arc<str>);
+
+impl EncodeLabelValue for Target {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        encoder.write_str(&self.0)
+    }
+}
+
 /// Labels of a proxied connection or request.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TargetLabels {
     pub direction: Direction,
-    pub target: String,
+    pub target: Target,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResponseLabels {
     pub direction: Direction,
-    pub target: String,
+    pub target: Target,
     pub status_code: u16,
     pub classification: &'static str,
     /// Why the proxy itself answered (empty when the upstream answered).
@@ -171,7 +183,7 @@ impl Metrics {
     pub fn tcp(&self, direction: Direction, target: &str) -> TcpMetrics {
         let labels = TargetLabels {
             direction,
-            target: target.to_owned(),
+            target: Target(target.into()),
         };
         self.tcp_opened.get_or_create(&labels).inc();
         let open = self.tcp_open.get_or_create(&labels).clone();
@@ -198,7 +210,7 @@ impl Metrics {
     pub fn http(self: &Arc<Self>, direction: Direction, target: &str) -> HttpMetrics {
         let labels = TargetLabels {
             direction,
-            target: target.to_owned(),
+            target: Target(target.into()),
         };
         HttpMetrics {
             requests: self.requests.get_or_create(&labels).clone(),

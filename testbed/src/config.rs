@@ -218,6 +218,7 @@ mod tests {
             name: "a".into(),
             ns: "x".into(),
             ip: "10.88.0.2".into(),
+            ip6: "fd00:88::2".into(),
         };
         let mut svc = ServiceDef::new("web", "10.96.0.10", 80, 8080, &[&pod]);
         svc.opaque = true;

@@ -21,6 +21,8 @@ use anyhow::{bail, Context as _, Result};
 
 /// The address of the bridge (and of the control plane) inside every Net.
 pub const BRIDGE_IP: &str = "10.88.0.1";
+/// The bridge's IPv6 address.
+pub const BRIDGE_IP6: &str = "fd00:88::1";
 /// The UID proxies run as; `strait-proxy init` excludes it from redirection.
 pub const PROXY_UID: u32 = 2102;
 
@@ -32,6 +34,8 @@ pub struct Pod {
     pub name: String,
     pub ns: String,
     pub ip: String,
+    /// The pod's IPv6 address, `fd00:88::<n>`.
+    pub ip6: String,
 }
 
 /// A process started in a namespace; killed when the Net is dropped, or by [`Net::kill`].
@@ -119,6 +123,16 @@ impl Net {
             "dev",
             "br0",
         ])?;
+        ip(&[
+            "-n",
+            b,
+            "addr",
+            "add",
+            &format!("{BRIDGE_IP6}/64"),
+            "dev",
+            "br0",
+            "nodad",
+        ])?;
         ip(&["-n", b, "link", "set", "br0", "up"])?;
         Ok(net)
     }
@@ -136,6 +150,7 @@ impl Net {
             name: name.to_string(),
             ns: ns.clone(),
             ip: pod_ip.clone(),
+            ip6: format!("fd00:88::{n:x}"),
         };
         self.pods
             .lock()
@@ -178,6 +193,12 @@ impl Net {
         ])?;
         ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
         ip(&["-n", &ns, "route", "add", "default", "via", BRIDGE_IP])?;
+        // IPv6 too; `nodad` makes the address usable at once.
+        let cidr6 = format!("{}/64", pod.ip6);
+        ip(&["-n", &ns, "addr", "add", &cidr6, "dev", "eth0", "nodad"])?;
+        ip(&[
+            "-n", &ns, "-6", "route", "add", "default", "via", BRIDGE_IP6,
+        ])?;
         Ok(pod)
     }
 
