@@ -3,7 +3,14 @@
 //! Each endpoint keeps a latency estimate that jumps up to any slower observation at once (the
 //! "peak") and decays toward faster ones with a time constant (10 s). Its cost is the estimate
 //! times the requests in flight plus one, divided by its weight. Picking samples two endpoints
-//! at random and takes the cheaper one: near-optimal, and no global ordering or lock.
+//! at random and chooses between them with probability inversely proportional to their cost:
+//! an endpoint 50 times slower (or with 10 times the requests in flight) is almost never
+//! chosen, while equal endpoints whose estimates differ only by noise keep sharing the load. (A
+//! strict "cheaper wins" starves whichever equal endpoint saw the last noisy peak until its
+//! estimate decays, seconds later, when requests arrive one at a time.)
+//!
+//! The latency recorded is from the moment a connection is ready to the response headers:
+//! connection set-up is not charged to the endpoint's latency (its failure is).
 //!
 //! All state is atomics: the request path never takes a lock. Concurrent updates of an estimate
 //! may lose one observation to another; for an estimator that is harmless.
@@ -128,6 +135,11 @@ pub struct InFlight {
 }
 
 impl InFlight {
+    /// The connection is ready: latency is measured from now.
+    pub fn connected(&mut self) {
+        self.start = Instant::now();
+    }
+
     /// The response headers arrived: record the latency.
     pub fn success(mut self) {
         self.endpoint.load.observe(self.start.elapsed());
@@ -206,11 +218,10 @@ impl Balancer {
                 }
                 let now = now_ns();
                 let (ea, eb) = (&endpoints[a], &endpoints[b]);
-                Some(if ea.cost(now) <= eb.cost(now) {
-                    ea.clone()
-                } else {
-                    eb.clone()
-                })
+                let (ca, cb) = (ea.cost(now), eb.cost(now));
+                // P(a) = cb / (ca + cb): the cheaper one is likelier, in proportion.
+                let pick_a = fastrand::f64() * (ca + cb) < cb;
+                Some(if pick_a { ea.clone() } else { eb.clone() })
             }
         }
     }
@@ -266,8 +277,29 @@ mod tests {
         b.update(vec![spec(1), spec(2)]);
         let first = b.pick().expect("endpoints");
         let _busy: Vec<_> = (0..10).map(|_| first.start()).collect();
-        for _ in 0..20 {
-            assert_ne!(b.pick().expect("endpoints").addr(), first.addr());
+        let busy_picks = (0..1000)
+            .filter(|_| b.pick().expect("endpoints").addr() == first.addr())
+            .count();
+        assert!(
+            busy_picks < 150,
+            "an endpoint with 10 requests in flight got {busy_picks}/1000"
+        );
+    }
+
+    #[test]
+    fn equal_endpoints_with_noisy_latency_share_load() {
+        let b = Balancer::new(Duration::from_secs(1));
+        b.update(vec![spec(1), spec(2), spec(3)]);
+        let mut counts = std::collections::HashMap::new();
+        for i in 0..3000u64 {
+            let e = b.pick().expect("endpoints");
+            *counts.entry(e.addr().port()).or_insert(0u32) += 1;
+            // 1 ms, with every 7th response at 1.5 ms: noise, not a slow endpoint.
+            let micros = if i % 7 == 0 { 1500 } else { 1000 };
+            e.load.observe(Duration::from_micros(micros));
+        }
+        for (port, n) in &counts {
+            assert!(*n > 600, "endpoint {port} got {n}/3000: {counts:?}");
         }
     }
 

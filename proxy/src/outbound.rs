@@ -166,8 +166,13 @@ impl OutboundHttp {
                     .balancer
                     .pick()
                     .ok_or_else(|| ProxyError::NoEndpoints(service.to_string()))?;
-                let in_flight = endpoint.start();
+                let mut in_flight = endpoint.start();
                 let result = if endpoint.spec.meshed && !upgrade {
+                    if let Err(e) = endpoint.h2.ready().await {
+                        in_flight.failure();
+                        return Err(e);
+                    }
+                    in_flight.connected();
                     to_peer(&endpoint.h2, req).await
                 } else {
                     direct(&self.ctx.clients, endpoint.addr(), &endpoint.h2, req).await

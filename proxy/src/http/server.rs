@@ -50,7 +50,8 @@ where
         Protocol::Http2 => {
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
-                .adaptive_window(true)
+                .initial_stream_window_size(super::client::WINDOW)
+                .initial_connection_window_size(super::client::CONN_WINDOW)
                 .max_concurrent_streams(1024)
                 .keep_alive_interval(Duration::from_secs(20))
                 .serve_connection(io, svc);
