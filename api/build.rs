@@ -5,6 +5,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Build scripts are single-threaded: nothing reads the environment concurrently.
     std::env::set_var("PROTOC", protoc);
     println!("cargo:rerun-if-changed=proto");
-    tonic_prost_build::configure().compile_protos(&["proto/discovery.proto"], &["proto"])?;
+    tonic_prost_build::configure().compile_protos(
+        &["proto/discovery.proto", "proto/identity.proto"],
+        &["proto"],
+    )?;
     Ok(())
 }

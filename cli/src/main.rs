@@ -1,6 +1,7 @@
 //! `strait`: the Strait command line.
 
 mod demo;
+mod identity;
 mod stats;
 
 use std::process::ExitCode;
@@ -18,6 +19,9 @@ struct Cli {
 enum Cmd {
     /// Run a complete local mesh with demo services and a live table of their golden signals.
     Demo(demo::DemoArgs),
+    /// Certificates: create a trust anchor and issuer, or rotate the issuer.
+    #[command(subcommand)]
+    Identity(identity::IdentityCmd),
     /// Internal: removes the demo's namespaces once stdin closes.
     #[command(hide = true)]
     Reap {
@@ -41,6 +45,7 @@ fn main() -> ExitCode {
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(demo::run(args))),
         Cmd::Reap { prefix } => demo::reap(&prefix),
+        Cmd::Identity(cmd) => identity::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

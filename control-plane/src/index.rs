@@ -39,6 +39,8 @@ impl Default for Naming {
 pub struct MeshIndex {
     answers: HashMap<String, Arc<DestinationUpdate>>,
     services: usize,
+    /// ServiceAccount token -> (namespace, service account), from token Secrets.
+    tokens: HashMap<String, (String, String)>,
 }
 
 impl MeshIndex {
@@ -48,6 +50,7 @@ impl MeshIndex {
         let mut services = Vec::new();
         let mut slices: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
         let mut pods: HashMap<(&str, &str), &Pod> = HashMap::new();
+        let mut tokens = HashMap::new();
         for r in resources {
             match r {
                 Resource::Service(s) => services.push(s),
@@ -64,6 +67,11 @@ impl MeshIndex {
                 Resource::Pod(p) => {
                     pods.insert((p.metadata.namespace.as_str(), p.metadata.name.as_str()), p);
                 }
+                Resource::Secret(secret) => {
+                    if let Some((sa, token)) = secret.service_account_token() {
+                        tokens.insert(token, (secret.metadata.namespace.clone(), sa));
+                    }
+                }
             }
         }
         // Deterministic answers whatever the file order.
@@ -75,6 +83,7 @@ impl MeshIndex {
         let mut index = MeshIndex {
             answers: HashMap::new(),
             services: services.len(),
+            tokens,
         };
         for svc in services {
             let ns = svc.metadata.namespace.as_str();
@@ -139,6 +148,11 @@ impl MeshIndex {
             },
             None => not_in_mesh(format!("{target} is not an ip:port or host:port")),
         }
+    }
+
+    /// The `(namespace, service account)` a token proves, if any.
+    pub fn token_account(&self, token: &str) -> Option<&(String, String)> {
+        self.tokens.get(token)
     }
 
     /// How many services the index holds.
@@ -445,6 +459,36 @@ spec: {serviceAccountName: other}
             [25, 587, 4444, 4445, 4446]
         );
         assert!(parse_port_list("").is_empty());
+    }
+
+    #[test]
+    fn token_secrets_map_tokens_to_service_accounts() {
+        let text = r#"
+kind: Secret
+metadata: {name: web-token, namespace: shop, annotations: {kubernetes.io/service-account.name: web}}
+type: kubernetes.io/service-account-token
+stringData: {token: s3cret}
+---
+kind: Secret
+metadata: {name: b64, namespace: shop, annotations: {kubernetes.io/service-account.name: api}}
+type: kubernetes.io/service-account-token
+data: {token: "YXBpLXRva2Vu"}
+---
+kind: Secret
+metadata: {name: opaque, namespace: shop}
+type: Opaque
+stringData: {token: not-a-token}
+"#;
+        let index = MeshIndex::build(&parse_documents(text).expect("valid"), &Naming::default());
+        assert_eq!(
+            index.token_account("s3cret"),
+            Some(&("shop".to_string(), "web".to_string()))
+        );
+        assert_eq!(
+            index.token_account("api-token"),
+            Some(&("shop".to_string(), "api".to_string()))
+        );
+        assert_eq!(index.token_account("not-a-token"), None);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! ```
 
 pub mod discovery;
+pub mod identity;
 pub mod index;
 pub mod local;
 pub mod resources;

@@ -7,9 +7,15 @@ use std::time::Duration;
 
 use clap::Parser;
 use strait_api::discovery::discovery_server::DiscoveryServer;
+use strait_api::identity::identity_server::IdentityServer;
 use strait_control_plane::discovery::DiscoveryService;
+use strait_control_plane::identity::{
+    keep_server_certificate, tls_incoming, IdentityService, Issuer,
+};
 use strait_control_plane::index::{MeshIndex, Naming};
 use strait_control_plane::local::LocalSource;
+use strait_identity::tls::Credentials;
+use strait_identity::SpiffeId;
 use tokio::sync::watch;
 
 /// The Strait control plane (local mode: state from a directory of Kubernetes-style YAML).
@@ -28,6 +34,25 @@ struct Args {
     /// DNS suffix of services.
     #[arg(long, env = "STRAIT_CLUSTER_DOMAIN", default_value = "cluster.local")]
     cluster_domain: String,
+    /// Issuer certificate (PEM). With --issuer-key, enables the identity API.
+    #[arg(long, env = "STRAIT_ISSUER_CERT", requires = "issuer_key")]
+    issuer_cert: Option<PathBuf>,
+    /// Issuer private key (PEM).
+    #[arg(long, env = "STRAIT_ISSUER_KEY", requires = "issuer_cert")]
+    issuer_key: Option<PathBuf>,
+    /// Address of the identity gRPC server (TLS).
+    #[arg(long, env = "STRAIT_IDENTITY_ADDR", default_value = "0.0.0.0:8080")]
+    identity_addr: SocketAddr,
+    /// DNS name in the identity server's certificate (what proxies check).
+    #[arg(
+        long,
+        env = "STRAIT_IDENTITY_SERVER_NAME",
+        default_value = "identity.strait-system.svc.cluster.local"
+    )]
+    identity_server_name: String,
+    /// Lifetime of workload certificates (e.g. 24h, 20s); capped by the issuer's NotAfter.
+    #[arg(long, env = "STRAIT_LEAF_LIFETIME", default_value = "24h", value_parser = humantime::parse_duration)]
+    leaf_lifetime: std::time::Duration,
     /// How often the config directory is rescanned (e.g. 250ms, 1s).
     #[arg(long, env = "STRAIT_POLL_INTERVAL", default_value = "250ms", value_parser = humantime::parse_duration)]
     poll_interval: Duration,
@@ -50,14 +75,56 @@ async fn main() {
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let naming = Naming {
-        trust_domain: args.trust_domain,
-        cluster_domain: args.cluster_domain,
+        trust_domain: args.trust_domain.clone(),
+        cluster_domain: args.cluster_domain.clone(),
     };
     let mut source = LocalSource::new(&args.config_dir);
     source.scan()?; // fail fast on an unreadable directory
     let (tx, rx) = watch::channel(Arc::new(MeshIndex::default()));
     let poll = args.poll_interval;
-    let sourcing = tokio::spawn(source.run(naming, poll, tx));
+    let sourcing = tokio::spawn(source.run(naming.clone(), poll, tx));
+
+    if let (Some(cert), Some(key)) = (args.issuer_cert.clone(), args.issuer_key.clone()) {
+        let issuer = Arc::new(Issuer::load(cert, key)?);
+        let creds = Arc::new(Credentials::default());
+        let server_id = SpiffeId::new(
+            &naming.trust_domain,
+            "strait-system",
+            "strait-control-plane",
+        )?;
+        tokio::spawn(keep_server_certificate(
+            issuer.clone(),
+            creds.clone(),
+            server_id,
+            args.identity_server_name.clone(),
+        ));
+        let service = IdentityService {
+            index: rx.clone(),
+            issuer,
+            trust_domain: naming.trust_domain.clone(),
+            leaf_lifetime: args.leaf_lifetime,
+        };
+        let listener = tokio::net::TcpListener::bind(args.identity_addr)
+            .await
+            .map_err(|e| {
+                format!(
+                    "cannot listen on --identity-addr {}: {e}",
+                    args.identity_addr
+                )
+            })?;
+        let config = Arc::new(strait_identity::tls::plain_server_config(creds)?);
+        tracing::info!(addr = %args.identity_addr, lifetime = ?args.leaf_lifetime, "serving identity");
+        tokio::spawn(async move {
+            let server = tonic::transport::Server::builder()
+                .add_service(IdentityServer::new(service))
+                .serve_with_incoming(tls_incoming(listener, config));
+            if let Err(e) = server.await {
+                tracing::error!(error = %e, "identity server failed");
+            }
+        });
+    } else {
+        tracing::info!("no --issuer-cert/--issuer-key: the identity API is off (plaintext mesh)");
+    }
 
     let listener = tokio::net::TcpListener::bind(args.discovery_addr)
         .await

@@ -157,12 +157,53 @@ pub struct PodSpec {
     pub service_account_name: Option<String>,
 }
 
+/// A `v1/Secret`: local mode reads ServiceAccount tokens from those of type
+/// `kubernetes.io/service-account-token` (annotation `kubernetes.io/service-account.name`,
+/// key `token`, in `data` as base64 or in `stringData`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Secret {
+    pub metadata: ObjectMeta,
+    #[serde(default, rename = "type")]
+    pub type_: Option<String>,
+    #[serde(default)]
+    pub data: BTreeMap<String, String>,
+    #[serde(default)]
+    pub string_data: BTreeMap<String, String>,
+}
+
+impl Secret {
+    /// `(service account, token)` when this is a usable ServiceAccount token Secret.
+    pub fn service_account_token(&self) -> Option<(String, String)> {
+        if self.type_.as_deref() != Some("kubernetes.io/service-account-token") {
+            return None;
+        }
+        let sa = self
+            .metadata
+            .annotations
+            .get("kubernetes.io/service-account.name")?
+            .clone();
+        let token = match self.string_data.get("token") {
+            Some(t) => t.clone(),
+            None => {
+                use base64::Engine as _;
+                let raw = base64::engine::general_purpose::STANDARD
+                    .decode(self.data.get("token")?.trim())
+                    .ok()?;
+                String::from_utf8(raw).ok()?
+            }
+        };
+        (!token.is_empty()).then_some((sa, token))
+    }
+}
+
 /// Every object kind the control plane acts on. Documents of other kinds are skipped.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Resource {
     Service(Service),
     EndpointSlice(EndpointSlice),
     Pod(Pod),
+    Secret(Secret),
 }
 
 /// Annotations and labels Strait reads.

@@ -1,0 +1,275 @@
+//! The identity API: a proxy sends a CSR and a ServiceAccount token; the CA signs the CSR only
+//! for the SPIFFE ID of the account the token proves.
+//!
+//! Served over TLS with a certificate from the same issuer (the proxies trust the anchors and
+//! check the DNS name). The issuer's files are re-read when they change, so the issuer can be
+//! rotated (also onto a new anchor) without restarting.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use strait_api::identity::identity_server::Identity;
+use strait_api::identity::{CertifyRequest, CertifyResponse};
+use strait_identity::ca::{CertificateAuthority, CsrError};
+use strait_identity::tls::Credentials;
+use strait_identity::SpiffeId;
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+
+use crate::index::MeshIndex;
+
+/// The issuer, reloaded from its files.
+#[derive(Debug)]
+pub struct Issuer {
+    cert: PathBuf,
+    key: PathBuf,
+    ca: ArcSwap<CertificateAuthority>,
+    loaded: std::sync::Mutex<(String, String)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IssuerError {
+    #[error("cannot read {path}: {source} (--issuer-cert / --issuer-key)")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the issuer in {cert} / {key} is unusable: {source}")]
+    Invalid {
+        cert: PathBuf,
+        key: PathBuf,
+        #[source]
+        source: strait_identity::ca::CaError,
+    },
+}
+
+impl Issuer {
+    pub fn load(cert: PathBuf, key: PathBuf) -> Result<Self, IssuerError> {
+        let (cert_pem, key_pem) = read_pair(&cert, &key)?;
+        let ca = CertificateAuthority::from_pem(&cert_pem, &key_pem).map_err(|source| {
+            IssuerError::Invalid {
+                cert: cert.clone(),
+                key: key.clone(),
+                source,
+            }
+        })?;
+        Ok(Self {
+            cert,
+            key,
+            ca: ArcSwap::from_pointee(ca),
+            loaded: std::sync::Mutex::new((cert_pem, key_pem)),
+        })
+    }
+
+    pub fn current(&self) -> Arc<CertificateAuthority> {
+        self.ca.load_full()
+    }
+
+    /// Re-reads the files; returns whether the issuer changed. A bad pair is logged and the
+    /// current issuer kept.
+    pub fn reload(&self) -> bool {
+        let Ok(pair) = read_pair(&self.cert, &self.key) else {
+            return false;
+        };
+        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        if *loaded == pair {
+            return false;
+        }
+        match CertificateAuthority::from_pem(&pair.0, &pair.1) {
+            Ok(ca) => {
+                self.ca.store(Arc::new(ca));
+                *loaded = pair;
+                tracing::info!(cert = %self.cert.display(), "issuer reloaded");
+                true
+            }
+            Err(e) => {
+                // Half-written during a rotation, or a mismatched pair: retried next time.
+                tracing::warn!(cert = %self.cert.display(), error = %e, "new issuer files unusable; keeping the current issuer");
+                false
+            }
+        }
+    }
+}
+
+fn read_pair(cert: &PathBuf, key: &PathBuf) -> Result<(String, String), IssuerError> {
+    let read = |path: &PathBuf| {
+        std::fs::read_to_string(path).map_err(|source| IssuerError::Read {
+            path: path.clone(),
+            source,
+        })
+    };
+    Ok((read(cert)?, read(key)?))
+}
+
+/// Serves `Certify`.
+#[derive(Debug, Clone)]
+pub struct IdentityService {
+    pub index: watch::Receiver<Arc<MeshIndex>>,
+    pub issuer: Arc<Issuer>,
+    pub trust_domain: String,
+    pub leaf_lifetime: Duration,
+}
+
+#[tonic::async_trait]
+impl Identity for IdentityService {
+    async fn certify(
+        &self,
+        request: Request<CertifyRequest>,
+    ) -> Result<Response<CertifyResponse>, Status> {
+        let req = request.into_inner();
+        let token = String::from_utf8(req.token).unwrap_or_default();
+        let account = self.index.borrow().token_account(token.trim()).cloned();
+        let Some((ns, sa)) = account else {
+            tracing::warn!(asked = %req.identity, "refused: unknown token");
+            return Err(Status::unauthenticated(
+                "the token is not a known ServiceAccount token",
+            ));
+        };
+        let caller = SpiffeId::new(&self.trust_domain, &ns, &sa)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if !req.identity.is_empty() && req.identity != caller.to_string() {
+            tracing::warn!(%caller, asked = %req.identity, "refused: the token is for another identity");
+            return Err(Status::permission_denied(format!(
+                "the token is for {caller}, not {}",
+                req.identity
+            )));
+        }
+        let signed = self
+            .issuer
+            .current()
+            .sign_csr(
+                &req.certificate_signing_request,
+                &caller,
+                self.leaf_lifetime,
+            )
+            .map_err(|e| {
+                tracing::warn!(%caller, error = %e, "refused: bad CSR");
+                match e {
+                    CsrError::Malformed(_) | CsrError::BadSignature | CsrError::WrongKey => {
+                        Status::invalid_argument(e.to_string())
+                    }
+                    CsrError::ForbiddenSan(_)
+                    | CsrError::WrongIdentity { .. }
+                    | CsrError::NoIdentity(_) => Status::permission_denied(e.to_string()),
+                    CsrError::Signing(_) => Status::internal(e.to_string()),
+                }
+            })?;
+        let valid_until = signed
+            .not_after
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        tracing::info!(%caller, valid_until, "certificate issued");
+        Ok(Response::new(CertifyResponse {
+            leaf_certificate: signed.leaf_der,
+            intermediate_certificates: signed.intermediates_der,
+            valid_until_unix_seconds: valid_until,
+        }))
+    }
+}
+
+/// The identity server's own certificate: issued by the issuer, re-issued at half its life
+/// and whenever the issuer changes.
+pub async fn keep_server_certificate(
+    issuer: Arc<Issuer>,
+    creds: Arc<Credentials>,
+    id: SpiffeId,
+    dns_name: String,
+) {
+    const LIFETIME: Duration = Duration::from_secs(24 * 3600);
+    let mut issued_at: Option<std::time::Instant> = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let changed = issuer.reload();
+        if !changed && issued_at.is_some_and(|t| t.elapsed() < LIFETIME / 2) {
+            continue;
+        }
+        match issuer.current().issue_server(&id, &dns_name, LIFETIME) {
+            Ok((chain, key)) => match creds.install(chain, key) {
+                Ok(()) => issued_at = Some(std::time::Instant::now()),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot install the identity server certificate")
+                }
+            },
+            Err(e) => tracing::error!(error = %e, "cannot issue the identity server certificate"),
+        }
+    }
+}
+
+/// A TLS stream tonic can serve.
+pub struct TlsIo(pub tokio_rustls::server::TlsStream<tokio::net::TcpStream>);
+
+impl tonic::transport::server::Connected for TlsIo {
+    type ConnectInfo = ();
+    fn connect_info(&self) -> Self::ConnectInfo {}
+}
+
+impl tokio::io::AsyncRead for TlsIo {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for TlsIo {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+/// Accepts TLS connections (handshakes run concurrently, each bounded to 10 s) and yields them.
+pub fn tls_incoming(
+    listener: tokio::net::TcpListener,
+    config: Arc<rustls::ServerConfig>,
+) -> tokio_stream::wrappers::ReceiverStream<Result<TlsIo, std::io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "identity accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(TlsIo(tls))).await;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "identity TLS handshake failed")
+                    }
+                    Err(_) => tracing::debug!(%peer, "identity TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
