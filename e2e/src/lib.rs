@@ -13,6 +13,8 @@ pub struct Mesh {
     pub net: Net,
     pub config: MeshConfig,
     pub control_plane: Proc,
+    /// Set for a mesh with identity (mTLS).
+    pub ca: Option<CaFiles>,
 }
 
 impl Mesh {
@@ -25,6 +27,7 @@ impl Mesh {
             net,
             config,
             control_plane,
+            ca: None,
         })
     }
 
@@ -34,9 +37,7 @@ impl Mesh {
     }
 
     pub fn meshed_pod_with(&self, name: &str, opts: &SidecarOpts) -> Result<Pod> {
-        let pod = self.net.pod(name)?;
-        self.net.start_sidecar(&pod, opts)?;
-        Ok(pod)
+        self.pod_as(name, name, opts)
     }
 
     /// Runs curl in `pod` (silent, failing on transport errors, 10 s cap).
@@ -97,4 +98,170 @@ pub fn sha256(bytes: &[u8]) -> Result<String> {
         .next()
         .unwrap_or("")
         .to_string())
+}
+
+/// The CA files of a mesh with identity (under `<net dir>/ca`).
+#[derive(Debug, Clone)]
+pub struct CaFiles {
+    pub dir: std::path::PathBuf,
+    /// The bundle proxies trust (re-read by them when it changes).
+    pub anchors: std::path::PathBuf,
+    pub anchor_cert: std::path::PathBuf,
+    pub anchor_key: std::path::PathBuf,
+    pub issuer_cert: std::path::PathBuf,
+    pub issuer_key: std::path::PathBuf,
+}
+
+/// Where the control plane's identity API listens inside every Net.
+pub const IDENTITY_ADDR: &str = "10.88.0.1:8080";
+
+impl Mesh {
+    /// A mesh with mTLS: a new CA, the control plane's identity API (workload certificates
+    /// valid for `leaf_lifetime`, e.g. "24h" or "20s"), and sidecars that get certificates.
+    pub fn with_identity(tag: &str, leaf_lifetime: &str) -> Result<Self> {
+        let net = Net::new(tag)?;
+        let config = MeshConfig::new(net.dir.join("config"))?;
+        let dir = net.dir.join("ca");
+        std::fs::create_dir_all(&dir)?;
+        let ca = strait_identity::ca::generate(
+            "cluster.local",
+            Duration::from_secs(3600 * 24 * 365),
+            Duration::from_secs(3600 * 24 * 30),
+        )?;
+        let files = CaFiles {
+            anchors: dir.join("anchors.pem"),
+            anchor_cert: dir.join("ca.crt"),
+            anchor_key: dir.join("ca.key"),
+            issuer_cert: dir.join("issuer.crt"),
+            issuer_key: dir.join("issuer.key"),
+            dir,
+        };
+        std::fs::write(&files.anchors, &ca.anchor_cert_pem)?;
+        std::fs::write(&files.anchor_cert, &ca.anchor_cert_pem)?;
+        std::fs::write(&files.anchor_key, &ca.anchor_key_pem)?;
+        std::fs::write(&files.issuer_cert, &ca.issuer_cert_pem)?;
+        std::fs::write(&files.issuer_key, &ca.issuer_key_pem)?;
+        let control_plane = net.start_control_plane_with(
+            &config.dir,
+            &[
+                "--issuer-cert",
+                &files.issuer_cert.to_string_lossy(),
+                "--issuer-key",
+                &files.issuer_key.to_string_lossy(),
+                "--identity-addr",
+                IDENTITY_ADDR,
+                "--leaf-lifetime",
+                leaf_lifetime,
+            ],
+        )?;
+        net.wait_log(&control_plane, "serving identity", Duration::from_secs(10))?;
+        Ok(Self {
+            net,
+            config,
+            control_plane,
+            ca: Some(files),
+        })
+    }
+
+    /// A pod running as service account `sa`, with its token, Pod document and sidecar (with an
+    /// identity when the mesh has one).
+    pub fn pod_as(&self, name: &str, sa: &str, opts: &SidecarOpts) -> Result<Pod> {
+        let pod = self.net.pod(name)?;
+        let mut env: Vec<(String, String)> = opts
+            .env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        if let Some(ca) = &self.ca {
+            let token = format!("token-{name}-{}", std::process::id());
+            let token_file = self.net.dir.join(format!("{name}.token"));
+            std::fs::write(&token_file, &token)?;
+            self.config.write(
+                &format!("pod-{name}.yaml"),
+                &format!(
+                    "kind: Pod\nmetadata: {{name: {name}, namespace: default}}\nspec: {{serviceAccountName: {sa}}}\n---\n\
+                     kind: Secret\nmetadata: {{name: {name}-token, namespace: default, annotations: {{kubernetes.io/service-account.name: {sa}}}}}\n\
+                     type: kubernetes.io/service-account-token\nstringData: {{token: {token}}}\n"
+                ),
+            )?;
+            env.push(("STRAIT_IDENTITY_ADDR".into(), IDENTITY_ADDR.into()));
+            env.push((
+                "STRAIT_TRUST_ANCHORS".into(),
+                ca.anchors.to_string_lossy().into(),
+            ));
+            env.push((
+                "STRAIT_IDENTITY_TOKEN_FILE".into(),
+                token_file.to_string_lossy().into(),
+            ));
+            env.push((
+                "STRAIT_IDENTITY".into(),
+                format!("spiffe://cluster.local/ns/default/sa/{sa}"),
+            ));
+            // Let the control plane see the token before the proxy asks.
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let env_refs: Vec<(&str, &str)> =
+            env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let opts = SidecarOpts {
+            env: env_refs,
+            skip_outbound_ports: opts.skip_outbound_ports,
+        };
+        self.net.start_sidecar(&pod, &opts)?;
+        Ok(pod)
+    }
+}
+
+/// PEM text of one DER block.
+pub fn pem(label: &str, der: &[u8]) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(chunk));
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+/// Writes a certificate (with its issuer) and key for `sa`, signed by the issuer in `ca`
+/// (or by a new, foreign CA), as PEM files for openssl: returns (leaf, key, intermediates).
+pub fn workload_cert(
+    dir: &std::path::Path,
+    name: &str,
+    sa: &str,
+    ca: Option<&CaFiles>,
+) -> Result<(std::path::PathBuf, std::path::PathBuf, std::path::PathBuf)> {
+    let issuer = match ca {
+        Some(ca) => strait_identity::ca::CertificateAuthority::from_pem(
+            &std::fs::read_to_string(&ca.issuer_cert)?,
+            &std::fs::read_to_string(&ca.issuer_key)?,
+        )?,
+        None => {
+            let foreign = strait_identity::ca::generate(
+                "cluster.local",
+                Duration::from_secs(86400),
+                Duration::from_secs(86400),
+            )?;
+            strait_identity::ca::CertificateAuthority::from_pem(
+                &foreign.issuer_cert_pem,
+                &foreign.issuer_key_pem,
+            )?
+        }
+    };
+    let id = strait_identity::SpiffeId::new("cluster.local", "default", sa)?;
+    let (chain, key) = issuer.issue_server(&id, "impostor.example", Duration::from_secs(3600))?;
+    let leaf_path = dir.join(format!("{name}.crt"));
+    let chain_path = dir.join(format!("{name}-chain.crt"));
+    let key_path = dir.join(format!("{name}.key"));
+    std::fs::write(&leaf_path, pem("CERTIFICATE", &chain[0]))?;
+    std::fs::write(
+        &chain_path,
+        chain[1..]
+            .iter()
+            .map(|c| pem("CERTIFICATE", c))
+            .collect::<String>(),
+    )?;
+    std::fs::write(&key_path, pem("PRIVATE KEY", &key))?;
+    Ok((leaf_path, key_path, chain_path))
 }

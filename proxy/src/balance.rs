@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 
 use crate::http::client::H2Conn;
+use crate::identity::{Identity, PeerTls};
 
 /// Decay time constant of the estimate.
 const DECAY: Duration = Duration::from_secs(10);
@@ -50,13 +51,34 @@ pub struct EndpointSpec {
 pub struct Endpoint {
     pub spec: EndpointSpec,
     pub h2: H2Conn,
+    /// Set when this proxy has an identity and the endpoint is a meshed peer with one: every
+    /// connection to it is mTLS, checked against that identity.
+    pub tls: Option<PeerTls>,
     load: PeakEwma,
 }
 
 impl Endpoint {
-    pub fn new(spec: EndpointSpec, connect_timeout: Duration) -> Self {
+    pub fn new(spec: EndpointSpec, connect_timeout: Duration, identity: Option<&Identity>) -> Self {
+        let tls = match identity {
+            Some(local) if spec.meshed => match spec.identity.parse() {
+                Ok(peer) => match local.peer(&peer) {
+                    Ok(tls) => Some(tls),
+                    Err(e) => {
+                        tracing::error!(addr = %spec.addr, error = %e, "no TLS configuration for the endpoint");
+                        None
+                    }
+                },
+                Err(_) => None,
+            },
+            _ => None,
+        };
         Self {
-            h2: H2Conn::new(spec.addr, connect_timeout),
+            h2: H2Conn::with_tls(
+                spec.addr,
+                connect_timeout,
+                tls.as_ref().map(|t| t.h2.clone()),
+            ),
+            tls,
             spec,
             load: PeakEwma::default(),
         }
@@ -170,13 +192,15 @@ impl Drop for InFlight {
 pub struct Balancer {
     endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
     connect_timeout: Duration,
+    identity: Option<Arc<Identity>>,
 }
 
 impl Balancer {
-    pub fn new(connect_timeout: Duration) -> Self {
+    pub fn new(connect_timeout: Duration, identity: Option<Arc<Identity>>) -> Self {
         Self {
             endpoints: ArcSwap::from_pointee(Vec::new()),
             connect_timeout,
+            identity,
         }
     }
 
@@ -190,7 +214,13 @@ impl Balancer {
                     .iter()
                     .find(|e| e.spec == spec)
                     .cloned()
-                    .unwrap_or_else(|| Arc::new(Endpoint::new(spec, self.connect_timeout)))
+                    .unwrap_or_else(|| {
+                        Arc::new(Endpoint::new(
+                            spec,
+                            self.connect_timeout,
+                            self.identity.as_deref(),
+                        ))
+                    })
             })
             .collect();
         self.endpoints.store(Arc::new(next));
@@ -242,12 +272,12 @@ mod tests {
 
     #[test]
     fn empty_balancer_picks_nothing() {
-        assert!(Balancer::new(Duration::from_secs(1)).pick().is_none());
+        assert!(Balancer::new(Duration::from_secs(1), None).pick().is_none());
     }
 
     #[test]
     fn a_slow_endpoint_gets_less_traffic() {
-        let b = Balancer::new(Duration::from_secs(1));
+        let b = Balancer::new(Duration::from_secs(1), None);
         b.update(vec![spec(1), spec(2), spec(3)]);
         let slow = SocketAddr::from(([10, 0, 0, 1], 3));
         let mut counts = std::collections::HashMap::new();
@@ -273,7 +303,7 @@ mod tests {
 
     #[test]
     fn in_flight_requests_spread_load() {
-        let b = Balancer::new(Duration::from_secs(1));
+        let b = Balancer::new(Duration::from_secs(1), None);
         b.update(vec![spec(1), spec(2)]);
         let first = b.pick().expect("endpoints");
         let _busy: Vec<_> = (0..10).map(|_| first.start()).collect();
@@ -288,7 +318,7 @@ mod tests {
 
     #[test]
     fn equal_endpoints_with_noisy_latency_share_load() {
-        let b = Balancer::new(Duration::from_secs(1));
+        let b = Balancer::new(Duration::from_secs(1), None);
         b.update(vec![spec(1), spec(2), spec(3)]);
         let mut counts = std::collections::HashMap::new();
         for i in 0..3000u64 {
@@ -305,7 +335,7 @@ mod tests {
 
     #[test]
     fn updates_keep_the_state_of_endpoints_that_stay() {
-        let b = Balancer::new(Duration::from_secs(1));
+        let b = Balancer::new(Duration::from_secs(1), None);
         b.update(vec![spec(1), spec(2)]);
         let before = b.pick().expect("endpoints");
         b.update(vec![spec(1), spec(2), spec(3)]);

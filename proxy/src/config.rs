@@ -46,6 +46,61 @@ pub struct ProxyConfig {
     /// This workload, `<namespace>/<pod>`, for logs and the control plane.
     #[arg(long, env = "STRAIT_WORKLOAD", default_value = "")]
     pub workload: String,
+    /// Identity API (TLS), `host:port`. Set: mTLS between proxies. Needs --trust-anchors,
+    /// --identity-token-file and --identity.
+    #[arg(long, env = "STRAIT_IDENTITY_ADDR", requires_all = ["trust_anchors", "identity_token_file", "identity"])]
+    pub identity_addr: Option<String>,
+    /// DNS name the identity server's certificate must have.
+    #[arg(
+        long,
+        env = "STRAIT_IDENTITY_SERVER_NAME",
+        default_value = "identity.strait-system.svc.cluster.local"
+    )]
+    pub identity_server_name: String,
+    /// PEM bundle of trust anchors (re-read when it changes).
+    #[arg(long, env = "STRAIT_TRUST_ANCHORS")]
+    pub trust_anchors: Option<std::path::PathBuf>,
+    /// File holding this workload's ServiceAccount token (re-read at every renewal).
+    #[arg(long, env = "STRAIT_IDENTITY_TOKEN_FILE")]
+    pub identity_token_file: Option<std::path::PathBuf>,
+    /// This workload's SPIFFE ID, `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`.
+    #[arg(long, env = "STRAIT_IDENTITY", value_parser = parse_spiffe_id)]
+    pub identity: Option<strait_identity::SpiffeId>,
+    /// Inbound mode of the workload: `permissive` also accepts plaintext from clients outside
+    /// the mesh; `strict` accepts only mTLS from the mesh.
+    #[arg(long, env = "STRAIT_INBOUND_MODE", value_enum, default_value_t = InboundMode::Permissive)]
+    pub inbound_mode: InboundMode,
+    /// Ports that are strict whatever the workload's mode.
+    #[arg(long, env = "STRAIT_INBOUND_STRICT_PORTS", default_value = "", value_parser = PortList::parse)]
+    pub inbound_strict_ports: PortList,
+    /// Ports that are permissive whatever the workload's mode.
+    #[arg(long, env = "STRAIT_INBOUND_PERMISSIVE_PORTS", default_value = "", value_parser = PortList::parse)]
+    pub inbound_permissive_ports: PortList,
+}
+
+fn parse_spiffe_id(s: &str) -> Result<strait_identity::SpiffeId, String> {
+    s.parse()
+        .map_err(|e: strait_identity::SpiffeIdError| e.to_string())
+}
+
+/// Whether an inbound port accepts plaintext.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum InboundMode {
+    Permissive,
+    Strict,
+}
+
+impl ProxyConfig {
+    /// Whether plaintext is refused on inbound `port`.
+    pub fn is_strict(&self, port: u16) -> bool {
+        if self.inbound_strict_ports.contains(port) {
+            return true;
+        }
+        if self.inbound_permissive_ports.contains(port) {
+            return false;
+        }
+        self.inbound_mode == InboundMode::Strict
+    }
 }
 
 /// A set of TCP ports, parsed from `"25,587,4444-4450"`.

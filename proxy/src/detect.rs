@@ -15,6 +15,8 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 pub enum Protocol {
     Http1,
     Http2,
+    /// A complete TLS ClientHello record is in the prefix.
+    Tls,
     Opaque,
 }
 
@@ -23,6 +25,7 @@ impl Protocol {
         match self {
             Protocol::Http1 => "http/1",
             Protocol::Http2 => "h2",
+            Protocol::Tls => "tls",
             Protocol::Opaque => "tcp",
         }
     }
@@ -90,6 +93,26 @@ pub async fn detect<T: AsyncRead + Unpin>(
 pub fn classify(buf: &[u8]) -> Option<Protocol> {
     if buf.is_empty() {
         return None;
+    }
+    // TLS: handshake record (0x16), version 3.x; wait for the whole first record (the
+    // ClientHello), so its SNI can be read.
+    if buf[0] == 0x16 {
+        if buf.len() < 5 {
+            return if buf.len() < 2 || buf[1] == 0x03 {
+                None
+            } else {
+                Some(Protocol::Opaque)
+            };
+        }
+        if buf[1] != 0x03 {
+            return Some(Protocol::Opaque);
+        }
+        let record = 5 + usize::from(u16::from_be_bytes([buf[3], buf[4]]));
+        return if buf.len() >= record {
+            Some(Protocol::Tls)
+        } else {
+            None
+        };
     }
     let n = buf.len().min(H2_PREFACE.len());
     if buf[..n] == H2_PREFACE[..n] {
@@ -167,10 +190,16 @@ mod tests {
         );
         assert_eq!(classify(b"M-SEARCH * HTTP/1.1\r\n"), Some(Protocol::Http1));
         assert_eq!(
-            classify(b"\x16\x03\x01\x02\x00"),
-            Some(Protocol::Opaque),
-            "TLS"
+            classify(b"\x16\x03\x01\x00\x02ab"),
+            Some(Protocol::Tls),
+            "a whole TLS record"
         );
+        assert_eq!(
+            classify(b"\x16\x03\x01\x02\x00"),
+            None,
+            "a TLS record still arriving"
+        );
+        assert_eq!(classify(b"\x16\x01"), Some(Protocol::Opaque));
         assert_eq!(classify(b"PING\r\n"), Some(Protocol::Opaque));
         assert_eq!(classify(b"hello world\n"), Some(Protocol::Opaque));
         assert_eq!(classify(b"GET / HTTP/2.0\r\n"), Some(Protocol::Opaque));

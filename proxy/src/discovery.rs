@@ -91,6 +91,7 @@ pub struct Discovery {
     first_answer_timeout: Duration,
     connect_timeout: Duration,
     metrics: Arc<Metrics>,
+    identity: Option<Arc<crate::identity::Identity>>,
 }
 
 #[derive(Debug, Default)]
@@ -109,6 +110,7 @@ impl Discovery {
         first_answer_timeout: Duration,
         connect_timeout: Duration,
         metrics: Arc<Metrics>,
+        identity: Option<Arc<crate::identity::Identity>>,
     ) -> Result<Self, AddrError> {
         let uri = if addr.contains("://") {
             addr.to_string()
@@ -132,6 +134,7 @@ impl Discovery {
             first_answer_timeout,
             connect_timeout,
             metrics,
+            identity,
         })
     }
 
@@ -170,7 +173,7 @@ impl Discovery {
             return r.clone();
         }
         let (tx, rx) = watch::channel(Resolved::Pending);
-        let balancer = Arc::new(Balancer::new(self.connect_timeout));
+        let balancer = Arc::new(Balancer::new(self.connect_timeout, self.identity.clone()));
         let resolution = Arc::new(Resolution {
             state: rx,
             balancer: balancer.clone(),
@@ -330,7 +333,7 @@ mod tests {
     fn updates_feed_the_balancer_and_state() {
         use strait_api::discovery::{Destination, Endpoint, NotInMesh};
         let (tx, rx) = watch::channel(Resolved::Pending);
-        let balancer = Balancer::new(Duration::from_secs(1));
+        let balancer = Balancer::new(Duration::from_secs(1), None);
         let update = DestinationUpdate {
             update: Some(Update::Destination(Destination {
                 service: "web.shop.svc.cluster.local:80".into(),

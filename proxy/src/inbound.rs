@@ -1,18 +1,25 @@
 //! Inbound: connections to the pod, redirected here by iptables, forwarded to the application
 //! on the original port.
 //!
-//! accept -> original destination -> detect (unless opaque) ->
-//!   HTTP/2 from a peer proxy: requests marked `strait-orig-proto` go to the app as HTTP/1
-//!   other HTTP: to the app in the client's protocol
-//!   TCP: splice to the app
+//! accept -> original destination -> detect ->
+//!   mesh TLS (SNI = this workload's mesh name): terminate; ALPN h2 -> HTTP/2 from a peer proxy
+//!     (`strait-orig-proto` requests go to the app as HTTP/1), http/1.1 -> HTTP/1 (upgrades),
+//!     none -> opaque TCP
+//!   plaintext on a strict port: refused
+//!   other HTTP: to the app in the client's protocol; TCP (and the app's own TLS): spliced
+//!
+//! On opaque ports only TLS is looked for, briefly: a meshed peer starts TLS at once, so a
+//! server-speaks-first application is not held up.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::{Request, Response};
 use http_body_util::Either;
 use hyper::body::Incoming;
+use strait_identity::SpiffeId;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use crate::detect::{self, Protocol};
@@ -22,18 +29,29 @@ use crate::http::forward::{direct, restore_orig_proto};
 use crate::http::headers::{is_grpc, is_upgrade, strip_hop_by_hop};
 use crate::http::server::{serve, Handler};
 use crate::http::Body;
+use crate::identity::Identity;
 use crate::io::{CountingIo, PrefixedIo};
 use crate::metrics::{Direction, HttpMetrics};
 use crate::Context;
 
+/// How long an opaque port waits for a mesh ClientHello before treating the connection as
+/// plaintext TCP.
+const OPAQUE_TLS_SNIFF: Duration = Duration::from_millis(50);
+
 pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: SocketAddr) {
-    let label = orig_dst.port().to_string();
+    let port = orig_dst.port();
+    let label = port.to_string();
     let tcp = ctx.metrics.tcp(Direction::Inbound, &label);
     let mut io = CountingIo::new(stream, tcp.read.clone(), tcp.written.clone());
-    let (protocol, prefix) = if ctx.cfg.opaque_ports.contains(orig_dst.port()) {
-        (Protocol::Opaque, bytes::Bytes::new())
-    } else {
-        match detect::detect(&mut io, ctx.cfg.detect_timeout).await {
+    let opaque_port = ctx.cfg.opaque_ports.contains(port);
+    let sniff = match (&ctx.identity, opaque_port) {
+        (None, true) => None,
+        (Some(_), true) => Some(ctx.cfg.detect_timeout.min(OPAQUE_TLS_SNIFF)),
+        (_, false) => Some(ctx.cfg.detect_timeout),
+    };
+    let (mut protocol, prefix) = match sniff {
+        None => (Protocol::Opaque, bytes::Bytes::new()),
+        Some(timeout) => match detect::detect(&mut io, timeout).await {
             Ok(d) => {
                 ctx.metrics
                     .detected(Direction::Inbound, d.protocol.as_str(), d.timed_out);
@@ -43,26 +61,103 @@ pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: So
                 tracing::debug!(error = %e, "connection failed during detection");
                 return;
             }
-        }
+        },
     };
+    if opaque_port && protocol != Protocol::Tls {
+        protocol = Protocol::Opaque;
+    }
+    let mesh_tls = protocol == Protocol::Tls
+        && ctx
+            .identity
+            .as_ref()
+            .is_some_and(|id| client_hello_sni(&prefix).as_deref() == Some(id.sni.as_str()));
     let io = PrefixedIo::new(prefix, io);
+
+    if mesh_tls {
+        if let Some(identity) = ctx.identity.clone() {
+            serve_mesh_tls(ctx, identity, io, orig_dst).await;
+        }
+        return;
+    }
+    if ctx.identity.is_some() && ctx.cfg.is_strict(port) {
+        tracing::info!(%orig_dst, "refused a plaintext connection on a strict port");
+        ctx.metrics.refused("plaintext", port, None);
+        return;
+    }
     match protocol {
-        Protocol::Opaque => {
-            if let Err(e) = crate::tcp::forward(io, orig_dst, ctx.cfg.connect_timeout).await {
-                tracing::warn!(app = %orig_dst, error = %e, "inbound TCP forward failed");
-            }
-        }
-        Protocol::Http1 | Protocol::Http2 => {
-            let handler = Arc::new(InboundHttp {
-                metrics: ctx.metrics.http(Direction::Inbound, &label),
-                app_h2: ctx.clients.h2.get(orig_dst),
-                ctx: ctx.clone(),
-                app: orig_dst,
-            });
-            serve(io, protocol, ctx.drain.clone(), handler).await;
-        }
+        Protocol::Opaque | Protocol::Tls => forward_tcp(&ctx, io, orig_dst).await,
+        Protocol::Http1 | Protocol::Http2 => serve_http(&ctx, io, protocol, orig_dst, None).await,
     }
     drop(tcp);
+}
+
+/// The SNI of the ClientHello in `prefix`, if it parses.
+fn client_hello_sni(prefix: &[u8]) -> Option<String> {
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut reader = prefix;
+    acceptor.read_tls(&mut reader).ok()?;
+    match acceptor.accept() {
+        Ok(Some(accepted)) => accepted.client_hello().server_name().map(str::to_owned),
+        _ => None,
+    }
+}
+
+async fn serve_mesh_tls<I>(ctx: Arc<Context>, identity: Arc<Identity>, io: I, orig_dst: SocketAddr)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let acceptor = tokio_rustls::TlsAcceptor::from(identity.server_config.clone());
+    let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(io)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::info!(%orig_dst, error = %e, "refused a mesh TLS connection");
+            ctx.metrics.refused("tls handshake", orig_dst.port(), None);
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%orig_dst, "mesh TLS handshake timed out");
+            return;
+        }
+    };
+    let (_, session) = tls.get_ref();
+    let client = strait_identity::tls::peer_identity(session.peer_certificates());
+    let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
+    match alpn.as_deref() {
+        Some(strait_identity::tls::ALPN_H2) => {
+            serve_http(&ctx, tls, Protocol::Http2, orig_dst, client).await
+        }
+        Some(strait_identity::tls::ALPN_HTTP1) => {
+            serve_http(&ctx, tls, Protocol::Http1, orig_dst, client).await
+        }
+        _ => forward_tcp(&ctx, tls, orig_dst).await,
+    }
+}
+
+async fn forward_tcp<I: AsyncRead + AsyncWrite + Unpin>(ctx: &Context, io: I, app: SocketAddr) {
+    if let Err(e) = crate::tcp::forward(io, app, ctx.cfg.connect_timeout, None).await {
+        tracing::warn!(%app, error = %e, "inbound TCP forward failed");
+    }
+}
+
+async fn serve_http<I>(
+    ctx: &Arc<Context>,
+    io: I,
+    protocol: Protocol,
+    app: SocketAddr,
+    client: Option<SpiffeId>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let handler = Arc::new(InboundHttp {
+        metrics: ctx
+            .metrics
+            .http(Direction::Inbound, &app.port().to_string()),
+        app_h2: ctx.clients.h2.get(app),
+        ctx: ctx.clone(),
+        app,
+        client,
+    });
+    serve(io, protocol, ctx.drain.clone(), handler).await;
 }
 
 struct InboundHttp {
@@ -70,6 +165,8 @@ struct InboundHttp {
     app: SocketAddr,
     app_h2: Arc<H2Conn>,
     metrics: HttpMetrics,
+    /// The client's identity, for mesh TLS connections.
+    client: Option<SpiffeId>,
 }
 
 impl Handler for InboundHttp {
@@ -87,7 +184,7 @@ impl Handler for InboundHttp {
                 (resp.map(Either::Left), "")
             }
             Err(e) => {
-                tracing::warn!(app = %self.app, error = %e, "inbound request failed");
+                tracing::warn!(app = %self.app, client = ?self.client, error = %e, "inbound request failed");
                 (e.to_response(grpc), e.kind())
             }
         };

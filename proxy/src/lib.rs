@@ -12,6 +12,7 @@ pub mod detect;
 pub mod discovery;
 pub mod drain;
 pub mod http;
+pub mod identity;
 pub mod inbound;
 pub mod init;
 pub mod io;
@@ -40,6 +41,8 @@ pub struct Context {
     pub discovery: Option<Discovery>,
     pub clients: Clients,
     pub drain: Drain,
+    /// This proxy's identity, when mTLS is on.
+    pub identity: Option<Arc<identity::Identity>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +56,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Discovery(#[from] discovery::AddrError),
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
 }
 
 /// Binds `addr`. For the IPv4 wildcard (`0.0.0.0:p`) it also binds `[::]:p` (IPv6 only), when
@@ -95,6 +100,33 @@ pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
     let admin_listener = bind("--admin-addr (STRAIT_ADMIN_ADDR)", cfg.admin_addr).await?;
 
     let metrics = Arc::new(Metrics::new());
+    let identity = match (
+        &cfg.identity_addr,
+        &cfg.identity,
+        &cfg.trust_anchors,
+        &cfg.identity_token_file,
+    ) {
+        (Some(addr), Some(id), Some(anchors), Some(token)) => {
+            Some(Arc::new(identity::Identity::new(
+                id.clone(),
+                addr.clone(),
+                cfg.identity_server_name.clone(),
+                anchors.clone(),
+                token.clone(),
+            )?))
+        }
+        (Some(_), ..) => {
+            return Err(identity::IdentityError::Local(
+                "--identity-addr needs --identity, --trust-anchors and --identity-token-file"
+                    .into(),
+            )
+            .into())
+        }
+        _ => {
+            tracing::warn!("no identity configured: connections between proxies are plaintext");
+            None
+        }
+    };
     let discovery = match &cfg.control_plane_addr {
         Some(addr) => Some(Discovery::new(
             addr,
@@ -102,6 +134,7 @@ pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
             cfg.discovery_timeout,
             cfg.connect_timeout,
             metrics.clone(),
+            identity.clone(),
         )?),
         None => {
             tracing::warn!("no control plane configured: every destination is passed through");
@@ -116,6 +149,7 @@ pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
         metrics: metrics.clone(),
         discovery,
         drain: drain.clone(),
+        identity: identity.clone(),
     });
 
     let ready = Arc::new(AtomicBool::new(false));
@@ -127,6 +161,22 @@ pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
     });
     for listener in admin_listener {
         tokio::spawn(admin.clone().serve(listener));
+    }
+
+    if let Some(identity) = &identity {
+        let (first_tx, mut first_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(identity.clone().maintain(ctx.metrics.clone(), first_tx));
+        tokio::spawn(identity.clone().watch_anchors());
+        // Not ready, and not accepting, until there is a certificate to prove who we are.
+        loop {
+            tokio::select! {
+                _ = &mut first_rx => break,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {
+                    tracing::warn!(id = %identity.id, "still waiting for a certificate from the identity API");
+                }
+                _ = termination() => return Ok(()),
+            }
+        }
     }
 
     let tracker = TaskTracker::new();

@@ -93,6 +93,22 @@ pub struct Metrics {
     detect: Family<DetectLabels, Counter>,
     pub discovery_connected: Gauge,
     pub discovery_updates: Counter,
+    /// NotAfter of the current certificate, Unix seconds.
+    pub cert_expiry: Gauge,
+    certify: Family<ResultLabels, Counter>,
+    inbound_refused: Family<RefusedLabels, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    pub reason: &'static str,
+    pub target: Target,
+    pub client_id: String,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -122,6 +138,9 @@ impl Metrics {
             detect: Family::default(),
             discovery_connected: Gauge::default(),
             discovery_updates: Counter::default(),
+            cert_expiry: Gauge::default(),
+            certify: Family::default(),
+            inbound_refused: Family::default(),
             registry: Registry::default(),
         };
         registry.register("request", "HTTP requests received", m.requests.clone());
@@ -167,6 +186,21 @@ impl Metrics {
             "Discovery answers received",
             m.discovery_updates.clone(),
         );
+        registry.register(
+            "identity_cert_expiry_timestamp_seconds",
+            "NotAfter of the proxy's current certificate (Unix seconds)",
+            m.cert_expiry.clone(),
+        );
+        registry.register(
+            "identity_certify",
+            "Certificate requests, by result",
+            m.certify.clone(),
+        );
+        registry.register(
+            "inbound_refused",
+            "Inbound connections or requests refused (plaintext on a strict port, denied by policy)",
+            m.inbound_refused.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -194,6 +228,30 @@ impl Metrics {
             closed: self.tcp_closed.get_or_create(&labels).clone(),
             open,
         }
+    }
+
+    pub fn certified(&self, ok: bool) {
+        self.certify
+            .get_or_create(&ResultLabels {
+                result: if ok { "ok" } else { "error" },
+            })
+            .inc();
+    }
+
+    /// Counts a refused inbound connection or request.
+    pub fn refused(
+        &self,
+        reason: &'static str,
+        port: u16,
+        client_id: Option<&strait_identity::SpiffeId>,
+    ) {
+        self.inbound_refused
+            .get_or_create(&RefusedLabels {
+                reason,
+                target: Target(port.to_string().into()),
+                client_id: client_id.map(|c| c.to_string()).unwrap_or_default(),
+            })
+            .inc();
     }
 
     pub fn detected(&self, direction: Direction, protocol: &'static str, timed_out: bool) {

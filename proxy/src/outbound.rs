@@ -1,9 +1,11 @@
 //! Outbound: the application's own connections, redirected here by iptables.
 //!
 //! accept -> original destination -> discovery lookup -> detect (unless opaque) ->
-//!   HTTP: per request, pick an endpoint (P2C) -> peer proxy over HTTP/2, or direct
-//!   TCP:  pick an endpoint -> splice
-//! A destination not in the mesh is passed through to its original address.
+//!   HTTP: per request, pick an endpoint (P2C) -> peer proxy over pooled HTTP/2 (mTLS when this
+//!         proxy has an identity), or direct
+//!   TCP:  pick an endpoint -> splice (over mTLS to a meshed peer with an identity)
+//! A destination not in the mesh is passed through to its original address. TLS the
+//! application speaks itself is opaque here.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,7 +19,7 @@ use tokio::net::TcpStream;
 
 use crate::detect::{self, Protocol};
 use crate::discovery::Lookup;
-use crate::http::client::H2Conn;
+use crate::http::client::{send_upgrade, H2Conn};
 use crate::http::error::ProxyError;
 use crate::http::forward::{direct, to_peer};
 use crate::http::headers::{is_grpc, is_upgrade, strip_hop_by_hop};
@@ -52,12 +54,10 @@ pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: So
     let (protocol, prefix) = if opaque {
         (Protocol::Opaque, bytes::Bytes::new())
     } else {
-        let started = Instant::now();
         match detect::detect(&mut io, ctx.cfg.detect_timeout).await {
             Ok(d) => {
                 ctx.metrics
                     .detected(Direction::Outbound, d.protocol.as_str(), d.timed_out);
-                tracing::trace!(protocol = ?d.protocol, elapsed = ?started.elapsed(), "detected");
                 (d.protocol, d.prefix)
             }
             Err(e) => {
@@ -69,22 +69,24 @@ pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: So
     let io = PrefixedIo::new(prefix, io);
 
     match protocol {
-        Protocol::Opaque => {
-            let addr = match &lookup {
-                Lookup::Passthrough => orig_dst,
+        Protocol::Opaque | Protocol::Tls => {
+            let (addr, tls) = match &lookup {
+                Lookup::Passthrough => (orig_dst, None),
                 Lookup::Mesh {
                     resolution,
                     service,
                     ..
                 } => match resolution.balancer.pick() {
-                    Some(e) => e.addr(),
+                    Some(e) => (e.addr(), e.tls.as_ref().map(|t| t.tcp.clone())),
                     None => {
                         tracing::warn!(%service, "no endpoints; closing TCP connection");
                         return;
                     }
                 },
             };
-            if let Err(e) = crate::tcp::forward(io, addr, ctx.cfg.connect_timeout).await {
+            if let Err(e) =
+                crate::tcp::forward(io, addr, ctx.cfg.connect_timeout, tls.as_ref()).await
+            {
                 tracing::warn!(%orig_dst, error = %e, "outbound TCP forward failed");
             }
         }
@@ -167,15 +169,26 @@ impl OutboundHttp {
                     .pick()
                     .ok_or_else(|| ProxyError::NoEndpoints(service.to_string()))?;
                 let mut in_flight = endpoint.start();
-                let result = if endpoint.spec.meshed && !upgrade {
-                    if let Err(e) = endpoint.h2.ready().await {
-                        in_flight.failure();
-                        return Err(e);
+                let result = match (&endpoint.tls, endpoint.spec.meshed, upgrade) {
+                    // An upgrade to a meshed peer: its own mTLS connection, HTTP/1.1 inside.
+                    (Some(tls), true, true) => {
+                        send_upgrade(
+                            endpoint.addr(),
+                            self.ctx.cfg.connect_timeout,
+                            Some(&tls.http1),
+                            req,
+                        )
+                        .await
                     }
-                    in_flight.connected();
-                    to_peer(&endpoint.h2, req).await
-                } else {
-                    direct(&self.ctx.clients, endpoint.addr(), &endpoint.h2, req).await
+                    (_, true, false) => {
+                        if let Err(e) = endpoint.h2.ready().await {
+                            in_flight.failure();
+                            return Err(e);
+                        }
+                        in_flight.connected();
+                        to_peer(&endpoint.h2, req).await
+                    }
+                    _ => direct(&self.ctx.clients, endpoint.addr(), &endpoint.h2, req).await,
                 };
                 match &result {
                     Ok(_) => in_flight.success(),

@@ -19,8 +19,9 @@ pub struct ServiceDef {
     pub cluster_ip: String,
     pub port: u16,
     pub target_port: u16,
-    /// Pod IPs.
-    pub endpoints: Vec<String>,
+    /// (pod IP, pod name): the name becomes the endpoint's `targetRef`, so a Pod document
+    /// can give its service account.
+    pub endpoints: Vec<(String, String)>,
     pub service_account: String,
     pub app_protocol: Option<String>,
     pub opaque: bool,
@@ -41,7 +42,10 @@ impl ServiceDef {
             cluster_ip: cluster_ip.to_string(),
             port,
             target_port,
-            endpoints: endpoints.iter().map(|p| p.ip.clone()).collect(),
+            endpoints: endpoints
+                .iter()
+                .map(|p| (p.ip.clone(), p.name.clone()))
+                .collect(),
             service_account: name.to_string(),
             app_protocol: None,
             opaque: false,
@@ -65,7 +69,9 @@ impl ServiceDef {
         let endpoints: String = self
             .endpoints
             .iter()
-            .map(|ip| format!("- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}\n"))
+            .map(|(ip, pod)| {
+                format!("- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}\n  targetRef: {{kind: Pod, name: {pod}}}\n")
+            })
             .collect();
         let endpoints = if endpoints.is_empty() {
             "[]\n".to_string()
@@ -144,22 +150,30 @@ pub struct SidecarOpts<'a> {
 impl Net {
     /// Starts the control plane in the bridge namespace, serving `config`.
     pub fn start_control_plane(&self, config: &Path) -> Result<Proc> {
+        self.start_control_plane_with(config, &[])
+    }
+
+    /// Same, with extra flags (e.g. the issuer's files).
+    pub fn start_control_plane_with(&self, config: &Path, extra: &[&str]) -> Result<Proc> {
         let bin = crate::bin("strait-control-plane")?;
         let addr = format!("{BRIDGE_IP}:{DISCOVERY_PORT}");
         let dir = config.to_string_lossy();
+        let bin = bin.to_string_lossy();
+        let mut cmd: Vec<&str> = vec![
+            &bin,
+            "--config-dir",
+            &dir,
+            "--discovery-addr",
+            &addr,
+            "--poll-interval",
+            "100ms",
+        ];
+        cmd.extend_from_slice(extra);
         let proc = self.spawn_in(
             &self.bridge_ns,
             "control-plane",
             None,
-            &[
-                &bin.to_string_lossy(),
-                "--config-dir",
-                &dir,
-                "--discovery-addr",
-                &addr,
-                "--poll-interval",
-                "100ms",
-            ],
+            &cmd,
             &[("STRAIT_LOG", "info")],
         )?;
         self.wait_log(&proc, "serving discovery", Duration::from_secs(10))?;

@@ -15,6 +15,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use super::error::ProxyError;
+use crate::identity::TlsTarget;
 
 /// HTTP/2 flow-control windows: large enough that one stream can fill a fast link.
 pub const WINDOW: u32 = 2 * 1024 * 1024;
@@ -32,6 +33,21 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, P
     }
 }
 
+/// Connects and completes a TLS 1.3 handshake as `target` says.
+pub async fn connect_tls(
+    addr: SocketAddr,
+    timeout: Duration,
+    target: &TlsTarget,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ProxyError> {
+    let tcp = connect(addr, timeout).await?;
+    let connector = tokio_rustls::TlsConnector::from(target.config.clone());
+    match tokio::time::timeout(timeout, connector.connect(target.server_name.clone(), tcp)).await {
+        Ok(Ok(tls)) => Ok(tls),
+        Ok(Err(source)) => Err(ProxyError::Tls { addr, source }),
+        Err(_) => Err(ProxyError::ConnectTimeout { addr, timeout }),
+    }
+}
+
 /// A lazily established HTTP/2 connection to one address, shared by every request to it and
 /// re-established when it closes.
 #[derive(Debug)]
@@ -40,15 +56,22 @@ pub struct H2Conn {
     connect_timeout: Duration,
     current: ArcSwapOption<http2::SendRequest<Incoming>>,
     connecting: tokio::sync::Mutex<()>,
+    tls: Option<TlsTarget>,
 }
 
 impl H2Conn {
     pub fn new(addr: SocketAddr, connect_timeout: Duration) -> Self {
+        Self::with_tls(addr, connect_timeout, None)
+    }
+
+    /// A connection that speaks HTTP/2 over mTLS when `tls` is set.
+    pub fn with_tls(addr: SocketAddr, connect_timeout: Duration, tls: Option<TlsTarget>) -> Self {
         Self {
             addr,
             connect_timeout,
             current: ArcSwapOption::empty(),
             connecting: tokio::sync::Mutex::new(()),
+            tls,
         }
     }
 
@@ -74,27 +97,48 @@ impl H2Conn {
                 return Ok((**s).clone());
             }
         }
-        let stream = connect(self.addr, self.connect_timeout).await?;
-        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+        let mut builder = http2::Builder::new(TokioExecutor::new());
+        builder
             .timer(TokioTimer::new())
             // Fixed large windows: adaptive (BDP) windows send a PING per burst of data, which
             // costs syscalls on every request at low load.
             .initial_stream_window_size(WINDOW)
             .initial_connection_window_size(CONN_WINDOW)
             .keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| ProxyError::Upstream {
-                addr: self.addr,
-                source: Box::new(e),
-            })?;
+            .keep_alive_timeout(Duration::from_secs(5));
+        let failed = |e| ProxyError::Upstream {
+            addr: self.addr,
+            source: Box::new(e),
+        };
         let addr = self.addr;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%addr, error = %e, "HTTP/2 connection closed");
+        let sender = match &self.tls {
+            Some(target) => {
+                let stream = connect_tls(self.addr, self.connect_timeout, target).await?;
+                let (sender, conn) = builder
+                    .handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(failed)?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(%addr, error = %e, "HTTP/2 mTLS connection closed");
+                    }
+                });
+                sender
             }
-        });
+            None => {
+                let stream = connect(self.addr, self.connect_timeout).await?;
+                let (sender, conn) = builder
+                    .handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(failed)?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(%addr, error = %e, "HTTP/2 connection closed");
+                    }
+                });
+                sender
+            }
+        };
         self.current.store(Some(Arc::new(sender.clone())));
         Ok(sender)
     }
@@ -227,23 +271,41 @@ pub async fn send_h1(
 pub async fn send_upgrade(
     addr: SocketAddr,
     connect_timeout: Duration,
+    tls: Option<&TlsTarget>,
     mut req: Request<Incoming>,
 ) -> Result<Response<Incoming>, ProxyError> {
     let tunnel = req.method() == http::Method::CONNECT;
     let downstream = hyper::upgrade::on(&mut req);
-    let stream = connect(addr, connect_timeout).await?;
     let upstream_err = |e: hyper::Error| ProxyError::Upstream {
         addr,
         source: Box::new(e),
     };
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(upstream_err)?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(%addr, error = %e, "upgrade connection ended");
+    let mut sender = match tls {
+        Some(target) => {
+            let stream = connect_tls(addr, connect_timeout, target).await?;
+            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(upstream_err)?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.with_upgrades().await {
+                    tracing::debug!(%addr, error = %e, "upgrade connection ended");
+                }
+            });
+            sender
         }
-    });
+        None => {
+            let stream = connect(addr, connect_timeout).await?;
+            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(upstream_err)?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.with_upgrades().await {
+                    tracing::debug!(%addr, error = %e, "upgrade connection ended");
+                }
+            });
+            sender
+        }
+    };
     let mut resp = sender.send_request(req).await.map_err(upstream_err)?;
     if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS
         || (tunnel && resp.status().is_success())

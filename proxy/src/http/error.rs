@@ -32,13 +32,23 @@ pub enum ProxyError {
     },
     #[error("the request has no authority (Host header)")]
     NoAuthority,
+    #[error(
+        "mTLS with {addr} failed: {source} (is the peer's identity the one discovery announced?)"
+    )]
+    Tls {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoEndpoints(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Connect { .. } | ProxyError::Upstream { .. } | ProxyError::Tls { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
             ProxyError::ConnectTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::NoAuthority => StatusCode::BAD_REQUEST,
         }
@@ -52,6 +62,7 @@ impl ProxyError {
             ProxyError::ConnectTimeout { .. } => "connect timeout",
             ProxyError::Upstream { .. } => "upstream failed",
             ProxyError::NoAuthority => "no authority",
+            ProxyError::Tls { .. } => "tls failed",
         }
     }
 

@@ -88,7 +88,7 @@ pub async fn direct(
     req: Request<Incoming>,
 ) -> Result<Response<Incoming>, ProxyError> {
     if headers::is_upgrade(&req) {
-        return send_upgrade(addr, clients.connect_timeout, req).await;
+        return send_upgrade(addr, clients.connect_timeout, None, req).await;
     }
     match req.version() {
         Version::HTTP_2 => h2.send(req).await,

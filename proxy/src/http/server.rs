@@ -64,7 +64,7 @@ where
                 }
             }
         }
-        Protocol::Opaque => return,
+        Protocol::Opaque | Protocol::Tls => return,
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "HTTP connection ended with an error");

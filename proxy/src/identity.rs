@@ -1,0 +1,292 @@
+//! This proxy's identity: a key generated in memory (never written anywhere), a certificate
+//! from the control plane's identity API, renewed at 70% of its lifetime, and the TLS
+//! configurations built on them.
+//!
+//! The proxy reports ready only once it has a certificate. A failed renewal is retried with
+//! backoff while the current certificate stays valid. The trust anchors file is re-read when it
+//! changes, so anchors rotate without a restart.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rustls::pki_types::ServerName;
+use rustls::ClientConfig;
+use strait_api::identity::identity_client::IdentityClient;
+use strait_api::identity::CertifyRequest;
+use strait_identity::tls::{self, Credentials, TrustAnchors, ALPN_H2, ALPN_HTTP1};
+use strait_identity::SpiffeId;
+
+use crate::metrics::Metrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("cannot read {path}: {source} (--{setting})")]
+    Read {
+        setting: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("trust anchors in {path}: {source}")]
+    Anchors {
+        path: PathBuf,
+        #[source]
+        source: tls::TlsError,
+    },
+    #[error("cannot reach the identity API at {addr}: {message}")]
+    Unreachable { addr: String, message: String },
+    #[error("the identity API refused the CSR: {0}")]
+    Refused(String),
+    #[error("{0}")]
+    Local(String),
+}
+
+/// Where a TLS connection goes: its configuration and the name sent as SNI.
+#[derive(Debug, Clone)]
+pub struct TlsTarget {
+    pub config: Arc<ClientConfig>,
+    pub server_name: ServerName<'static>,
+}
+
+/// The TLS targets of one peer proxy, by what is carried.
+#[derive(Debug, Clone)]
+pub struct PeerTls {
+    pub h2: TlsTarget,
+    pub http1: TlsTarget,
+    pub tcp: TlsTarget,
+}
+
+/// The SNI a client sends to reach the workload `id` through its proxy: a DNS-shaped name the
+/// inbound side compares with its own, to tell mesh TLS from the application's own TLS.
+pub fn mesh_sni(id: &SpiffeId) -> String {
+    format!(
+        "{}.{}.serviceaccount.identity.strait.{}",
+        id.service_account(),
+        id.namespace(),
+        id.trust_domain()
+    )
+}
+
+#[derive(Debug)]
+pub struct Identity {
+    pub id: SpiffeId,
+    pub anchors: Arc<TrustAnchors>,
+    pub creds: Arc<Credentials>,
+    pub server_config: Arc<rustls::ServerConfig>,
+    pub sni: String,
+    addr: String,
+    server_name: String,
+    anchors_path: PathBuf,
+    token_path: PathBuf,
+}
+
+impl Identity {
+    pub fn new(
+        id: SpiffeId,
+        addr: String,
+        server_name: String,
+        anchors_path: PathBuf,
+        token_path: PathBuf,
+    ) -> Result<Self, IdentityError> {
+        let pem = std::fs::read_to_string(&anchors_path).map_err(|source| IdentityError::Read {
+            setting: "trust-anchors",
+            path: anchors_path.clone(),
+            source,
+        })?;
+        let anchors =
+            Arc::new(
+                TrustAnchors::from_pem(&pem).map_err(|source| IdentityError::Anchors {
+                    path: anchors_path.clone(),
+                    source,
+                })?,
+            );
+        let creds = Arc::new(Credentials::default());
+        let server_config = Arc::new(
+            tls::server_config(anchors.clone(), creds.clone())
+                .map_err(|e| IdentityError::Local(e.to_string()))?,
+        );
+        Ok(Self {
+            sni: mesh_sni(&id),
+            id,
+            anchors,
+            creds,
+            server_config,
+            addr,
+            server_name,
+            anchors_path,
+            token_path,
+        })
+    }
+
+    /// Client configurations for connections to the peer `expected`.
+    pub fn peer(&self, expected: &SpiffeId) -> Result<PeerTls, IdentityError> {
+        let server_name = ServerName::try_from(mesh_sni(expected))
+            .map_err(|e| IdentityError::Local(e.to_string()))?;
+        let target = |alpn: Option<&[u8]>| -> Result<TlsTarget, IdentityError> {
+            let config = tls::client_config(
+                self.anchors.clone(),
+                self.creds.clone(),
+                expected.clone(),
+                alpn,
+            )
+            .map_err(|e| IdentityError::Local(e.to_string()))?;
+            Ok(TlsTarget {
+                config: Arc::new(config),
+                server_name: server_name.clone(),
+            })
+        };
+        Ok(PeerTls {
+            h2: target(Some(ALPN_H2))?,
+            http1: target(Some(ALPN_HTTP1))?,
+            tcp: target(None)?,
+        })
+    }
+
+    /// One CSR round trip: a fresh key, a CSR for our ID, the token as proof.
+    async fn certify(&self) -> Result<SystemTime, IdentityError> {
+        let token =
+            tokio::fs::read(&self.token_path)
+                .await
+                .map_err(|source| IdentityError::Read {
+                    setting: "identity-token-file",
+                    path: self.token_path.clone(),
+                    source,
+                })?;
+        let (key, csr) = strait_identity::ca::new_csr(&self.id)
+            .map_err(|e| IdentityError::Local(e.to_string()))?;
+        let channel = self.channel().await?;
+        let response = IdentityClient::new(channel)
+            .certify(CertifyRequest {
+                identity: self.id.to_string(),
+                token,
+                certificate_signing_request: csr,
+            })
+            .await
+            .map_err(|s| match s.code() {
+                tonic::Code::Unavailable | tonic::Code::Unknown => IdentityError::Unreachable {
+                    addr: self.addr.clone(),
+                    message: s.message().to_string(),
+                },
+                _ => IdentityError::Refused(format!("{:?}: {}", s.code(), s.message())),
+            })?
+            .into_inner();
+        let mut chain = vec![response.leaf_certificate];
+        chain.extend(response.intermediate_certificates);
+        self.creds
+            .install(chain, key.serialize_der())
+            .map_err(|e| IdentityError::Local(e.to_string()))?;
+        Ok(SystemTime::UNIX_EPOCH
+            + Duration::from_secs(response.valid_until_unix_seconds.max(0) as u64))
+    }
+
+    async fn channel(&self) -> Result<tonic::transport::Channel, IdentityError> {
+        let unreachable = |message: String| IdentityError::Unreachable {
+            addr: self.addr.clone(),
+            message,
+        };
+        let config = tls::dns_client_config(&self.anchors)
+            .map_err(|e| IdentityError::Local(e.to_string()))?;
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let name = ServerName::try_from(self.server_name.clone())
+            .map_err(|e| unreachable(e.to_string()))?;
+        let addr = self.addr.clone();
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| unreachable(e.to_string()))?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(10));
+        endpoint
+            .connect_with_connector(tower::service_fn(move |_uri| {
+                let (connector, name, addr) = (connector.clone(), name.clone(), addr.clone());
+                async move {
+                    let tcp = tokio::net::TcpStream::connect(&addr).await?;
+                    let tls = connector.connect(name, tcp).await?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+                }
+            }))
+            .await
+            .map_err(|e| {
+                unreachable(format!(
+                    "{e}: {}",
+                    std::error::Error::source(&e)
+                        .map(|s| s.to_string())
+                        .unwrap_or_default()
+                ))
+            })
+    }
+
+    /// Keeps the certificate fresh, forever. `first` is told once the first one is installed.
+    pub async fn maintain(
+        self: Arc<Self>,
+        metrics: Arc<Metrics>,
+        first: tokio::sync::oneshot::Sender<()>,
+    ) {
+        let mut first = Some(first);
+        let mut failures: u32 = 0;
+        let mut valid_until: Option<SystemTime> = None;
+        loop {
+            let issued = SystemTime::now();
+            let wait = match self.certify().await {
+                Ok(not_after) => {
+                    failures = 0;
+                    valid_until = Some(not_after);
+                    let secs = not_after
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0);
+                    metrics.cert_expiry.set(secs as i64);
+                    metrics.certified(true);
+                    tracing::info!(id = %self.id, valid_until = secs, "certificate installed");
+                    if let Some(tx) = first.take() {
+                        let _ = tx.send(());
+                    }
+                    not_after
+                        .duration_since(issued)
+                        .unwrap_or_default()
+                        .mul_f64(0.7)
+                }
+                Err(e) => {
+                    failures += 1;
+                    metrics.certified(false);
+                    let backoff = Duration::from_millis(200)
+                        .saturating_mul(1 << failures.min(5))
+                        .min(Duration::from_secs(10));
+                    let still_valid =
+                        valid_until.and_then(|v| v.duration_since(SystemTime::now()).ok());
+                    tracing::warn!(
+                        error = %e,
+                        retry_in = ?backoff,
+                        current_valid_for = ?still_valid,
+                        "certificate renewal failed; the current certificate stays in use while valid"
+                    );
+                    backoff
+                }
+            };
+            tokio::time::sleep(wait.max(Duration::from_millis(200))).await;
+        }
+    }
+
+    /// Re-reads the anchors file every second; a change replaces the bundle.
+    pub async fn watch_anchors(self: Arc<Self>) {
+        let mut last = std::fs::read_to_string(&self.anchors_path).unwrap_or_default();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let Ok(pem) = tokio::fs::read_to_string(&self.anchors_path).await else {
+                continue;
+            };
+            if pem == last {
+                continue;
+            }
+            match self.anchors.replace_pem(&pem) {
+                Ok(()) => {
+                    tracing::info!(path = %self.anchors_path.display(), "trust anchors reloaded")
+                }
+                Err(e) => {
+                    tracing::warn!(path = %self.anchors_path.display(), error = %e, "new trust anchors unusable; keeping the current ones")
+                }
+            }
+            last = pem;
+        }
+    }
+}
