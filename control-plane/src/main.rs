@@ -65,6 +65,7 @@ async fn main() {
             tracing_subscriber::EnvFilter::try_from_env("STRAIT_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
+        .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
     if let Err(e) = run(args).await {

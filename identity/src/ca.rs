@@ -207,6 +207,21 @@ impl CertificateAuthority {
             message: "no CERTIFICATE block in the PEM".into(),
         })?;
         let issuer_not_after = not_after_of_der(&issuer_der)?;
+        // A key that is not the certificate's would sign leaves whose chain is broken (this
+        // happens mid-rotation, when one file is new and the other is not yet).
+        let (_, parsed) =
+            x509_parser::parse_x509_certificate(&issuer_der).map_err(|e| CaError::Invalid {
+                what: "parsing the issuer certificate",
+                message: e.to_string(),
+            })?;
+        if parsed.tbs_certificate.subject_pki.raw
+            != rcgen::PublicKeyData::subject_public_key_info(&key).as_slice()
+        {
+            return Err(CaError::Invalid {
+                what: "the issuer key",
+                message: "it is not the key of the issuer certificate".into(),
+            });
+        }
         let issuer = Issuer::from_ca_cert_pem(issuer_cert_pem, key)
             .map_err(invalid("reading the issuer certificate"))?;
         Ok(Self {
@@ -410,6 +425,19 @@ mod tests {
             .sign_csr(&csr, &id("web"), Duration::from_secs(3600 * 24 * 3650))
             .expect("signed");
         assert!(long.not_after <= ca.issuer_not_after());
+    }
+
+    #[test]
+    fn an_issuer_key_that_is_not_the_certificates_is_refused() {
+        let (a, _) = ca();
+        let (b, _) = ca();
+        let err = CertificateAuthority::from_pem(&a.issuer_cert_pem, &b.issuer_key_pem)
+            .expect_err("mismatch");
+        assert!(
+            err.to_string()
+                .contains("not the key of the issuer certificate"),
+            "{err}"
+        );
     }
 
     #[test]
