@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use strait_api::discovery::discovery_server::Discovery;
-use strait_api::discovery::{DestinationUpdate, WatchRequest};
+use strait_api::discovery::{DestinationUpdate, InboundPolicy, InboundRequest, WatchRequest};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -26,6 +26,39 @@ impl DiscoveryService {
 #[tonic::async_trait]
 impl Discovery for DiscoveryService {
     type WatchStream = ReceiverStream<Result<DestinationUpdate, Status>>;
+    type WatchInboundStream = ReceiverStream<Result<InboundPolicy, Status>>;
+
+    async fn watch_inbound(
+        &self,
+        request: Request<InboundRequest>,
+    ) -> Result<Response<Self::WatchInboundStream>, Status> {
+        let InboundRequest { identity, proxy } = request.into_inner();
+        let id: strait_identity::SpiffeId = identity
+            .parse()
+            .map_err(|e: strait_identity::SpiffeIdError| Status::invalid_argument(e.to_string()))?;
+        tracing::debug!(%id, %proxy, "watch inbound");
+        let (tx, rx) = mpsc::channel(2);
+        let mut index = self.index.clone();
+        tokio::spawn(async move {
+            let mut last: Option<Arc<InboundPolicy>> = None;
+            loop {
+                let answer = index
+                    .borrow_and_update()
+                    .inbound(id.namespace(), id.service_account());
+                if last.as_ref() != Some(&answer) {
+                    if tx.send(Ok((*answer).clone())).await.is_err() {
+                        return;
+                    }
+                    last = Some(answer);
+                }
+                tokio::select! {
+                    changed = index.changed() => if changed.is_err() { return },
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
 
     async fn watch(
         &self,

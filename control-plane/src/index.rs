@@ -9,11 +9,13 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use strait_api::discovery::{
-    destination_update::Update, Destination, DestinationUpdate, Endpoint, NotInMesh, ProtocolHint,
+    allowed_client, destination_update::Update, AllowedClient, Destination, DestinationUpdate,
+    Endpoint, InboundPolicy, NotInMesh, PortAuthorization, ProtocolHint,
 };
 
 use crate::resources::{
-    annotations, EndpointSlice, IntOrString, Pod, Resource, Service, ServicePort,
+    annotations, AuthorizationPolicy, EndpointSlice, IntOrString, Pod, Resource, Service,
+    ServicePort,
 };
 
 /// Naming settings of the cluster.
@@ -41,6 +43,8 @@ pub struct MeshIndex {
     services: usize,
     /// ServiceAccount token -> (namespace, service account), from token Secrets.
     tokens: HashMap<String, (String, String)>,
+    /// (namespace, service account) -> inbound authorization of that workload.
+    inbound: HashMap<(String, String), Arc<InboundPolicy>>,
 }
 
 impl MeshIndex {
@@ -51,6 +55,7 @@ impl MeshIndex {
         let mut slices: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
         let mut pods: HashMap<(&str, &str), &Pod> = HashMap::new();
         let mut tokens = HashMap::new();
+        let mut policies = Vec::new();
         for r in resources {
             match r {
                 Resource::Service(s) => services.push(s),
@@ -67,6 +72,7 @@ impl MeshIndex {
                 Resource::Pod(p) => {
                     pods.insert((p.metadata.namespace.as_str(), p.metadata.name.as_str()), p);
                 }
+                Resource::AuthorizationPolicy(p) => policies.push(p),
                 Resource::Secret(secret) => {
                     if let Some((sa, token)) = secret.service_account_token() {
                         tokens.insert(token, (secret.metadata.namespace.clone(), sa));
@@ -84,6 +90,7 @@ impl MeshIndex {
             answers: HashMap::new(),
             services: services.len(),
             tokens,
+            inbound: inbound_policies(&policies),
         };
         for svc in services {
             let ns = svc.metadata.namespace.as_str();
@@ -150,6 +157,14 @@ impl MeshIndex {
         }
     }
 
+    /// The inbound authorization of the workload `(namespace, service account)`.
+    pub fn inbound(&self, namespace: &str, service_account: &str) -> Arc<InboundPolicy> {
+        self.inbound
+            .get(&(namespace.to_string(), service_account.to_string()))
+            .cloned()
+            .unwrap_or_default()
+    }
+
     /// The `(namespace, service account)` a token proves, if any.
     pub fn token_account(&self, token: &str) -> Option<&(String, String)> {
         self.tokens.get(token)
@@ -159,6 +174,55 @@ impl MeshIndex {
     pub fn service_count(&self) -> usize {
         self.services
     }
+}
+
+/// Groups policies by workload. Rules that cannot be used (a bad SPIFFE ID) are skipped with a
+/// warning: a policy is never widened by an error.
+fn inbound_policies(
+    policies: &[&AuthorizationPolicy],
+) -> HashMap<(String, String), Arc<InboundPolicy>> {
+    let mut out: HashMap<(String, String), InboundPolicy> = HashMap::new();
+    let mut sorted: Vec<_> = policies.iter().collect();
+    sorted.sort_by(|a, b| {
+        (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
+    });
+    for p in sorted {
+        let name = format!("{}/{}", p.metadata.namespace, p.metadata.name);
+        if p.spec.target_ref.kind != "ServiceAccount" {
+            tracing::warn!(policy = %name, kind = %p.spec.target_ref.kind, "targetRef.kind must be ServiceAccount; policy ignored");
+            continue;
+        }
+        let mut allow = Vec::new();
+        for rule in &p.spec.allow {
+            for id in &rule.identities {
+                match id.parse::<strait_identity::SpiffeId>() {
+                    Ok(id) => allow.push(AllowedClient {
+                        client: Some(allowed_client::Client::Identity(id.to_string())),
+                    }),
+                    Err(e) => tracing::warn!(policy = %name, error = %e, "identity skipped"),
+                }
+            }
+            for ns in &rule.namespaces {
+                allow.push(AllowedClient {
+                    client: Some(allowed_client::Client::Namespace(ns.clone())),
+                });
+            }
+            if rule.authenticated {
+                allow.push(AllowedClient {
+                    client: Some(allowed_client::Client::Authenticated(true)),
+                });
+            }
+        }
+        out.entry((p.metadata.namespace.clone(), p.spec.target_ref.name.clone()))
+            .or_default()
+            .ports
+            .push(PortAuthorization {
+                port: u32::from(p.spec.port.unwrap_or(0)),
+                policy: name,
+                allow,
+            });
+    }
+    out.into_iter().map(|(k, v)| (k, Arc::new(v))).collect()
 }
 
 fn not_in_mesh(reason: String) -> Arc<DestinationUpdate> {

@@ -197,6 +197,44 @@ impl Secret {
     }
 }
 
+/// A `policy.strait.io/v1alpha1/AuthorizationPolicy`: which clients may reach a workload (its
+/// service account, in the policy's namespace), on one port or all.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct AuthorizationPolicy {
+    pub metadata: ObjectMeta,
+    pub spec: AuthorizationPolicySpec,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthorizationPolicySpec {
+    pub target_ref: PolicyTarget,
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub allow: Vec<AllowRule>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyTarget {
+    /// Only `ServiceAccount` is supported.
+    pub kind: String,
+    pub name: String,
+}
+
+/// One way to be allowed. A rule with several fields allows what any of them allows.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AllowRule {
+    #[serde(default)]
+    pub identities: Vec<String>,
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    #[serde(default)]
+    pub authenticated: bool,
+}
+
 /// Every object kind the control plane acts on. Documents of other kinds are skipped.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Resource {
@@ -204,6 +242,7 @@ pub enum Resource {
     EndpointSlice(EndpointSlice),
     Pod(Pod),
     Secret(Secret),
+    AuthorizationPolicy(AuthorizationPolicy),
 }
 
 /// Annotations and labels Strait reads.

@@ -166,6 +166,11 @@ impl Mesh {
     /// A pod running as service account `sa`, with its token, Pod document and sidecar (with an
     /// identity when the mesh has one).
     pub fn pod_as(&self, name: &str, sa: &str, opts: &SidecarOpts) -> Result<Pod> {
+        self.pod_in(name, "default", sa, opts)
+    }
+
+    /// A pod in namespace `ns` running as service account `sa`.
+    pub fn pod_in(&self, name: &str, ns: &str, sa: &str, opts: &SidecarOpts) -> Result<Pod> {
         let pod = self.net.pod(name)?;
         let mut env: Vec<(String, String)> = opts
             .env
@@ -179,8 +184,8 @@ impl Mesh {
             self.config.write(
                 &format!("pod-{name}.yaml"),
                 &format!(
-                    "kind: Pod\nmetadata: {{name: {name}, namespace: default}}\nspec: {{serviceAccountName: {sa}}}\n---\n\
-                     kind: Secret\nmetadata: {{name: {name}-token, namespace: default, annotations: {{kubernetes.io/service-account.name: {sa}}}}}\n\
+                    "kind: Pod\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {{serviceAccountName: {sa}}}\n---\n\
+                     kind: Secret\nmetadata: {{name: {name}-token, namespace: {ns}, annotations: {{kubernetes.io/service-account.name: {sa}}}}}\n\
                      type: kubernetes.io/service-account-token\nstringData: {{token: {token}}}\n"
                 ),
             )?;
@@ -195,7 +200,7 @@ impl Mesh {
             ));
             env.push((
                 "STRAIT_IDENTITY".into(),
-                format!("spiffe://cluster.local/ns/default/sa/{sa}"),
+                format!("spiffe://cluster.local/ns/{ns}/sa/{sa}"),
             ));
             // Let the control plane see the token before the proxy asks.
             std::thread::sleep(Duration::from_millis(300));

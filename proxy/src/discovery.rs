@@ -138,6 +138,11 @@ impl Discovery {
         })
     }
 
+    /// A client of the discovery service (shares the connection).
+    pub fn client(&self) -> DiscoveryClient<Channel> {
+        self.client.clone()
+    }
+
     /// Looks `target` up, starting its stream on first use.
     pub async fn lookup(&self, target: SocketAddr) -> Lookup {
         let resolution = self.resolution(target);

@@ -85,7 +85,14 @@ pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: So
         return;
     }
     match protocol {
-        Protocol::Opaque | Protocol::Tls => forward_tcp(&ctx, io, orig_dst).await,
+        Protocol::Opaque | Protocol::Tls => {
+            if let Err(denied) = ctx.authz.authorize(port, None) {
+                tracing::info!(%orig_dst, policy = %denied.0, "refused an unauthenticated TCP connection");
+                ctx.metrics.refused("unauthorized", port, None);
+                return;
+            }
+            forward_tcp(&ctx, io, orig_dst).await
+        }
         Protocol::Http1 | Protocol::Http2 => serve_http(&ctx, io, protocol, orig_dst, None).await,
     }
     drop(tcp);
@@ -122,6 +129,15 @@ where
     let (_, session) = tls.get_ref();
     let client = strait_identity::tls::peer_identity(session.peer_certificates());
     let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
+    if alpn.is_none() {
+        // Opaque TCP over mTLS: authorized once, for the connection.
+        if let Err(denied) = ctx.authz.authorize(orig_dst.port(), client.as_ref()) {
+            tracing::info!(%orig_dst, client = ?client, policy = %denied.0, "refused an unauthorized TCP connection");
+            ctx.metrics
+                .refused("unauthorized", orig_dst.port(), client.as_ref());
+            return;
+        }
+    }
     match alpn.as_deref() {
         Some(strait_identity::tls::ALPN_H2) => {
             serve_http(&ctx, tls, Protocol::Http2, orig_dst, client).await
@@ -197,6 +213,22 @@ impl Handler for InboundHttp {
 
 impl InboundHttp {
     async fn forward(&self, mut req: Request<Incoming>) -> Result<Response<Incoming>, ProxyError> {
+        if let Err(denied) = self
+            .ctx
+            .authz
+            .authorize(self.app.port(), self.client.as_ref())
+        {
+            self.ctx
+                .metrics
+                .refused("unauthorized", self.app.port(), self.client.as_ref());
+            return Err(ProxyError::Unauthorized {
+                client: self.client.as_ref().map_or_else(
+                    || "an unauthenticated client".to_string(),
+                    ToString::to_string,
+                ),
+                policy: denied.0,
+            });
+        }
         if restore_orig_proto(&mut req) {
             strip_hop_by_hop(req.headers_mut(), false);
             return send_h1(&self.ctx.clients.h1, self.app, req).await;

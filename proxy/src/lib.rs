@@ -19,6 +19,7 @@ pub mod io;
 pub mod listen;
 pub mod metrics;
 pub mod outbound;
+pub mod policy;
 pub mod tcp;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,6 +44,8 @@ pub struct Context {
     pub drain: Drain,
     /// This proxy's identity, when mTLS is on.
     pub identity: Option<Arc<identity::Identity>>,
+    /// Inbound authorization (allows everyone until a policy arrives).
+    pub authz: Arc<policy::Authorizer>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -150,6 +153,7 @@ pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
         discovery,
         drain: drain.clone(),
         identity: identity.clone(),
+        authz: Arc::new(policy::Authorizer::default()),
     });
 
     let ready = Arc::new(AtomicBool::new(false));
@@ -176,6 +180,23 @@ pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
                 }
                 _ = termination() => return Ok(()),
             }
+        }
+    }
+
+    if let (Some(identity), Some(discovery)) = (&identity, &ctx.discovery) {
+        // Wait briefly for the workload's policy, so a protected port is never open at start.
+        let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(ctx.authz.clone().watch(
+            discovery.client(),
+            identity.id.clone(),
+            ctx.cfg.workload.clone(),
+            first_tx,
+        ));
+        if tokio::time::timeout(ctx.cfg.discovery_timeout, first_rx)
+            .await
+            .is_err()
+        {
+            tracing::warn!("no inbound policy yet; starting with none (every client allowed)");
         }
     }
 

@@ -68,6 +68,7 @@ fn parse_value(doc: usize, value: Value, out: &mut Vec<Resource>) -> Result<(), 
         "EndpointSlice" => Resource::EndpointSlice(typed(value).map_err(shape)?),
         "Pod" => Resource::Pod(typed(value).map_err(shape)?),
         "Secret" => Resource::Secret(typed(value).map_err(shape)?),
+        "AuthorizationPolicy" => Resource::AuthorizationPolicy(typed(value).map_err(shape)?),
         "List" => {
             // `kubectl get -o yaml` output: a List of items.
             if let Some(Value::Sequence(items)) = value.get("items") {

@@ -32,6 +32,8 @@ pub enum ProxyError {
     },
     #[error("the request has no authority (Host header)")]
     NoAuthority,
+    #[error("{client} is not authorized by {policy}")]
+    Unauthorized { client: String, policy: String },
     #[error(
         "mTLS with {addr} failed: {source} (is the peer's identity the one discovery announced?)"
     )]
@@ -51,6 +53,7 @@ impl ProxyError {
             }
             ProxyError::ConnectTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::NoAuthority => StatusCode::BAD_REQUEST,
+            ProxyError::Unauthorized { .. } => StatusCode::FORBIDDEN,
         }
     }
 
@@ -63,12 +66,14 @@ impl ProxyError {
             ProxyError::Upstream { .. } => "upstream failed",
             ProxyError::NoAuthority => "no authority",
             ProxyError::Tls { .. } => "tls failed",
+            ProxyError::Unauthorized { .. } => "unauthorized",
         }
     }
 
     fn grpc_status(&self) -> u8 {
         match self {
             ProxyError::ConnectTimeout { .. } => 4, // DEADLINE_EXCEEDED
+            ProxyError::Unauthorized { .. } => 7,   // PERMISSION_DENIED
             ProxyError::NoAuthority => 13,          // INTERNAL
             _ => 14,                                // UNAVAILABLE
         }
