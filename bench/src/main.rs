@@ -1,11 +1,15 @@
 //! `strait-bench`: the mesh against a direct connection, measured in the same run.
 //!
-//! Pods (network namespaces on a private bridge): `dclient` -> `dserver` (direct), and
-//! `mclient` -> [proxy] -> [proxy] -> `mserver` (the mesh), each server an nginx with one
-//! worker serving a 1 KiB body. Phases, each run direct then meshed:
+//! Pods (network namespaces on a private bridge): `dclient` -> `dserver` (direct),
+//! `pclient` -> [proxy] -> [proxy] -> `pserver` and `mclient` -> ... -> `mserver` (the mesh),
+//! each server an nginx with one worker serving a 1 KiB body. Phases, on every path:
 //! - HTTP/1.1 keep-alive max throughput: wrk -t1 -c16
 //! - h2c max throughput: h2load -c4 -m10
+//! - new client connections per second (wrk, `Connection: close`)
 //! - latency at a fixed rate (2000 req/s over 8 connections), open loop
+//!
+//! The mesh is measured twice: plaintext HTTP/2 between the proxies, and mTLS (TLS 1.3) with
+//! certificates from the control plane.
 //!
 //! with each proxy's CPU per request and RSS. Nothing asserts on time: this prints figures.
 
@@ -15,7 +19,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
-use strait_testbed::{MeshConfig, Net, Pod, Proc, ServiceDef, SidecarOpts};
+use strait_testbed::{Net, Pod, Proc, ServiceDef, SidecarOpts};
 
 #[derive(Debug, Parser)]
 #[command(name = "strait-bench")]
@@ -209,142 +213,263 @@ fn fixed(
     ))
 }
 
-struct Proxies<'a>(&'a [Proc]);
+fn wrk_close(net: &Net, pod: &Pod, url: &str, d: Duration) -> Result<f64> {
+    // Every request on a new client connection: the server side closes after each response.
+    let out = net.exec(
+        pod,
+        &[
+            "wrk",
+            "-t1",
+            "-c16",
+            "-H",
+            "Connection: close",
+            &format!("-d{}s", d.as_secs()),
+            url,
+        ],
+    )?;
+    out.lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no Requests/sec in wrk output:\n{out}"))
+}
 
-impl Proxies<'_> {
-    fn cpu(&self) -> Result<Vec<f64>> {
-        self.0.iter().map(|p| cpu_seconds(p.pid)).collect()
-    }
-    fn rss(&self) -> Result<Vec<f64>> {
-        self.0.iter().map(|p| rss_mb(p.pid)).collect()
-    }
+/// One way from a client pod to nginx.
+struct Path {
+    name: &'static str,
+    client: Pod,
+    h1: String,
+    h2: String,
+    proxies: Vec<Proc>,
+}
+
+#[derive(Default)]
+struct Figures {
+    h1: f64,
+    h2: f64,
+    conns: f64,
+    p50: f64,
+    p99: f64,
+    cpu_max: Vec<f64>,
+    cpu_fixed: Vec<f64>,
+    rss_idle: Vec<f64>,
+    rss_load: Vec<f64>,
+    errors: String,
+}
+
+fn cpu(procs: &[Proc]) -> Result<Vec<f64>> {
+    procs.iter().map(|p| cpu_seconds(p.pid)).collect()
+}
+
+fn measure(net: &Net, path: &Path, cli: &Cli) -> Result<Figures> {
+    let d = cli.duration;
+    let mut f = Figures {
+        rss_idle: path
+            .proxies
+            .iter()
+            .map(|p| rss_mb(p.pid))
+            .collect::<Result<_>>()?,
+        ..Default::default()
+    };
+    eprintln!("[{}] HTTP/1.1 max throughput...", path.name);
+    let before = cpu(&path.proxies)?;
+    let (h1, h1_err) = wrk(net, &path.client, &path.h1, d)?;
+    let after = cpu(&path.proxies)?;
+    f.h1 = h1;
+    f.cpu_max = before
+        .iter()
+        .zip(&after)
+        .map(|(b, a)| (a - b) / (h1 * d.as_secs_f64()) * 1e6)
+        .collect();
+    eprintln!("[{}] h2c max throughput...", path.name);
+    let (h2, h2_req) = h2load(net, &path.client, &path.h2, d)?;
+    f.h2 = h2;
+    eprintln!("[{}] new client connection per request...", path.name);
+    f.conns = wrk_close(net, &path.client, &path.h1, d)?;
+    eprintln!("[{}] latency at {} req/s...", path.name, cli.rate);
+    let before = cpu(&path.proxies)?;
+    let (p50, p99, requests, raw) = fixed(net, &path.client, &path.h1, cli.rate, d)?;
+    let after = cpu(&path.proxies)?;
+    f.p50 = p50;
+    f.p99 = p99;
+    f.cpu_fixed = before
+        .iter()
+        .zip(&after)
+        .map(|(b, a)| (a - b) / (requests.max(1) as f64) * 1e6)
+        .collect();
+    f.rss_load = path
+        .proxies
+        .iter()
+        .map(|p| rss_mb(p.pid))
+        .collect::<Result<_>>()?;
+    f.errors = format!("wrk [{h1_err}] h2load [{h2_req}] fixed-rate [{raw}]");
+    Ok(f)
 }
 
 fn bench(cli: &Cli) -> Result<()> {
-    let d = cli.duration;
-    let net = Net::new("bench")?;
-    let config = MeshConfig::new(net.dir.join("config"))?;
+    let mesh = strait_e2e::Mesh::with_identity("bench", "24h")?;
+    let net = &mesh.net;
     std::fs::create_dir_all(net.dir.join("www"))?;
     std::fs::write(net.dir.join("www/index.html"), "x".repeat(1024))?;
-    net.start_control_plane(&config.dir)?;
+    let threads = cli.threads.to_string();
+    let opts = SidecarOpts {
+        env: vec![("STRAIT_THREADS", threads.as_str())],
+        ..Default::default()
+    };
 
+    // Direct: no proxies.
     let dclient = net.pod("dclient")?;
     let dserver = net.pod("dserver")?;
-    let mclient = net.pod("mclient")?;
-    let mserver = net.pod("mserver")?;
-    start_nginx(&net, &dserver)?;
-    start_nginx(&net, &mserver)?;
+    start_nginx(net, &dserver)?;
+    // Plaintext mesh: sidecars without an identity (HTTP/2 between proxies, no TLS).
+    let pclient = net.pod("pclient")?;
+    let pserver = net.pod("pserver")?;
+    start_nginx(net, &pserver)?;
+    let pproxies = vec![
+        net.start_sidecar(&pclient, &opts)?,
+        net.start_sidecar(&pserver, &opts)?,
+    ];
+    // mTLS mesh: sidecars with identities.
+    let mserver = mesh.pod_as("mserver", "nginx", &opts)?;
+    start_nginx(net, &mserver)?;
+    let mclient = mesh.pod_as("mclient", "client", &opts)?;
+    let config = &mesh.config;
     config.service(&ServiceDef::new(
-        "nginx",
+        "plain",
         "10.96.0.10",
+        80,
+        8080,
+        &[&pserver],
+    ))?;
+    config.service(&ServiceDef::new(
+        "plain-h2",
+        "10.96.0.11",
+        80,
+        8081,
+        &[&pserver],
+    ))?;
+    config.service(&ServiceDef::new(
+        "mtls",
+        "10.96.0.20",
         80,
         8080,
         &[&mserver],
     ))?;
     config.service(&ServiceDef::new(
-        "nginx-h2",
-        "10.96.0.11",
+        "mtls-h2",
+        "10.96.0.21",
         80,
         8081,
         &[&mserver],
     ))?;
-    let threads = cli.threads.to_string();
-    let opts_ready = SidecarOpts {
-        env: vec![("STRAIT_THREADS", threads.as_str())],
-        ..Default::default()
+    let proxy_of = |pod: &Pod| -> Result<Proc> {
+        let pids = strait_testbed::netns::sh("ip", &["netns", "pids", &pod.ns])?;
+        for pid in pids.split_whitespace() {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim() == "strait-proxy" {
+                return Ok(Proc {
+                    name: format!("{}-proxy", pod.name),
+                    pid: pid.parse()?,
+                    log: net.dir.join(format!("{}-proxy.log", pod.name)),
+                });
+            }
+        }
+        bail!("no proxy in {}", pod.name)
     };
-    let client_proxy = net.start_sidecar(&mclient, &opts_ready)?;
-    let server_proxy = net.start_sidecar(&mserver, &opts_ready)?;
-    let procs = [client_proxy, server_proxy];
-    let proxies = Proxies(&procs);
+    let mproxies = vec![proxy_of(&mclient)?, proxy_of(&mserver)?];
 
-    let direct_h1 = format!("http://{}:8080/index.html", dserver.ip);
-    let direct_h2 = format!("http://{}:8081/index.html", dserver.ip);
-    let mesh_h1 = "http://10.96.0.10/index.html".to_string();
-    let mesh_h2 = "http://10.96.0.11/index.html".to_string();
-    // Warm up: discovery, pooled connections.
-    for url in [&mesh_h1, &mesh_h2] {
-        net.exec(
-            &mclient,
-            &[
-                "curl",
-                "-sf",
-                "-o",
-                "/dev/null",
-                "--http2-prior-knowledge",
-                url,
-            ],
-        )
-        .ok();
-        net.exec(&mclient, &["curl", "-sf", "-o", "/dev/null", url])
+    let paths = [
+        Path {
+            name: "direct",
+            client: dclient,
+            h1: format!("http://{}:8080/index.html", dserver.ip),
+            h2: format!("http://{}:8081/index.html", dserver.ip),
+            proxies: Vec::new(),
+        },
+        Path {
+            name: "mesh (plaintext)",
+            client: pclient,
+            h1: "http://10.96.0.10/index.html".into(),
+            h2: "http://10.96.0.11/index.html".into(),
+            proxies: pproxies,
+        },
+        Path {
+            name: "mesh (mTLS)",
+            client: mclient,
+            h1: "http://10.96.0.20/index.html".into(),
+            h2: "http://10.96.0.21/index.html".into(),
+            proxies: mproxies,
+        },
+    ];
+    for p in &paths[1..] {
+        // Warm up: discovery, pooled connections, certificates.
+        for url in [&p.h1, &p.h2] {
+            net.exec(
+                &p.client,
+                &[
+                    "curl",
+                    "-sf",
+                    "-o",
+                    "/dev/null",
+                    "--http2-prior-knowledge",
+                    url,
+                ],
+            )
             .ok();
+            net.exec(&p.client, &["curl", "-sf", "-o", "/dev/null", url])
+                .ok();
+        }
     }
-    let rss_idle = proxies.rss()?;
-
-    eprintln!("HTTP/1.1 max throughput (wrk -t1 -c16, {d:?})...");
-    let (d_h1, d_h1_err) = wrk(&net, &dclient, &direct_h1, d)?;
-    let cpu0 = proxies.cpu()?;
-    let (m_h1, m_h1_err) = wrk(&net, &mclient, &mesh_h1, d)?;
-    let cpu1 = proxies.cpu()?;
-
-    eprintln!("h2c max throughput (h2load -c4 -m10, {d:?})...");
-    let (d_h2, d_h2_req) = h2load(&net, &dclient, &direct_h2, d)?;
-    let (m_h2, m_h2_req) = h2load(&net, &mclient, &mesh_h2, d)?;
-
-    eprintln!("latency at {} req/s (8 connections, {d:?})...", cli.rate);
-    let (d_p50, d_p99, _, d_raw) = fixed(&net, &dclient, &direct_h1, cli.rate, d)?;
-    let cpu2 = proxies.cpu()?;
-    let (m_p50, m_p99, m_reqs, m_raw) = fixed(&net, &mclient, &mesh_h1, cli.rate, d)?;
-    let cpu3 = proxies.cpu()?;
-    let rss_load = proxies.rss()?;
-
-    let cpu_per_req_max: Vec<f64> = (0..2)
-        .map(|i| (cpu1[i] - cpu0[i]) / (m_h1 * d.as_secs_f64()) * 1e6)
-        .collect();
-    let cpu_per_req_fixed: Vec<f64> = (0..2)
-        .map(|i| (cpu3[i] - cpu2[i]) / (m_reqs.max(1) as f64) * 1e6)
-        .collect();
+    let figures: Vec<Figures> = paths
+        .iter()
+        .map(|p| measure(net, p, cli))
+        .collect::<Result<_>>()?;
+    let d = &figures[0];
 
     println!(
         "# Strait benchmark ({} proxy thread(s), {}s phases)\n",
         cli.threads,
-        d.as_secs()
+        cli.duration.as_secs()
     );
-    println!("| measure | direct | mesh | mesh / direct |");
-    println!("|---|---|---|---|");
-    println!(
-        "| HTTP/1.1 max req/s (wrk -t1 -c16) | {d_h1:.0} | {m_h1:.0} | {:.3} |",
-        m_h1 / d_h1
+    println!("| measure | direct | mesh (plaintext) | / direct | mesh (mTLS) | / direct |");
+    println!("|---|---|---|---|---|---|");
+    let row = |name: &str, get: &dyn Fn(&Figures) -> f64| {
+        let (a, b, c) = (get(d), get(&figures[1]), get(&figures[2]));
+        println!(
+            "| {name} | {a:.0} | {b:.0} | {:.3} | {c:.0} | {:.3} |",
+            b / a,
+            c / a
+        );
+    };
+    row("HTTP/1.1 max req/s (wrk -t1 -c16)", &|f| f.h1);
+    row("h2c max req/s (h2load -c4 -m10)", &|f| f.h2);
+    row(
+        "new client connections/s (wrk -c16, Connection: close)",
+        &|f| f.conns,
     );
-    println!(
-        "| h2c max req/s (h2load -c4 -m10) | {d_h2:.0} | {m_h2:.0} | {:.3} |",
-        m_h2 / d_h2
-    );
-    println!(
-        "| p50 at {} req/s (ms) | {d_p50:.3} | {m_p50:.3} | +{:.3} ms |",
-        cli.rate,
-        m_p50 - d_p50
-    );
-    println!(
-        "| p99 at {} req/s (ms) | {d_p99:.3} | {m_p99:.3} | +{:.3} ms |",
-        cli.rate,
-        m_p99 - d_p99
-    );
+    let lat = |name: &str, get: &dyn Fn(&Figures) -> f64| {
+        let (a, b, c) = (get(d), get(&figures[1]), get(&figures[2]));
+        println!(
+            "| {name} | {a:.3} | {b:.3} | +{:.3} ms | {c:.3} | +{:.3} ms |",
+            b - a,
+            c - a
+        );
+    };
+    lat(&format!("p50 at {} req/s (ms)", cli.rate), &|f| f.p50);
+    lat(&format!("p99 at {} req/s (ms)", cli.rate), &|f| f.p99);
     println!();
     println!("| proxy | CPU/request at max (us) | CPU/request at {} req/s (us) | RSS idle (MB) | RSS after load (MB) |", cli.rate);
     println!("|---|---|---|---|---|");
-    for (i, name) in ["client-side (outbound)", "server-side (inbound)"]
-        .iter()
-        .enumerate()
-    {
-        println!(
-            "| {name} | {:.1} | {:.1} | {:.1} | {:.1} |",
-            cpu_per_req_max[i], cpu_per_req_fixed[i], rss_idle[i], rss_load[i]
-        );
+    for (f, path) in figures.iter().zip(&paths).skip(1) {
+        for (i, side) in ["client side", "server side"].iter().enumerate() {
+            println!(
+                "| {} {side} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                path.name, f.cpu_max[i], f.cpu_fixed[i], f.rss_idle[i], f.rss_load[i]
+            );
+        }
     }
     println!();
-    println!("raw: wrk direct errors [{d_h1_err}] mesh errors [{m_h1_err}]");
-    println!("raw: h2load direct [{d_h2_req}] mesh [{m_h2_req}]");
-    println!("raw: fixed-rate direct [{d_raw}] mesh [{m_raw}]");
+    for (f, path) in figures.iter().zip(&paths) {
+        println!("raw {}: {}", path.name, f.errors);
+    }
     Ok(())
 }

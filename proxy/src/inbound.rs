@@ -13,10 +13,9 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::{Request, Response};
-use http_body_util::Either;
 use hyper::body::Incoming;
 use strait_identity::SpiffeId;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -26,9 +25,8 @@ use crate::detect::{self, Protocol};
 use crate::http::client::{send_h1, H2Conn};
 use crate::http::error::ProxyError;
 use crate::http::forward::{direct, restore_orig_proto};
-use crate::http::headers::{is_grpc, is_upgrade, strip_hop_by_hop};
+use crate::http::headers::{is_upgrade, strip_hop_by_hop};
 use crate::http::server::{serve, Handler};
-use crate::http::Body;
 use crate::identity::Identity;
 use crate::io::{CountingIo, PrefixedIo};
 use crate::metrics::{Direction, HttpMetrics};
@@ -186,32 +184,14 @@ struct InboundHttp {
 }
 
 impl Handler for InboundHttp {
-    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
-        let start = Instant::now();
-        self.metrics.request();
-        let grpc = is_grpc(&req);
-        let version = req.version();
-        let (resp, error) = match self.forward(req).await {
-            Ok(mut resp) => {
-                if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
-                    strip_hop_by_hop(resp.headers_mut(), false);
-                }
-                *resp.version_mut() = version;
-                (resp.map(Either::Left), "")
-            }
-            Err(e) => {
-                tracing::warn!(app = %self.app, client = ?self.client, error = %e, "inbound request failed");
-                (e.to_response(grpc), e.kind())
-            }
-        };
-        let grpc_failed = resp.headers().get("grpc-status").is_some_and(|s| s != "0");
-        self.metrics
-            .response(resp.status().as_u16(), grpc_failed, error, start.elapsed());
-        resp
+    fn metrics(&self) -> &HttpMetrics {
+        &self.metrics
     }
-}
 
-impl InboundHttp {
+    fn describe(&self) -> String {
+        format!("app {} (client {:?})", self.app, self.client)
+    }
+
     async fn forward(&self, mut req: Request<Incoming>) -> Result<Response<Incoming>, ProxyError> {
         if let Err(denied) = self
             .ctx

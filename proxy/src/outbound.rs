@@ -9,10 +9,8 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use http::{Request, Response};
-use http_body_util::Either;
 use hyper::body::Incoming;
 use strait_api::discovery::ProtocolHint;
 use tokio::net::TcpStream;
@@ -22,9 +20,8 @@ use crate::discovery::Lookup;
 use crate::http::client::{send_upgrade, H2Conn};
 use crate::http::error::ProxyError;
 use crate::http::forward::{direct, to_peer};
-use crate::http::headers::{is_grpc, is_upgrade, strip_hop_by_hop};
+use crate::http::headers::{is_upgrade, strip_hop_by_hop};
 use crate::http::server::{serve, Handler};
-use crate::http::Body;
 use crate::io::{CountingIo, PrefixedIo};
 use crate::metrics::{Direction, HttpMetrics};
 use crate::Context;
@@ -118,32 +115,14 @@ struct OutboundHttp {
 }
 
 impl Handler for OutboundHttp {
-    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
-        let start = Instant::now();
-        self.metrics.request();
-        let grpc = is_grpc(&req);
-        let version = req.version();
-        let (resp, error) = match self.forward(req).await {
-            Ok(mut resp) => {
-                if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
-                    strip_hop_by_hop(resp.headers_mut(), false);
-                }
-                *resp.version_mut() = version;
-                (resp.map(Either::Left), "")
-            }
-            Err(e) => {
-                tracing::warn!(dst = %self.orig_dst, error = %e, "outbound request failed");
-                (e.to_response(grpc), e.kind())
-            }
-        };
-        let grpc_failed = resp.headers().get("grpc-status").is_some_and(|s| s != "0");
-        self.metrics
-            .response(resp.status().as_u16(), grpc_failed, error, start.elapsed());
-        resp
+    fn metrics(&self) -> &HttpMetrics {
+        &self.metrics
     }
-}
 
-impl OutboundHttp {
+    fn describe(&self) -> String {
+        self.orig_dst.to_string()
+    }
+
     async fn forward(&self, mut req: Request<Incoming>) -> Result<Response<Incoming>, ProxyError> {
         let upgrade = is_upgrade(&req);
         strip_hop_by_hop(req.headers_mut(), upgrade);

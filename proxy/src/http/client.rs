@@ -110,33 +110,14 @@ impl H2Conn {
             addr: self.addr,
             source: Box::new(e),
         };
-        let addr = self.addr;
         let sender = match &self.tls {
             Some(target) => {
                 let stream = connect_tls(self.addr, self.connect_timeout, target).await?;
-                let (sender, conn) = builder
-                    .handshake(TokioIo::new(stream))
-                    .await
-                    .map_err(failed)?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(%addr, error = %e, "HTTP/2 mTLS connection closed");
-                    }
-                });
-                sender
+                spawn_h2(self.addr, builder, stream).await.map_err(failed)?
             }
             None => {
                 let stream = connect(self.addr, self.connect_timeout).await?;
-                let (sender, conn) = builder
-                    .handshake(TokioIo::new(stream))
-                    .await
-                    .map_err(failed)?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(%addr, error = %e, "HTTP/2 connection closed");
-                    }
-                });
-                sender
+                spawn_h2(self.addr, builder, stream).await.map_err(failed)?
             }
         };
         self.current.store(Some(Arc::new(sender.clone())));
@@ -166,6 +147,41 @@ impl H2Conn {
             source: Box::new(e),
         }
     }
+}
+
+/// HTTP/2 handshake on `io`; the connection runs in its own task.
+async fn spawn_h2<I>(
+    addr: SocketAddr,
+    builder: http2::Builder<TokioExecutor>,
+    io: I,
+) -> hyper::Result<http2::SendRequest<Incoming>>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = builder.handshake(TokioIo::new(io)).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(%addr, error = %e, "HTTP/2 connection closed");
+        }
+    });
+    Ok(sender)
+}
+
+/// HTTP/1 handshake on `io` for one upgradable request; the connection runs in its own task.
+async fn spawn_h1_upgradable<I>(
+    addr: SocketAddr,
+    io: I,
+) -> hyper::Result<hyper::client::conn::http1::SendRequest<Incoming>>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(%addr, error = %e, "upgrade connection ended");
+        }
+    });
+    Ok(sender)
 }
 
 /// HTTP/2 connections to addresses that are not balanced endpoints (the local application,
@@ -283,27 +299,15 @@ pub async fn send_upgrade(
     let mut sender = match tls {
         Some(target) => {
             let stream = connect_tls(addr, connect_timeout, target).await?;
-            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            spawn_h1_upgradable(addr, stream)
                 .await
-                .map_err(upstream_err)?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.with_upgrades().await {
-                    tracing::debug!(%addr, error = %e, "upgrade connection ended");
-                }
-            });
-            sender
+                .map_err(upstream_err)?
         }
         None => {
             let stream = connect(addr, connect_timeout).await?;
-            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            spawn_h1_upgradable(addr, stream)
                 .await
-                .map_err(upstream_err)?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.with_upgrades().await {
-                    tracing::debug!(%addr, error = %e, "upgrade connection ended");
-                }
-            });
-            sender
+                .map_err(upstream_err)?
         }
     };
     let mut resp = sender.send_request(req).await.map_err(upstream_err)?;

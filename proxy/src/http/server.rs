@@ -12,13 +12,53 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use http_body_util::Either;
+
+use super::error::ProxyError;
+use super::headers::{is_grpc, strip_hop_by_hop};
 use super::Body;
 use crate::detect::Protocol;
 use crate::drain::Drain;
+use crate::metrics::HttpMetrics;
 
-/// Handles one request of a connection.
+/// Forwards one request of a connection; [`serve`] turns its result into the response and
+/// records the metrics, the same way for every side.
 pub trait Handler: Send + Sync + 'static {
-    fn handle(&self, req: Request<Incoming>) -> impl Future<Output = Response<Body>> + Send;
+    fn forward(
+        &self,
+        req: Request<Incoming>,
+    ) -> impl Future<Output = Result<Response<Incoming>, ProxyError>> + Send;
+    /// The connection's request metrics.
+    fn metrics(&self) -> &HttpMetrics;
+    /// Where requests go, for the log line of a failure.
+    fn describe(&self) -> String;
+}
+
+/// One request: forward it, map a failure to the proxy's own response, drop hop-by-hop
+/// response headers, answer in the client's HTTP version, and count it.
+async fn handle<H: Handler>(handler: &H, req: Request<Incoming>) -> Response<Body> {
+    let start = std::time::Instant::now();
+    handler.metrics().request();
+    let grpc = is_grpc(&req);
+    let version = req.version();
+    let (resp, error) = match handler.forward(req).await {
+        Ok(mut resp) => {
+            if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+                strip_hop_by_hop(resp.headers_mut(), false);
+            }
+            *resp.version_mut() = version;
+            (resp.map(Either::Left), "")
+        }
+        Err(e) => {
+            tracing::warn!(to = %handler.describe(), error = %e, "request failed");
+            (e.to_response(grpc), e.kind())
+        }
+    };
+    let grpc_failed = resp.headers().get("grpc-status").is_some_and(|s| s != "0");
+    handler
+        .metrics()
+        .response(resp.status().as_u16(), grpc_failed, error, start.elapsed());
+    resp
 }
 
 pub async fn serve<I, H>(io: I, protocol: Protocol, drain: Drain, handler: Arc<H>)
@@ -28,7 +68,7 @@ where
 {
     let svc = service_fn(move |req| {
         let handler = handler.clone();
-        async move { Ok::<_, Infallible>(handler.handle(req).await) }
+        async move { Ok::<_, Infallible>(handle(&*handler, req).await) }
     });
     let io = TokioIo::new(io);
     let result = match protocol {
