@@ -10,13 +10,14 @@ use std::sync::Arc;
 
 use strait_api::discovery::{
     allowed_client, destination_update::Update, AllowedClient, Destination, DestinationUpdate,
-    Endpoint, InboundPolicy, NotInMesh, PortAuthorization, ProtocolHint,
+    Endpoint, InboundPolicy, NotInMesh, PortAuthorization, ProtocolHint, Route,
 };
 
 use crate::resources::{
     annotations, AuthorizationPolicy, EndpointSlice, IntOrString, Pod, Resource, Service,
     ServicePort,
 };
+use crate::routes::{routes_for, RouteSources};
 
 /// Naming settings of the cluster.
 #[derive(Debug, Clone)]
@@ -56,6 +57,7 @@ impl MeshIndex {
         let mut pods: HashMap<(&str, &str), &Pod> = HashMap::new();
         let mut tokens = HashMap::new();
         let mut policies = Vec::new();
+        let mut route_sources = RouteSources::default();
         for r in resources {
             match r {
                 Resource::Service(s) => services.push(s),
@@ -73,6 +75,13 @@ impl MeshIndex {
                     pods.insert((p.metadata.namespace.as_str(), p.metadata.name.as_str()), p);
                 }
                 Resource::AuthorizationPolicy(p) => policies.push(p),
+                Resource::HttpRoute(r) => route_sources.http_routes.push(r),
+                Resource::TrafficSplit(t) => route_sources.splits.push(t),
+                Resource::HttpRouteGroup(g) => {
+                    route_sources
+                        .groups
+                        .insert((g.metadata.namespace.clone(), g.metadata.name.clone()), g);
+                }
                 Resource::Secret(secret) => {
                     if let Some((sa, token)) = secret.service_account_token() {
                         tokens.insert(token, (secret.metadata.namespace.clone(), sa));
@@ -86,6 +95,28 @@ impl MeshIndex {
                 .cmp(&(&b.metadata.namespace, &b.metadata.name))
         });
 
+        // Every service port's endpoints first: routes point at other services' endpoints.
+        let mut port_endpoints: HashMap<(String, String, u16), (String, Vec<Endpoint>)> =
+            HashMap::new();
+        for svc in &services {
+            let ns = svc.metadata.namespace.as_str();
+            let name = svc.metadata.name.as_str();
+            let svc_slices = slices.get(&(ns, name)).map(Vec::as_slice).unwrap_or(&[]);
+            for port in &svc.spec.ports {
+                let authority = format!("{name}.{ns}.svc.{}:{}", naming.cluster_domain, port.port);
+                let endpoints = endpoints_for(svc, port, svc_slices, &pods, naming);
+                port_endpoints.insert(
+                    (ns.to_string(), name.to_string(), port.port),
+                    (authority, endpoints),
+                );
+            }
+        }
+        let resolve = |ns: &str, name: &str, port: u16| {
+            port_endpoints
+                .get(&(ns.to_string(), name.to_string(), port))
+                .cloned()
+        };
+
         let mut index = MeshIndex {
             answers: HashMap::new(),
             services: services.len(),
@@ -95,7 +126,6 @@ impl MeshIndex {
         for svc in services {
             let ns = svc.metadata.namespace.as_str();
             let name = svc.metadata.name.as_str();
-            let svc_slices = slices.get(&(ns, name)).map(Vec::as_slice).unwrap_or(&[]);
             let opaque = parse_port_list(
                 svc.metadata
                     .annotations
@@ -105,14 +135,26 @@ impl MeshIndex {
             );
             for port in &svc.spec.ports {
                 let authority = format!("{name}.{ns}.svc.{}:{}", naming.cluster_domain, port.port);
-                let endpoints = endpoints_for(svc, port, svc_slices, &pods, naming);
+                let endpoints = resolve(ns, name, port.port)
+                    .map(|(_, e)| e)
+                    .unwrap_or_default();
                 let protocol = protocol_hint(port, opaque.contains(&port.port));
-                let destination = |endpoints: Vec<Endpoint>| {
+                let (routes, unmatched_to_service) = routes_for(
+                    &route_sources,
+                    ns,
+                    name,
+                    port.port,
+                    &naming.cluster_domain,
+                    &resolve,
+                );
+                let destination = |endpoints: Vec<Endpoint>, routes: Vec<Route>| {
                     Arc::new(DestinationUpdate {
                         update: Some(Update::Destination(Destination {
                             service: authority.clone(),
                             protocol: protocol as i32,
                             endpoints,
+                            routes,
+                            unmatched_to_service,
                         })),
                     })
                 };
@@ -123,10 +165,10 @@ impl MeshIndex {
                         index
                             .answers
                             .entry(key)
-                            .or_insert_with(|| destination(vec![ep.clone()]));
+                            .or_insert_with(|| destination(vec![ep.clone()], Vec::new()));
                     }
                 }
-                let answer = destination(endpoints);
+                let answer = destination(endpoints, routes);
                 for ip in cluster_ips(svc) {
                     index
                         .answers

@@ -10,3 +10,4 @@ pub mod identity;
 pub mod index;
 pub mod local;
 pub mod resources;
+pub mod routes;

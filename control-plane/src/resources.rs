@@ -243,6 +243,9 @@ pub enum Resource {
     Pod(Pod),
     Secret(Secret),
     AuthorizationPolicy(AuthorizationPolicy),
+    TrafficSplit(TrafficSplit),
+    HttpRouteGroup(HttpRouteGroup),
+    HttpRoute(HttpRoute),
 }
 
 /// Annotations and labels Strait reads.
@@ -255,4 +258,231 @@ pub mod annotations {
     pub const MESHED: &str = "strait.io/meshed";
     /// On a Pod: `disabled` opts it out of the mesh.
     pub const INJECT: &str = "strait.io/inject";
+}
+
+/// A weight: a number, or a Kubernetes quantity as SMI v1alpha1 wrote them (`500m`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum Weight {
+    Int(u32),
+    Quantity(String),
+}
+
+impl Weight {
+    /// The weight as a number (`500m` is 500 thousandths; kept in thousandths for all).
+    pub fn thousandths(&self) -> Option<u64> {
+        match self {
+            Weight::Int(n) => Some(u64::from(*n) * 1000),
+            Weight::Quantity(q) => match q.strip_suffix('m') {
+                Some(milli) => milli.parse().ok(),
+                None => q.parse::<u64>().ok().map(|n| n * 1000),
+            },
+        }
+    }
+}
+
+/// SMI `split.smi-spec.io` TrafficSplit (v1alpha4; v1alpha2 has the same shape without
+/// `matches`; v1alpha1 weights are quantities).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct TrafficSplit {
+    pub metadata: ObjectMeta,
+    pub spec: TrafficSplitSpec,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct TrafficSplitSpec {
+    /// The root service: `web` or `web.shop.svc.cluster.local`.
+    pub service: String,
+    #[serde(default)]
+    pub backends: Vec<SplitBackend>,
+    #[serde(default)]
+    pub matches: Vec<TypedRef>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct SplitBackend {
+    pub service: String,
+    pub weight: Weight,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct TypedRef {
+    #[serde(default)]
+    pub kind: Option<String>,
+    pub name: String,
+}
+
+/// SMI `specs.smi-spec.io` HTTPRouteGroup: named matches a TrafficSplit refers to.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct HttpRouteGroup {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: HttpRouteGroupSpec,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+pub struct HttpRouteGroupSpec {
+    #[serde(default)]
+    pub matches: Vec<GroupMatch>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupMatch {
+    pub name: String,
+    #[serde(default)]
+    pub path_regex: Option<String>,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// v1alpha4: a map; v1alpha3: a list of one-entry maps.
+    #[serde(default)]
+    pub headers: Option<GroupHeaders>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum GroupHeaders {
+    Map(BTreeMap<String, String>),
+    List(Vec<BTreeMap<String, String>>),
+}
+
+impl GroupHeaders {
+    pub fn pairs(&self) -> Vec<(String, String)> {
+        match self {
+            GroupHeaders::Map(m) => m.clone().into_iter().collect(),
+            GroupHeaders::List(l) => l.iter().flat_map(|m| m.clone()).collect(),
+        }
+    }
+}
+
+/// Gateway API `gateway.networking.k8s.io` HTTPRoute (v1, v1beta1), bound to Services (GAMMA).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct HttpRoute {
+    pub metadata: ObjectMeta,
+    pub spec: HttpRouteSpec,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRouteSpec {
+    #[serde(default)]
+    pub parent_refs: Vec<ParentRef>,
+    #[serde(default)]
+    pub rules: Vec<HttpRouteRule>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct ParentRef {
+    #[serde(default)]
+    pub group: Option<String>,
+    #[serde(default)]
+    pub kind: Option<String>,
+    pub name: String,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub port: Option<u16>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRouteRule {
+    #[serde(default)]
+    pub matches: Vec<HttpRouteMatch>,
+    #[serde(default)]
+    pub backend_refs: Vec<BackendRef>,
+    #[serde(default)]
+    pub timeouts: Option<RouteTimeouts>,
+    #[serde(default)]
+    pub retry: Option<RouteRetry>,
+    #[serde(default)]
+    pub filters: Vec<RouteFilter>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRouteMatch {
+    #[serde(default)]
+    pub path: Option<TypedValue>,
+    #[serde(default)]
+    pub headers: Vec<NamedMatch>,
+    #[serde(default)]
+    pub query_params: Vec<NamedMatch>,
+    #[serde(default)]
+    pub method: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct TypedValue {
+    #[serde(default, rename = "type")]
+    pub type_: Option<String>,
+    #[serde(default)]
+    pub value: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct NamedMatch {
+    #[serde(default, rename = "type")]
+    pub type_: Option<String>,
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct BackendRef {
+    #[serde(default)]
+    pub group: Option<String>,
+    #[serde(default)]
+    pub kind: Option<String>,
+    pub name: String,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub weight: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteTimeouts {
+    #[serde(default)]
+    pub request: Option<String>,
+    #[serde(default)]
+    pub backend_request: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+pub struct RouteRetry {
+    #[serde(default)]
+    pub codes: Vec<u16>,
+    #[serde(default)]
+    pub attempts: Option<u32>,
+    #[serde(default)]
+    pub backoff: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteFilter {
+    #[serde(rename = "type")]
+    pub type_: String,
+    #[serde(default)]
+    pub request_header_modifier: Option<HeaderModifierSpec>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+pub struct HeaderModifierSpec {
+    #[serde(default)]
+    pub set: Vec<HeaderValueSpec>,
+    #[serde(default)]
+    pub add: Vec<HeaderValueSpec>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct HeaderValueSpec {
+    pub name: String,
+    pub value: String,
 }

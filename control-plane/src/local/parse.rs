@@ -69,7 +69,10 @@ fn parse_value(doc: usize, value: Value, out: &mut Vec<Resource>) -> Result<(), 
         "Pod" => Resource::Pod(typed(value).map_err(shape)?),
         "Secret" => Resource::Secret(typed(value).map_err(shape)?),
         "AuthorizationPolicy" => Resource::AuthorizationPolicy(typed(value).map_err(shape)?),
-        "List" => {
+        "TrafficSplit" => Resource::TrafficSplit(typed(value).map_err(shape)?),
+        "HTTPRouteGroup" => Resource::HttpRouteGroup(typed(value).map_err(shape)?),
+        "HTTPRoute" => Resource::HttpRoute(typed(value).map_err(shape)?),
+        list if list.ends_with("List") => {
             // `kubectl get -o yaml` output: a List of items.
             if let Some(Value::Sequence(items)) = value.get("items") {
                 for item in items.clone() {

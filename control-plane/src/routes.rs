@@ -1,0 +1,561 @@
+//! HTTP routing: Gateway API HTTPRoutes bound to a Service (GAMMA) and SMI TrafficSplits, turned
+//! into the ordered route list of a service port.
+//!
+//! Decisions (documented in docs/routing.md):
+//! - An HTTPRoute and a TrafficSplit for the same service port: the HTTPRoute wins (the newer,
+//!   richer API); the TrafficSplit is ignored with a warning.
+//! - HTTPRoute rules are ordered by Gateway API precedence (exact path, longer prefix, method,
+//!   more headers, more query parameters, then route name and rule order). A request matching
+//!   no rule gets 404, as the Gateway API says.
+//! - A TrafficSplit with `matches` routes matching requests to its backends; the others go to
+//!   the root service. Without `matches`, every request is split.
+//! - A backend that does not exist keeps its weight and its share of requests gets 500 (Gateway
+//!   API); when every weight is 0, the route's requests get 500.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use strait_api::discovery::{
+    path_match, Backend, Endpoint, Header, HeaderModifier, PathMatch, RetryPolicy, Route,
+    RouteMatch, ValueMatch,
+};
+
+use crate::resources::{
+    GroupMatch, HttpRoute, HttpRouteGroup, HttpRouteMatch, HttpRouteRule, TrafficSplit,
+};
+
+/// The endpoints of a service port: `(authority, endpoints)`, `None` when it does not exist.
+pub type Resolve<'a> = dyn Fn(&str, &str, u16) -> Option<(String, Vec<Endpoint>)> + 'a;
+
+/// Route sources of the whole mesh.
+#[derive(Debug, Default)]
+pub struct RouteSources<'a> {
+    pub http_routes: Vec<&'a HttpRoute>,
+    pub splits: Vec<&'a TrafficSplit>,
+    pub groups: HashMap<(String, String), &'a HttpRouteGroup>,
+}
+
+/// The routes of service `ns/name` port `port`, and whether unmatched requests go to the
+/// service itself (true) or get 404 (false). No routes: plain service.
+pub fn routes_for(
+    sources: &RouteSources<'_>,
+    ns: &str,
+    name: &str,
+    port: u16,
+    cluster_domain: &str,
+    resolve: &Resolve<'_>,
+) -> (Vec<Route>, bool) {
+    let attached: Vec<&HttpRoute> = sources
+        .http_routes
+        .iter()
+        .copied()
+        .filter(|r| {
+            r.spec.parent_refs.iter().any(|p| {
+                p.kind.as_deref() == Some("Service")
+                    && p.group.as_deref().unwrap_or("").is_empty()
+                    && p.name == name
+                    && p.namespace.as_deref().unwrap_or(&r.metadata.namespace) == ns
+                    && p.port.is_none_or(|p| p == port)
+            })
+        })
+        .collect();
+    let splits: Vec<&TrafficSplit> = sources
+        .splits
+        .iter()
+        .copied()
+        .filter(|s| {
+            s.metadata.namespace == ns && short_name(&s.spec.service, ns, cluster_domain) == name
+        })
+        .collect();
+    if !attached.is_empty() {
+        for s in &splits {
+            tracing::warn!(
+                split = %format!("{}/{}", s.metadata.namespace, s.metadata.name),
+                service = %format!("{ns}/{name}:{port}"),
+                "an HTTPRoute also targets this service port; the HTTPRoute wins and the TrafficSplit is ignored"
+            );
+        }
+        return (http_routes(&attached, port, resolve), false);
+    }
+    if let Some(split) = splits.first() {
+        if splits.len() > 1 {
+            tracing::warn!(service = %format!("{ns}/{name}"), "several TrafficSplits for one service; using the first by name");
+        }
+        return (
+            split_routes(split, sources, port, cluster_domain, resolve),
+            true,
+        );
+    }
+    (Vec::new(), true)
+}
+
+/// `web`, `web.shop`, `web.shop.svc`, `web.shop.svc.cluster.local` -> `web`.
+fn short_name<'a>(service: &'a str, ns: &str, cluster_domain: &str) -> &'a str {
+    for suffix in [
+        format!(".{ns}.svc.{cluster_domain}"),
+        format!(".{ns}.svc"),
+        format!(".{ns}"),
+    ] {
+        if let Some(short) = service.strip_suffix(suffix.as_str()) {
+            return short;
+        }
+    }
+    service
+}
+
+fn millis(d: Option<&String>, what: &str, route: &str) -> u64 {
+    match d.map(|s| humantime::parse_duration(s)) {
+        None => 0,
+        Some(Ok(d)) => d.as_millis() as u64,
+        Some(Err(e)) => {
+            tracing::warn!(route, what, error = %e, "not a duration; ignored");
+            0
+        }
+    }
+}
+
+fn http_routes(attached: &[&HttpRoute], port: u16, resolve: &Resolve<'_>) -> Vec<Route> {
+    // One route per (rule, match), so precedence can be sorted per match.
+    let mut keyed = Vec::new();
+    let mut sorted: Vec<&&HttpRoute> = attached.iter().collect();
+    sorted.sort_by(|a, b| {
+        (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
+    });
+    for route in sorted {
+        let route_ns = route.metadata.namespace.as_str();
+        for (i, rule) in route.spec.rules.iter().enumerate() {
+            let name = format!("httproute {route_ns}/{}#{i}", route.metadata.name);
+            let base = rule_route(&name, rule, route_ns, port, resolve);
+            let matches = if rule.matches.is_empty() {
+                vec![HttpRouteMatch::default()]
+            } else {
+                rule.matches.clone()
+            };
+            for m in matches {
+                let compiled = route_match(&m);
+                let key = precedence(&compiled);
+                let mut r = base.clone();
+                r.matches = vec![compiled];
+                keyed.push((key, keyed.len(), r));
+            }
+        }
+    }
+    keyed.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    keyed.into_iter().map(|(_, _, r)| r).collect()
+}
+
+/// Gateway API precedence, larger first.
+fn precedence(m: &RouteMatch) -> (u8, usize, bool, usize, usize) {
+    let (kind, len) = match &m.path {
+        Some(p) if p.kind == path_match::Kind::Exact as i32 => (2, p.value.len()),
+        Some(p) if p.kind == path_match::Kind::Prefix as i32 => (1, p.value.len()),
+        Some(p) => (0, p.value.len()),
+        None => (1, 1),
+    };
+    (
+        kind,
+        len,
+        !m.method.is_empty(),
+        m.headers.len(),
+        m.query_params.len(),
+    )
+}
+
+fn route_match(m: &HttpRouteMatch) -> RouteMatch {
+    let path = m.path.as_ref().map_or(
+        PathMatch {
+            kind: path_match::Kind::Prefix as i32,
+            value: "/".into(),
+        },
+        |p| PathMatch {
+            kind: match p.type_.as_deref() {
+                Some("Exact") => path_match::Kind::Exact,
+                Some("RegularExpression") => path_match::Kind::Regex,
+                _ => path_match::Kind::Prefix,
+            } as i32,
+            value: p.value.clone().unwrap_or_else(|| "/".into()),
+        },
+    );
+    let value_match = |n: &crate::resources::NamedMatch| ValueMatch {
+        name: n.name.to_ascii_lowercase(),
+        value: n.value.clone(),
+        regex: n.type_.as_deref() == Some("RegularExpression"),
+    };
+    RouteMatch {
+        path: Some(path),
+        headers: m.headers.iter().map(value_match).collect(),
+        query_params: m
+            .query_params
+            .iter()
+            .map(|q| ValueMatch {
+                name: q.name.clone(),
+                ..value_match(q)
+            })
+            .collect(),
+        method: m.method.clone().unwrap_or_default(),
+    }
+}
+
+fn rule_route(
+    name: &str,
+    rule: &HttpRouteRule,
+    route_ns: &str,
+    parent_port: u16,
+    resolve: &Resolve<'_>,
+) -> Route {
+    let backends = rule
+        .backend_refs
+        .iter()
+        .map(|b| {
+            let kind_ok = b.kind.as_deref().unwrap_or("Service") == "Service" && b.group.as_deref().unwrap_or("").is_empty();
+            let ns = b.namespace.as_deref().unwrap_or(route_ns);
+            let port = b.port.unwrap_or(parent_port);
+            let weight = b.weight.unwrap_or(1);
+            match resolve(ns, &b.name, port).filter(|_| kind_ok) {
+                Some((service, endpoints)) => Backend {
+                    service,
+                    weight,
+                    endpoints,
+                    exists: true,
+                },
+                None => {
+                    tracing::warn!(route = name, backend = %format!("{ns}/{}:{port}", b.name), "backend service port does not exist; its share gets 500");
+                    Backend {
+                        service: format!("{}.{ns}:{port}", b.name),
+                        weight,
+                        endpoints: Vec::new(),
+                        exists: false,
+                    }
+                }
+            }
+        })
+        .collect();
+    let mut modifier = HeaderModifier::default();
+    for f in &rule.filters {
+        match (f.type_.as_str(), &f.request_header_modifier) {
+            ("RequestHeaderModifier", Some(m)) => {
+                let header = |h: &crate::resources::HeaderValueSpec| Header {
+                    name: h.name.to_ascii_lowercase(),
+                    value: h.value.clone(),
+                };
+                modifier.set.extend(m.set.iter().map(header));
+                modifier.add.extend(m.add.iter().map(header));
+                modifier
+                    .remove
+                    .extend(m.remove.iter().map(|r| r.to_ascii_lowercase()));
+            }
+            (other, _) => tracing::warn!(
+                route = name,
+                filter = other,
+                "filter not supported; ignored"
+            ),
+        }
+    }
+    let retry = rule.retry.as_ref().map(|r| RetryPolicy {
+        attempts: r.attempts.unwrap_or(0),
+        codes: r.codes.iter().map(|c| u32::from(*c)).collect(),
+        grpc_codes: Vec::new(),
+        backoff_ms: millis(r.backoff.as_ref(), "retry.backoff", name),
+    });
+    Route {
+        name: name.to_string(),
+        matches: Vec::new(),
+        backends,
+        request_timeout_ms: millis(
+            rule.timeouts.as_ref().and_then(|t| t.request.as_ref()),
+            "timeouts.request",
+            name,
+        ),
+        backend_request_timeout_ms: millis(
+            rule.timeouts
+                .as_ref()
+                .and_then(|t| t.backend_request.as_ref()),
+            "timeouts.backendRequest",
+            name,
+        ),
+        retry,
+        request_header_modifier: Some(modifier),
+    }
+}
+
+fn split_routes(
+    split: &TrafficSplit,
+    sources: &RouteSources<'_>,
+    port: u16,
+    cluster_domain: &str,
+    resolve: &Resolve<'_>,
+) -> Vec<Route> {
+    let ns = split.metadata.namespace.as_str();
+    let name = format!("trafficsplit {ns}/{}", split.metadata.name);
+    let backends: Vec<Backend> = split
+        .spec
+        .backends
+        .iter()
+        .map(|b| {
+            let svc = short_name(&b.service, ns, cluster_domain);
+            let weight = b.weight.thousandths().map_or(0, |w| (w / 1000).max(u64::from(w > 0)) as u32);
+            match resolve(ns, svc, port) {
+                Some((service, endpoints)) => Backend {
+                    service,
+                    weight,
+                    endpoints,
+                    exists: true,
+                },
+                None => {
+                    tracing::warn!(split = %name, backend = svc, port, "backend service port does not exist; its share gets 500");
+                    Backend {
+                        service: format!("{svc}.{ns}:{port}"),
+                        weight,
+                        endpoints: Vec::new(),
+                        exists: false,
+                    }
+                }
+            }
+        })
+        .collect();
+    let route = |matches: Vec<RouteMatch>| Route {
+        name: name.clone(),
+        matches,
+        backends: backends.clone(),
+        ..Default::default()
+    };
+    if split.spec.matches.is_empty() {
+        return vec![route(Vec::new())];
+    }
+    let mut matches = Vec::new();
+    for r in &split.spec.matches {
+        if r.kind.as_deref().is_some_and(|k| k != "HTTPRouteGroup") {
+            tracing::warn!(split = %name, kind = ?r.kind, "only HTTPRouteGroup matches are supported; ignored");
+            continue;
+        }
+        match sources.groups.get(&(ns.to_string(), r.name.clone())) {
+            Some(group) => matches.extend(group.spec.matches.iter().map(group_match)),
+            None => {
+                tracing::warn!(split = %name, group = %r.name, "HTTPRouteGroup not found; it matches nothing")
+            }
+        }
+    }
+    if matches.is_empty() {
+        // Every referenced group is missing: nothing matches, everything goes to the root.
+        return vec![Route {
+            name: name.clone(),
+            matches: vec![RouteMatch {
+                path: Some(PathMatch {
+                    kind: path_match::Kind::Exact as i32,
+                    value: "\u{0}never".into(),
+                }),
+                ..Default::default()
+            }],
+            backends,
+            ..Default::default()
+        }];
+    }
+    vec![route(matches)]
+}
+
+/// An SMI match: the path regex, the methods (any of), the headers (all, values are regexes).
+/// Several methods become one match per method.
+fn group_match(m: &GroupMatch) -> RouteMatch {
+    let path = m.path_regex.as_ref().map(|r| PathMatch {
+        kind: path_match::Kind::Regex as i32,
+        value: r.clone(),
+    });
+    let headers = m
+        .headers
+        .as_ref()
+        .map(|h| {
+            h.pairs()
+                .into_iter()
+                .map(|(name, value)| ValueMatch {
+                    name: name.to_ascii_lowercase(),
+                    value,
+                    regex: true,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let method = match m.methods.as_slice() {
+        [one] if one != "*" => one.clone(),
+        _ => String::new(),
+    };
+    RouteMatch {
+        path,
+        headers,
+        query_params: Vec::new(),
+        method,
+    }
+}
+
+/// Timeouts as durations, for tests.
+pub fn request_timeout(r: &Route) -> Option<Duration> {
+    (r.request_timeout_ms > 0).then(|| Duration::from_millis(r.request_timeout_ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::{MeshIndex, Naming};
+    use crate::local::parse::parse_documents;
+    use strait_api::discovery::destination_update::Update;
+    use strait_api::discovery::Destination;
+
+    const SERVICES: &str = r#"
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+kind: Service
+metadata: {name: web-v1, namespace: shop}
+spec: {ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+kind: EndpointSlice
+metadata: {name: web-v1, namespace: shop, labels: {kubernetes.io/service-name: web-v1}}
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.0.0.1]}]
+---
+kind: Service
+metadata: {name: web-v2, namespace: shop}
+spec: {ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+kind: EndpointSlice
+metadata: {name: web-v2, namespace: shop, labels: {kubernetes.io/service-name: web-v2}}
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.0.0.2]}]
+---
+kind: Service
+metadata: {name: orders, namespace: shop}
+spec: {clusterIP: 10.96.0.20, ports: [{name: grpc, port: 9000}]}
+"#;
+
+    fn fixture(name: &str) -> String {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../shared/fixtures/crd")
+            .join(name);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    fn destination(extra: &str, target: &str) -> Destination {
+        let mut docs = parse_documents(SERVICES).expect("services");
+        docs.extend(parse_documents(extra).expect("routes"));
+        match MeshIndex::build(&docs, &Naming::default())
+            .lookup(target)
+            .update
+            .clone()
+        {
+            Some(Update::Destination(d)) => d,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_captured_httproute_becomes_ordered_routes_with_weights_and_timeouts() {
+        let d = destination(&fixture("httproutes-v1-list.json"), "10.96.0.10:80");
+        assert!(
+            !d.unmatched_to_service,
+            "HTTPRoute: unmatched requests get 404"
+        );
+        assert_eq!(d.routes.len(), 2, "{:#?}", d.routes);
+        // The more specific rule first: PathPrefix /api + header x-canary.
+        let canary = &d.routes[0];
+        let m = &canary.matches[0];
+        assert_eq!(m.path.as_ref().map(|p| p.value.as_str()), Some("/api"));
+        assert_eq!(m.headers[0].name, "x-canary");
+        assert_eq!(canary.backends.len(), 1);
+        assert_eq!(
+            canary.backends[0].service,
+            "web-v2.shop.svc.cluster.local:80"
+        );
+        assert_eq!(canary.backends[0].endpoints[0].ip, "10.0.0.2");
+        let split = &d.routes[1];
+        let weights: Vec<_> = split
+            .backends
+            .iter()
+            .map(|b| (b.service.as_str(), b.weight))
+            .collect();
+        assert_eq!(
+            weights,
+            [
+                ("web-v1.shop.svc.cluster.local:80", 90),
+                ("web-v2.shop.svc.cluster.local:80", 10)
+            ]
+        );
+        assert_eq!(split.request_timeout_ms, 10_000);
+        // v1beta1 reads the same.
+        let beta = destination(&fixture("httproutes-v1beta1-list.json"), "10.96.0.10:80");
+        assert_eq!(beta.routes, d.routes);
+    }
+
+    #[test]
+    fn the_captured_trafficsplits_split_and_send_unmatched_requests_to_the_root() {
+        let d = destination(
+            &fixture("trafficsplits-v1alpha4-list.json"),
+            "10.96.0.10:80",
+        );
+        assert!(
+            d.unmatched_to_service,
+            "TrafficSplit: unmatched requests go to the root service"
+        );
+        assert_eq!(d.routes.len(), 1);
+        let weights: Vec<_> = d.routes[0].backends.iter().map(|b| b.weight).collect();
+        assert_eq!(weights, [90, 10]);
+        // orders-split names its root by FQDN, weights 500/500; its backends do not exist here.
+        let orders = destination(
+            &fixture("trafficsplits-v1alpha2-list.json"),
+            "10.96.0.20:9000",
+        );
+        assert_eq!(orders.routes.len(), 1, "{:#?}", orders.routes);
+        assert!(orders.routes[0]
+            .backends
+            .iter()
+            .all(|b| !b.exists && b.weight == 500));
+    }
+
+    #[test]
+    fn an_httproute_wins_over_a_trafficsplit_for_the_same_service() {
+        let both = format!(
+            "{}\n---\n{}",
+            fixture("httproutes-v1-list.json"),
+            fixture("trafficsplits-v1alpha4-list.json")
+        );
+        let d = destination(&both, "10.96.0.10:80");
+        assert!(
+            d.routes.iter().all(|r| r.name.starts_with("httproute")),
+            "{:#?}",
+            d.routes
+        );
+    }
+
+    #[test]
+    fn header_modifiers_retries_and_missing_backends() {
+        let route = r#"
+kind: HTTPRoute
+metadata: {name: r, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+  rules:
+  - backendRefs: [{name: web-v1, port: 80, weight: 1}, {name: ghost, port: 80, weight: 1}]
+    retry: {codes: [503], attempts: 2, backoff: 50ms}
+    timeouts: {request: 200ms, backendRequest: 100ms}
+    filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {set: [{name: X-Env, value: canary}], remove: [x-debug]}
+"#;
+        let d = destination(route, "10.96.0.10:80");
+        let r = &d.routes[0];
+        assert_eq!(r.request_timeout_ms, 200);
+        assert_eq!(r.backend_request_timeout_ms, 100);
+        let retry = r.retry.as_ref().expect("retry");
+        assert_eq!(
+            (retry.attempts, retry.codes.as_slice(), retry.backoff_ms),
+            (2, &[503][..], 50)
+        );
+        let m = r.request_header_modifier.as_ref().expect("modifier");
+        assert_eq!(m.set[0].name, "x-env");
+        assert_eq!(m.remove, ["x-debug"]);
+        assert!(
+            r.backends[0].exists && !r.backends[1].exists,
+            "{:?}",
+            r.backends
+        );
+    }
+}
