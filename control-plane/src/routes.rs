@@ -13,7 +13,6 @@
 //!   API); when every weight is 0, the route's requests get 500.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use strait_api::discovery::{
     path_match, Backend, Endpoint, Header, HeaderModifier, PathMatch, RetryPolicy, Route,
@@ -386,14 +385,9 @@ fn group_match(m: &GroupMatch) -> RouteMatch {
     }
 }
 
-/// Timeouts as durations, for tests.
-pub fn request_timeout(r: &Route) -> Option<Duration> {
-    (r.request_timeout_ms > 0).then(|| Duration::from_millis(r.request_timeout_ms))
-}
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use crate::index::{MeshIndex, Naming};
     use crate::local::parse::parse_documents;
     use strait_api::discovery::destination_update::Update;

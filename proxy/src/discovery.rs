@@ -20,6 +20,8 @@ use tonic::transport::{Channel, Endpoint as GrpcEndpoint};
 
 use crate::balance::{Balancer, EndpointSpec};
 use crate::metrics::Metrics;
+use crate::router::Router;
+use arc_swap::ArcSwap;
 
 /// The discovery state of one destination.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,6 +40,8 @@ pub enum Resolved {
 pub struct Resolution {
     state: watch::Receiver<Resolved>,
     pub balancer: Arc<Balancer>,
+    /// HTTP routes (HTTPRoute, TrafficSplit); empty: everything goes to `balancer`.
+    pub router: Arc<ArcSwap<Router>>,
     last_used: AtomicU64,
 }
 
@@ -179,9 +183,11 @@ impl Discovery {
         }
         let (tx, rx) = watch::channel(Resolved::Pending);
         let balancer = Arc::new(Balancer::new(self.connect_timeout, self.identity.clone()));
+        let router = Arc::new(ArcSwap::from_pointee(Router::default()));
         let resolution = Arc::new(Resolution {
             state: rx,
             balancer: balancer.clone(),
+            router: router.clone(),
             last_used: AtomicU64::new(now),
         });
         cache.entries.insert(target, resolution.clone());
@@ -192,7 +198,13 @@ impl Discovery {
                 proxy: self.workload.clone(),
             },
             tx,
-            balancer,
+            Targets {
+                balancer,
+                router,
+                backends: HashMap::new(),
+                connect_timeout: self.connect_timeout,
+                identity: self.identity.clone(),
+            },
             self.metrics.clone(),
         ));
         resolution
@@ -210,7 +222,7 @@ async fn watch_destination(
     mut client: DiscoveryClient<Channel>,
     request: WatchRequest,
     tx: watch::Sender<Resolved>,
-    balancer: Arc<Balancer>,
+    mut targets: Targets,
     metrics: Arc<Metrics>,
 ) {
     let mut backoff = Backoff::default();
@@ -223,7 +235,7 @@ async fn watch_destination(
             });
             while let Some(update) = stream.message().await? {
                 metrics.discovery_updates.inc();
-                apply(&request.target, update, &tx, &balancer);
+                apply(&request.target, update, &tx, &mut targets);
                 backoff.reset();
             }
             Ok::<_, tonic::Status>(())
@@ -247,28 +259,51 @@ async fn watch_destination(
     }
 }
 
+/// What one destination's stream keeps up to date.
+struct Targets {
+    balancer: Arc<Balancer>,
+    router: Arc<ArcSwap<Router>>,
+    /// Balancers of route backends, by service, kept across updates.
+    backends: HashMap<Arc<str>, Arc<Balancer>>,
+    connect_timeout: Duration,
+    identity: Option<Arc<crate::identity::Identity>>,
+}
+
+fn endpoint_specs(endpoints: &[strait_api::discovery::Endpoint]) -> Vec<EndpointSpec> {
+    endpoints
+        .iter()
+        .filter_map(|e| {
+            let ip = e.ip.parse().ok()?;
+            let port = u16::try_from(e.port).ok()?;
+            Some(EndpointSpec {
+                addr: SocketAddr::new(ip, port),
+                weight: e.weight.clamp(1, 65_535),
+                identity: e.identity.clone(),
+                meshed: e.meshed,
+            })
+        })
+        .collect()
+}
+
 fn apply(
     target: &str,
     update: DestinationUpdate,
     tx: &watch::Sender<Resolved>,
-    balancer: &Balancer,
+    targets: &mut Targets,
 ) {
+    let balancer = &targets.balancer;
     match update.update {
         Some(Update::Destination(d)) => {
-            let specs: Vec<EndpointSpec> = d
-                .endpoints
-                .into_iter()
-                .filter_map(|e| {
-                    let ip = e.ip.parse().ok()?;
-                    let port = u16::try_from(e.port).ok()?;
-                    Some(EndpointSpec {
-                        addr: SocketAddr::new(ip, port),
-                        weight: e.weight.clamp(1, 65_535),
-                        identity: e.identity,
-                        meshed: e.meshed,
-                    })
-                })
-                .collect();
+            let specs = endpoint_specs(&d.endpoints);
+            let (timeout, identity) = (targets.connect_timeout, targets.identity.clone());
+            let router = Router::compile(
+                &d.routes,
+                d.unmatched_to_service,
+                &mut targets.backends,
+                &|| Balancer::new(timeout, identity.clone()),
+                &endpoint_specs,
+            );
+            targets.router.store(Arc::new(router));
             tracing::debug!(%target, service = %d.service, endpoints = specs.len(), "discovery update");
             balancer.update(specs);
             let hint = ProtocolHint::try_from(d.protocol).unwrap_or(ProtocolHint::Unknown);
@@ -338,7 +373,14 @@ mod tests {
     fn updates_feed_the_balancer_and_state() {
         use strait_api::discovery::{Destination, Endpoint, NotInMesh};
         let (tx, rx) = watch::channel(Resolved::Pending);
-        let balancer = Balancer::new(Duration::from_secs(1), None);
+        let mut targets = Targets {
+            balancer: Arc::new(Balancer::new(Duration::from_secs(1), None)),
+            router: Arc::new(ArcSwap::from_pointee(Router::default())),
+            backends: HashMap::new(),
+            connect_timeout: Duration::from_secs(1),
+            identity: None,
+        };
+        let balancer = targets.balancer.clone();
         let update = DestinationUpdate {
             update: Some(Update::Destination(Destination {
                 service: "web.shop.svc.cluster.local:80".into(),
@@ -357,9 +399,10 @@ mod tests {
                         ..Default::default()
                     },
                 ],
+                ..Default::default()
             })),
         };
-        apply("t", update, &tx, &balancer);
+        apply("t", update, &tx, &mut targets);
         assert_eq!(balancer.len(), 1, "bad addresses skipped");
         assert!(matches!(
             &*rx.borrow(),
@@ -376,7 +419,7 @@ mod tests {
                 })),
             },
             &tx,
-            &balancer,
+            &mut targets,
         );
         assert!(balancer.is_empty());
         assert_eq!(*rx.borrow(), Resolved::NotInMesh);

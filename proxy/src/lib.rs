@@ -20,6 +20,7 @@ pub mod listen;
 pub mod metrics;
 pub mod outbound;
 pub mod policy;
+pub mod router;
 pub mod tcp;
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -15,6 +15,7 @@ use hyper::body::Incoming;
 use strait_api::discovery::ProtocolHint;
 use tokio::net::TcpStream;
 
+use crate::balance::Balancer;
 use crate::detect::{self, Protocol};
 use crate::discovery::Lookup;
 use crate::http::client::{send_upgrade, H2Conn};
@@ -24,7 +25,9 @@ use crate::http::headers::{is_upgrade, strip_hop_by_hop};
 use crate::http::server::{serve, Handler};
 use crate::io::{CountingIo, PrefixedIo};
 use crate::metrics::{Direction, HttpMetrics};
+use crate::router::grpc_timeout;
 use crate::Context;
+use std::time::Duration;
 
 const PASSTHROUGH: &str = "passthrough";
 
@@ -143,38 +146,103 @@ impl Handler for OutboundHttp {
                 resolution,
                 ..
             } => {
-                let endpoint = resolution
-                    .balancer
-                    .pick()
-                    .ok_or_else(|| ProxyError::NoEndpoints(service.to_string()))?;
-                let mut in_flight = endpoint.start();
-                let result = match (&endpoint.tls, endpoint.spec.meshed, upgrade) {
-                    // An upgrade to a meshed peer: its own mTLS connection, HTTP/1.1 inside.
-                    (Some(tls), true, true) => {
-                        send_upgrade(
-                            endpoint.addr(),
-                            self.ctx.cfg.connect_timeout,
-                            Some(&tls.http1),
-                            req,
-                        )
-                        .await
-                    }
-                    (_, true, false) => {
-                        if let Err(e) = endpoint.h2.ready().await {
-                            in_flight.failure();
-                            return Err(e);
-                        }
-                        in_flight.connected();
-                        to_peer(&endpoint.h2, req).await
-                    }
-                    _ => direct(&self.ctx.clients, endpoint.addr(), &endpoint.h2, req).await,
+                let router = resolution.router.load();
+                let route = match router.route(&req) {
+                    _ if router.is_empty() => None,
+                    Some(route) => Some(route),
+                    None if router.unmatched_to_service => None,
+                    None => return Err(ProxyError::NoRoute(service.to_string())),
                 };
-                match &result {
-                    Ok(_) => in_flight.success(),
-                    Err(_) => in_flight.failure(),
-                }
-                result
+                let Some(route) = route else {
+                    let timeout = grpc_timeout(&req);
+                    return with_timeout(
+                        timeout,
+                        self.send_to(&resolution.balancer, service, req, upgrade),
+                    )
+                    .await;
+                };
+                route.modify(&mut req);
+                let backend = route.pick_backend().ok_or_else(|| {
+                    ProxyError::NoBackend(format!("{}: every backend weight is 0", route.name))
+                })?;
+                let Some(balancer) = &backend.balancer else {
+                    return Err(ProxyError::NoBackend(format!(
+                        "{}: backend {} does not exist",
+                        route.name, backend.service
+                    )));
+                };
+                let timeout = [
+                    route.request_timeout,
+                    route.backend_timeout,
+                    grpc_timeout(&req),
+                ]
+                .into_iter()
+                .flatten()
+                .min();
+                with_timeout(
+                    timeout,
+                    self.send_to(balancer, &backend.service, req, upgrade),
+                )
+                .await
             }
         }
+    }
+}
+
+/// Bounds `fut` (until the response headers) by `timeout`, if any.
+async fn with_timeout<F>(
+    timeout: Option<Duration>,
+    fut: F,
+) -> Result<Response<Incoming>, ProxyError>
+where
+    F: std::future::Future<Output = Result<Response<Incoming>, ProxyError>>,
+{
+    match timeout {
+        Some(after) => tokio::time::timeout(after, fut)
+            .await
+            .unwrap_or(Err(ProxyError::Timeout { after })),
+        None => fut.await,
+    }
+}
+
+impl OutboundHttp {
+    /// Sends `req` to an endpoint of `balancer` (the service `service`).
+    async fn send_to(
+        &self,
+        balancer: &Balancer,
+        service: &str,
+        req: Request<Incoming>,
+        upgrade: bool,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let endpoint = balancer
+            .pick()
+            .ok_or_else(|| ProxyError::NoEndpoints(service.to_string()))?;
+        let mut in_flight = endpoint.start();
+        let result = match (&endpoint.tls, endpoint.spec.meshed, upgrade) {
+            // An upgrade to a meshed peer: its own mTLS connection, HTTP/1.1 inside.
+            (Some(tls), true, true) => {
+                send_upgrade(
+                    endpoint.addr(),
+                    self.ctx.cfg.connect_timeout,
+                    Some(&tls.http1),
+                    req,
+                )
+                .await
+            }
+            (_, true, false) => {
+                if let Err(e) = endpoint.h2.ready().await {
+                    in_flight.failure();
+                    return Err(e);
+                }
+                in_flight.connected();
+                to_peer(&endpoint.h2, req).await
+            }
+            _ => direct(&self.ctx.clients, endpoint.addr(), &endpoint.h2, req).await,
+        };
+        match &result {
+            Ok(_) => in_flight.success(),
+            Err(_) => in_flight.failure(),
+        }
+        result
     }
 }

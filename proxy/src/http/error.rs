@@ -32,6 +32,12 @@ pub enum ProxyError {
     },
     #[error("the request has no authority (Host header)")]
     NoAuthority,
+    #[error("no route of {0} matches the request")]
+    NoRoute(String),
+    #[error("no backend: {0}")]
+    NoBackend(String),
+    #[error("no response within the timeout of {after:?}")]
+    Timeout { after: Duration },
     #[error("{client} is not authorized by {policy}")]
     Unauthorized { client: String, policy: String },
     #[error(
@@ -54,6 +60,9 @@ impl ProxyError {
             ProxyError::ConnectTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::NoAuthority => StatusCode::BAD_REQUEST,
             ProxyError::Unauthorized { .. } => StatusCode::FORBIDDEN,
+            ProxyError::NoRoute(_) => StatusCode::NOT_FOUND,
+            ProxyError::NoBackend(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
@@ -67,6 +76,9 @@ impl ProxyError {
             ProxyError::NoAuthority => "no authority",
             ProxyError::Tls { .. } => "tls failed",
             ProxyError::Unauthorized { .. } => "unauthorized",
+            ProxyError::NoRoute(_) => "no route",
+            ProxyError::NoBackend(_) => "no backend",
+            ProxyError::Timeout { .. } => "timeout",
         }
     }
 
@@ -74,6 +86,8 @@ impl ProxyError {
         match self {
             ProxyError::ConnectTimeout { .. } => 4, // DEADLINE_EXCEEDED
             ProxyError::Unauthorized { .. } => 7,   // PERMISSION_DENIED
+            ProxyError::NoRoute(_) => 12,           // UNIMPLEMENTED
+            ProxyError::Timeout { .. } => 4,        // DEADLINE_EXCEEDED
             ProxyError::NoAuthority => 13,          // INTERNAL
             _ => 14,                                // UNAVAILABLE
         }

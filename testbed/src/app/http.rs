@@ -24,7 +24,7 @@ fn full(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).map_err(|never| match never {}).boxed()
 }
 
-pub async fn serve(listen: SocketAddr, name: String) -> anyhow::Result<()> {
+pub async fn serve(listen: SocketAddr, name: String, delay: Duration) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("bind {listen}"))?;
@@ -37,7 +37,12 @@ pub async fn serve(listen: SocketAddr, name: String) -> anyhow::Result<()> {
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let name = name.clone();
-                async move { Ok::<_, Infallible>(handle(req, &name).await) }
+                async move {
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                    Ok::<_, Infallible>(handle(req, &name).await)
+                }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection_with_upgrades(TokioIo::new(stream), svc)

@@ -23,6 +23,9 @@ enum Cmd {
         listen: SocketAddr,
         #[arg(long)]
         name: String,
+        /// Added to every response (a slow replica).
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
     },
     /// gRPC Echo server.
     Grpc {
@@ -78,7 +81,11 @@ enum Cmd {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Cmd::Http { listen, name } => app::http::serve(listen, name).await,
+        Cmd::Http {
+            listen,
+            name,
+            delay_ms,
+        } => app::http::serve(listen, name, Duration::from_millis(delay_ms)).await,
         Cmd::Grpc { listen, name } => app::grpc::serve(listen, name).await,
         Cmd::Banner { listen, text } => app::tcp::banner(listen, text).await,
         Cmd::Echo { listen } => app::tcp::echo(listen).await,
