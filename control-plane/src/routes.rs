@@ -385,7 +385,6 @@ fn group_match(m: &GroupMatch) -> RouteMatch {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use crate::index::{MeshIndex, Naming};

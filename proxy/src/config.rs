@@ -73,9 +73,32 @@ pub struct ProxyConfig {
     /// Ports that are strict whatever the workload's mode.
     #[arg(long, env = "STRAIT_INBOUND_STRICT_PORTS", default_value = "", value_parser = PortList::parse)]
     pub inbound_strict_ports: PortList,
+    /// Retry budget: retries may add at most this share of requests (0.2 = 20%)...
+    #[arg(long, env = "STRAIT_RETRY_BUDGET_RATIO", default_value_t = 0.2, value_parser = parse_ratio)]
+    pub retry_budget_ratio: f32,
+    /// ... plus this many retries per second...
+    #[arg(long, env = "STRAIT_RETRY_BUDGET_MIN_PER_SECOND", default_value_t = 10)]
+    pub retry_budget_min_per_second: u32,
+    /// ... over this window (1s to 60s).
+    #[arg(long, env = "STRAIT_RETRY_BUDGET_WINDOW", default_value = "10s", value_parser = parse_window)]
+    pub retry_budget_window: Duration,
     /// Ports that are permissive whatever the workload's mode.
     #[arg(long, env = "STRAIT_INBOUND_PERMISSIVE_PORTS", default_value = "", value_parser = PortList::parse)]
     pub inbound_permissive_ports: PortList,
+}
+
+fn parse_ratio(s: &str) -> Result<f32, String> {
+    match s.parse::<f32>() {
+        Ok(r) if (0.0..=10.0).contains(&r) => Ok(r),
+        _ => Err(format!("{s:?} is not a ratio between 0 and 10 (0.2 = 20%)")),
+    }
+}
+
+fn parse_window(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d >= Duration::from_secs(1) && d <= Duration::from_secs(60) => Ok(d),
+        _ => Err(format!("{s:?} is not a duration between 1s and 60s")),
+    }
 }
 
 fn parse_spiffe_id(s: &str) -> Result<strait_identity::SpiffeId, String> {
@@ -91,6 +114,14 @@ pub enum InboundMode {
 }
 
 impl ProxyConfig {
+    pub fn retry_budget(&self) -> crate::retry::BudgetSettings {
+        crate::retry::BudgetSettings {
+            ratio: self.retry_budget_ratio,
+            min_per_second: self.retry_budget_min_per_second,
+            window: self.retry_budget_window,
+        }
+    }
+
     /// Whether plaintext is refused on inbound `port`.
     pub fn is_strict(&self, port: u16) -> bool {
         if self.inbound_strict_ports.contains(port) {

@@ -42,6 +42,8 @@ pub struct Resolution {
     pub balancer: Arc<Balancer>,
     /// HTTP routes (HTTPRoute, TrafficSplit); empty: everything goes to `balancer`.
     pub router: Arc<ArcSwap<Router>>,
+    /// Caps the retries of requests to this destination.
+    pub retry_budget: crate::retry::RetryBudget,
     last_used: AtomicU64,
 }
 
@@ -96,6 +98,7 @@ pub struct Discovery {
     connect_timeout: Duration,
     metrics: Arc<Metrics>,
     identity: Option<Arc<crate::identity::Identity>>,
+    retry_budget: crate::retry::BudgetSettings,
 }
 
 #[derive(Debug, Default)]
@@ -115,6 +118,7 @@ impl Discovery {
         connect_timeout: Duration,
         metrics: Arc<Metrics>,
         identity: Option<Arc<crate::identity::Identity>>,
+        retry_budget: crate::retry::BudgetSettings,
     ) -> Result<Self, AddrError> {
         let uri = if addr.contains("://") {
             addr.to_string()
@@ -139,6 +143,7 @@ impl Discovery {
             connect_timeout,
             metrics,
             identity,
+            retry_budget,
         })
     }
 
@@ -188,6 +193,7 @@ impl Discovery {
             state: rx,
             balancer: balancer.clone(),
             router: router.clone(),
+            retry_budget: crate::retry::RetryBudget::new(&self.retry_budget),
             last_used: AtomicU64::new(now),
         });
         cache.entries.insert(target, resolution.clone());

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
+use http_body_util::Either;
 use hyper::body::Incoming;
 use strait_identity::SpiffeId;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -192,7 +193,8 @@ impl Handler for InboundHttp {
         format!("app {} (client {:?})", self.app, self.client)
     }
 
-    async fn forward(&self, mut req: Request<Incoming>) -> Result<Response<Incoming>, ProxyError> {
+    async fn forward(&self, req: Request<Incoming>) -> Result<Response<Incoming>, ProxyError> {
+        let mut req = req.map(Either::Left);
         if let Err(denied) = self
             .ctx
             .authz

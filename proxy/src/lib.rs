@@ -20,6 +20,7 @@ pub mod listen;
 pub mod metrics;
 pub mod outbound;
 pub mod policy;
+pub mod retry;
 pub mod router;
 pub mod tcp;
 
@@ -139,6 +140,7 @@ pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
             cfg.connect_timeout,
             metrics.clone(),
             identity.clone(),
+            cfg.retry_budget(),
         )?),
         None => {
             tracing::warn!("no control plane configured: every destination is passed through");

@@ -95,6 +95,8 @@ pub struct Metrics {
     pub discovery_updates: Counter,
     /// NotAfter of the current certificate, Unix seconds.
     pub cert_expiry: Gauge,
+    retries: Family<TargetLabels, Counter>,
+    retries_exhausted: Family<TargetLabels, Counter>,
     certify: Family<ResultLabels, Counter>,
     inbound_refused: Family<RefusedLabels, Counter>,
 }
@@ -139,6 +141,8 @@ impl Metrics {
             discovery_connected: Gauge::default(),
             discovery_updates: Counter::default(),
             cert_expiry: Gauge::default(),
+            retries: Family::default(),
+            retries_exhausted: Family::default(),
             certify: Family::default(),
             inbound_refused: Family::default(),
             registry: Registry::default(),
@@ -200,6 +204,12 @@ impl Metrics {
             "inbound_refused",
             "Inbound connections or requests refused (plaintext on a strict port, denied by policy)",
             m.inbound_refused.clone(),
+        );
+        registry.register("retry", "Retries sent", m.retries.clone());
+        registry.register(
+            "retry_budget_exhausted",
+            "Retries not sent because the retry budget was spent",
+            m.retries_exhausted.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -271,6 +281,8 @@ impl Metrics {
             target: Target(target.into()),
         };
         HttpMetrics {
+            retries: self.retries.get_or_create(&labels).clone(),
+            retries_exhausted: self.retries_exhausted.get_or_create(&labels).clone(),
             requests: self.requests.get_or_create(&labels).clone(),
             latency: self.latency.get_or_create(&labels).clone(),
             responses: self.responses.clone(),
@@ -298,6 +310,10 @@ impl Drop for TcpMetrics {
 /// Per-connection HTTP handles.
 #[derive(Debug, Clone)]
 pub struct HttpMetrics {
+    /// Retries sent.
+    pub retries: Counter,
+    /// Retries skipped: budget spent.
+    pub retries_exhausted: Counter,
     requests: Counter,
     latency: Histogram,
     responses: Family<ResponseLabels, Counter>,

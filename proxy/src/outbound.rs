@@ -23,10 +23,13 @@ use crate::http::error::ProxyError;
 use crate::http::forward::{direct, to_peer};
 use crate::http::headers::{is_upgrade, strip_hop_by_hop};
 use crate::http::server::{serve, Handler};
+use crate::http::ReqBody;
 use crate::io::{CountingIo, PrefixedIo};
 use crate::metrics::{Direction, HttpMetrics};
+use crate::retry;
 use crate::router::grpc_timeout;
 use crate::Context;
+use http_body_util::Either;
 use std::time::Duration;
 
 const PASSTHROUGH: &str = "passthrough";
@@ -139,13 +142,14 @@ impl Handler for OutboundHttp {
                         &fallback
                     }
                 };
-                direct(&self.ctx.clients, self.orig_dst, h2, req).await
+                direct(&self.ctx.clients, self.orig_dst, h2, req.map(Either::Left)).await
             }
             Lookup::Mesh {
                 service,
                 resolution,
                 ..
             } => {
+                resolution.retry_budget.deposit();
                 let router = resolution.router.load();
                 let route = match router.route(&req) {
                     _ if router.is_empty() => None,
@@ -155,6 +159,7 @@ impl Handler for OutboundHttp {
                 };
                 let Some(route) = route else {
                     let timeout = grpc_timeout(&req);
+                    let req = req.map(Either::Left);
                     return with_timeout(
                         timeout,
                         self.send_to(&resolution.balancer, service, req, upgrade),
@@ -171,19 +176,41 @@ impl Handler for OutboundHttp {
                         route.name, backend.service
                     )));
                 };
-                let timeout = [
-                    route.request_timeout,
-                    route.backend_timeout,
-                    grpc_timeout(&req),
-                ]
-                .into_iter()
-                .flatten()
-                .min();
-                with_timeout(
-                    timeout,
-                    self.send_to(balancer, &backend.service, req, upgrade),
-                )
-                .await
+                // The request timeout bounds every attempt together; backendRequest each one.
+                let overall = [route.request_timeout, grpc_timeout(&req)]
+                    .into_iter()
+                    .flatten()
+                    .min();
+                let per_attempt = route.backend_timeout;
+                match route
+                    .retry
+                    .as_ref()
+                    .filter(|_| !upgrade && retry::is_replayable(&req))
+                {
+                    None => {
+                        let attempt = with_timeout(
+                            per_attempt,
+                            self.send_to(
+                                balancer,
+                                &backend.service,
+                                req.map(Either::Left),
+                                upgrade,
+                            ),
+                        );
+                        with_timeout(overall, attempt).await
+                    }
+                    Some(policy) => {
+                        let attempts = self.with_retries(
+                            balancer,
+                            &backend.service,
+                            req,
+                            policy,
+                            per_attempt,
+                            resolution,
+                        );
+                        with_timeout(overall, attempts).await
+                    }
+                }
             }
         }
     }
@@ -206,12 +233,48 @@ where
 }
 
 impl OutboundHttp {
+    /// Sends a replayable request, retrying as `policy` says while the budget allows.
+    async fn with_retries(
+        &self,
+        balancer: &Balancer,
+        service: &str,
+        req: Request<Incoming>,
+        policy: &retry::RetryPolicy,
+        per_attempt: Option<Duration>,
+        resolution: &crate::discovery::Resolution,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let grpc = crate::http::headers::is_grpc(&req);
+        let replay = retry::Replayable::buffer(req).await?;
+        let mut attempt = 0;
+        loop {
+            let result = with_timeout(
+                per_attempt,
+                self.send_to(balancer, service, replay.request(), false),
+            )
+            .await;
+            if attempt >= policy.attempts || !retry::should_retry(&result, policy, grpc) {
+                return result;
+            }
+            if !resolution.retry_budget.withdraw() {
+                self.metrics.retries_exhausted.inc();
+                return result;
+            }
+            self.metrics.retries.inc();
+            attempt += 1;
+            drop(result);
+            if !policy.backoff.is_zero() {
+                // Jittered: half to all of the backoff.
+                tokio::time::sleep(policy.backoff.mul_f64(0.5 + fastrand::f64() / 2.0)).await;
+            }
+        }
+    }
+
     /// Sends `req` to an endpoint of `balancer` (the service `service`).
     async fn send_to(
         &self,
         balancer: &Balancer,
         service: &str,
-        req: Request<Incoming>,
+        req: Request<ReqBody>,
         upgrade: bool,
     ) -> Result<Response<Incoming>, ProxyError> {
         let endpoint = balancer

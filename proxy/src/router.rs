@@ -33,6 +33,7 @@ pub struct CompiledRoute {
     total_weight: u64,
     pub request_timeout: Option<Duration>,
     pub backend_timeout: Option<Duration>,
+    pub retry: Option<crate::retry::RetryPolicy>,
     set: Vec<(HeaderName, HeaderValue)>,
     add: Vec<(HeaderName, HeaderValue)>,
     remove: Vec<HeaderName>,
@@ -226,6 +227,17 @@ impl Router {
                         .then(|| Duration::from_millis(r.request_timeout_ms)),
                     backend_timeout: (r.backend_request_timeout_ms > 0)
                         .then(|| Duration::from_millis(r.backend_request_timeout_ms)),
+                    retry: r.retry.as_ref().filter(|p| p.attempts > 0).map(|p| {
+                        crate::retry::RetryPolicy {
+                            attempts: p.attempts.min(10),
+                            codes: p
+                                .codes
+                                .iter()
+                                .filter_map(|c| u16::try_from(*c).ok())
+                                .collect(),
+                            backoff: Duration::from_millis(p.backoff_ms.min(10_000)),
+                        }
+                    }),
                     set: modifier.set.iter().filter_map(header).collect(),
                     add: modifier.add.iter().filter_map(header).collect(),
                     remove: modifier

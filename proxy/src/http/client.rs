@@ -15,6 +15,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use super::error::ProxyError;
+use super::ReqBody;
 use crate::identity::TlsTarget;
 
 /// HTTP/2 flow-control windows: large enough that one stream can fill a fast link.
@@ -54,7 +55,7 @@ pub async fn connect_tls(
 pub struct H2Conn {
     addr: SocketAddr,
     connect_timeout: Duration,
-    current: ArcSwapOption<http2::SendRequest<Incoming>>,
+    current: ArcSwapOption<http2::SendRequest<ReqBody>>,
     connecting: tokio::sync::Mutex<()>,
     tls: Option<TlsTarget>,
 }
@@ -85,7 +86,7 @@ impl H2Conn {
         self.sender().await.map(drop)
     }
 
-    async fn sender(&self) -> Result<http2::SendRequest<Incoming>, ProxyError> {
+    async fn sender(&self) -> Result<http2::SendRequest<ReqBody>, ProxyError> {
         if let Some(s) = self.current.load().as_ref() {
             if !s.is_closed() {
                 return Ok((**s).clone());
@@ -126,7 +127,7 @@ impl H2Conn {
 
     /// Sends on the shared connection. A request the connection could not take (it was closing)
     /// is sent once more on a fresh connection.
-    pub async fn send(&self, req: Request<Incoming>) -> Result<Response<Incoming>, ProxyError> {
+    pub async fn send(&self, req: Request<ReqBody>) -> Result<Response<Incoming>, ProxyError> {
         let mut sender = self.sender().await?;
         match sender.try_send_request(req).await {
             Ok(resp) => Ok(resp),
@@ -154,7 +155,7 @@ async fn spawn_h2<I>(
     addr: SocketAddr,
     builder: http2::Builder<TokioExecutor>,
     io: I,
-) -> hyper::Result<http2::SendRequest<Incoming>>
+) -> hyper::Result<http2::SendRequest<ReqBody>>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -171,7 +172,7 @@ where
 async fn spawn_h1_upgradable<I>(
     addr: SocketAddr,
     io: I,
-) -> hyper::Result<hyper::client::conn::http1::SendRequest<Incoming>>
+) -> hyper::Result<hyper::client::conn::http1::SendRequest<ReqBody>>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -217,7 +218,7 @@ impl H2Pool {
 }
 
 /// Pooled HTTP/1.1 keep-alive connections, keyed by the address in the request URI.
-pub type H1Client = hyper_util::client::legacy::Client<HttpConnector, Incoming>;
+pub type H1Client = hyper_util::client::legacy::Client<HttpConnector, ReqBody>;
 
 pub fn h1_client(connect_timeout: Duration) -> H1Client {
     let mut connector = HttpConnector::new();
@@ -235,7 +236,7 @@ pub fn h1_client(connect_timeout: Duration) -> H1Client {
 pub async fn send_h1(
     client: &H1Client,
     addr: SocketAddr,
-    mut req: Request<Incoming>,
+    mut req: Request<ReqBody>,
 ) -> Result<Response<Incoming>, ProxyError> {
     if !req.headers().contains_key(http::header::HOST) {
         if let Some(a) = req.uri().authority() {
@@ -288,7 +289,7 @@ pub async fn send_upgrade(
     addr: SocketAddr,
     connect_timeout: Duration,
     tls: Option<&TlsTarget>,
-    mut req: Request<Incoming>,
+    mut req: Request<ReqBody>,
 ) -> Result<Response<Incoming>, ProxyError> {
     let tunnel = req.method() == http::Method::CONNECT;
     let downstream = hyper::upgrade::on(&mut req);

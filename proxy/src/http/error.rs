@@ -32,6 +32,8 @@ pub enum ProxyError {
     },
     #[error("the request has no authority (Host header)")]
     NoAuthority,
+    #[error("reading the request body failed: {0}")]
+    RequestBody(String),
     #[error("no route of {0} matches the request")]
     NoRoute(String),
     #[error("no backend: {0}")]
@@ -61,6 +63,7 @@ impl ProxyError {
             ProxyError::NoAuthority => StatusCode::BAD_REQUEST,
             ProxyError::Unauthorized { .. } => StatusCode::FORBIDDEN,
             ProxyError::NoRoute(_) => StatusCode::NOT_FOUND,
+            ProxyError::RequestBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::NoBackend(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -77,6 +80,7 @@ impl ProxyError {
             ProxyError::Tls { .. } => "tls failed",
             ProxyError::Unauthorized { .. } => "unauthorized",
             ProxyError::NoRoute(_) => "no route",
+            ProxyError::RequestBody(_) => "request body",
             ProxyError::NoBackend(_) => "no backend",
             ProxyError::Timeout { .. } => "timeout",
         }

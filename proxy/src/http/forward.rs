@@ -10,6 +10,7 @@ use hyper::body::Incoming;
 use super::client::{send_h1, send_upgrade, H1Client, H2Conn};
 use super::error::ProxyError;
 use super::headers::{self, ORIG_PROTO};
+use super::ReqBody;
 
 /// Connections shared by every request of the proxy.
 #[derive(Debug)]
@@ -33,7 +34,7 @@ impl Clients {
 /// with [`ORIG_PROTO`] set, so the peer restores it; its response comes back as HTTP/1.
 pub async fn to_peer(
     conn: &H2Conn,
-    mut req: Request<Incoming>,
+    mut req: Request<ReqBody>,
 ) -> Result<Response<Incoming>, ProxyError> {
     let version = req.version();
     if version != Version::HTTP_2 {
@@ -62,7 +63,7 @@ pub async fn to_peer(
 
 /// Restores a request that a peer proxy carried over HTTP/2 (it has [`ORIG_PROTO`]) to HTTP/1.
 /// Returns whether it was one.
-pub fn restore_orig_proto(req: &mut Request<Incoming>) -> bool {
+pub fn restore_orig_proto<B>(req: &mut Request<B>) -> bool {
     let Some(orig) = req.headers_mut().remove(ORIG_PROTO) else {
         return false;
     };
@@ -85,7 +86,7 @@ pub async fn direct(
     clients: &Clients,
     addr: SocketAddr,
     h2: &H2Conn,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
 ) -> Result<Response<Incoming>, ProxyError> {
     if headers::is_upgrade(&req) {
         return send_upgrade(addr, clients.connect_timeout, None, req).await;

@@ -13,3 +13,6 @@ use hyper::body::Incoming;
 
 /// A response body: the upstream's, streamed, or one the proxy wrote itself.
 pub type Body = Either<Incoming, Full<Bytes>>;
+
+/// A request body sent upstream: the client's, streamed, or one buffered for retries.
+pub type ReqBody = Either<Incoming, Full<Bytes>>;

@@ -24,7 +24,12 @@ fn full(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).map_err(|never| match never {}).boxed()
 }
 
-pub async fn serve(listen: SocketAddr, name: String, delay: Duration) -> anyhow::Result<()> {
+pub async fn serve(
+    listen: SocketAddr,
+    name: String,
+    delay: Duration,
+    fail_ratio: f64,
+) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("bind {listen}"))?;
@@ -40,6 +45,11 @@ pub async fn serve(listen: SocketAddr, name: String, delay: Duration) -> anyhow:
                 async move {
                     if !delay.is_zero() {
                         tokio::time::sleep(delay).await;
+                    }
+                    if fail_ratio > 0.0 && rand_unit() < fail_ratio {
+                        let mut r = Response::new(full(format!("failed on purpose by {name}\n")));
+                        *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                        return Ok::<_, Infallible>(r);
                     }
                     Ok::<_, Infallible>(handle(req, &name).await)
                 }
@@ -88,6 +98,18 @@ async fn handle(mut req: Request<Incoming>, name: &str) -> Response<Body> {
         resp.headers_mut().insert("x-served-by", v);
     }
     resp
+}
+
+/// A uniform number in [0, 1), from the std hasher's random seed (no extra dependency).
+fn rand_unit() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    h.write_u64(nanos);
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 fn pattern_body(n: u64) -> Body {

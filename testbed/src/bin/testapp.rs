@@ -26,6 +26,9 @@ enum Cmd {
         /// Added to every response (a slow replica).
         #[arg(long, default_value_t = 0)]
         delay_ms: u64,
+        /// Share of requests answered 503 (a flaky replica), 0 to 1.
+        #[arg(long, default_value_t = 0.0)]
+        fail_ratio: f64,
     },
     /// gRPC Echo server.
     Grpc {
@@ -85,7 +88,8 @@ async fn main() -> anyhow::Result<()> {
             listen,
             name,
             delay_ms,
-        } => app::http::serve(listen, name, Duration::from_millis(delay_ms)).await,
+            fail_ratio,
+        } => app::http::serve(listen, name, Duration::from_millis(delay_ms), fail_ratio).await,
         Cmd::Grpc { listen, name } => app::grpc::serve(listen, name).await,
         Cmd::Banner { listen, text } => app::tcp::banner(listen, text).await,
         Cmd::Echo { listen } => app::tcp::echo(listen).await,
