@@ -197,6 +197,10 @@ impl Net {
             ("STRAIT_WORKLOAD", workload.as_str()),
             ("STRAIT_LOG", "info"),
             ("STRAIT_SHUTDOWN_GRACE_PERIOD", "5s"),
+            // Tests run many meshes at once on two cores: a first discovery answer can take
+            // longer than the 1 s default, and the proxy would then pass the request through
+            // (a safe fallback, but not what a test of the mesh means to exercise).
+            ("STRAIT_DISCOVERY_TIMEOUT", "5s"),
         ];
         env.extend(opts.env.iter().copied());
         let proc = self.spawn_in(
