@@ -31,6 +31,11 @@ const DECAY: Duration = Duration::from_secs(10);
 const DEFAULT_RTT: Duration = Duration::from_millis(1);
 /// What a failed attempt counts as, so that a broken endpoint is avoided until it decays.
 pub const FAILURE_PENALTY: Duration = Duration::from_secs(1);
+/// Consecutive failures (connect errors, 5xx) that eject an endpoint (Linkerd's default).
+pub const EJECT_AFTER: u32 = 7;
+/// First ejection; each further one without a success in between doubles it, up to the max.
+const EJECT_BASE: Duration = Duration::from_secs(1);
+const EJECT_MAX: Duration = Duration::from_secs(60);
 
 fn now_ns() -> u64 {
     static BASE: OnceLock<Instant> = OnceLock::new();
@@ -55,6 +60,42 @@ pub struct Endpoint {
     /// connection to it is mTLS, checked against that identity.
     pub tls: Option<PeerTls>,
     load: PeakEwma,
+    breaker: Breaker,
+}
+
+/// Circuit breaking by consecutive failures. Ejected endpoints are skipped until their backoff
+/// ends; then the next request probes it (half-open): a success restores it, a failure ejects
+/// it again for twice as long.
+#[derive(Debug, Default)]
+struct Breaker {
+    consecutive: AtomicU32,
+    ejections: AtomicU32,
+    ejected_until: AtomicU64,
+}
+
+impl Breaker {
+    fn available(&self, now: u64) -> bool {
+        now >= self.ejected_until.load(Ordering::Relaxed)
+    }
+
+    fn success(&self) {
+        self.consecutive.store(0, Ordering::Relaxed);
+        self.ejections.store(0, Ordering::Relaxed);
+    }
+
+    /// Records a failure; returns the ejection it caused, if any.
+    fn failure(&self) -> Option<Duration> {
+        let probing = self.ejections.load(Ordering::Relaxed) > 0;
+        let consecutive = self.consecutive.fetch_add(1, Ordering::Relaxed) + 1;
+        if !probing && consecutive < EJECT_AFTER {
+            return None;
+        }
+        let n = self.ejections.fetch_add(1, Ordering::Relaxed);
+        let backoff = EJECT_BASE.saturating_mul(1 << n.min(6)).min(EJECT_MAX);
+        self.ejected_until.store(now_ns() + backoff.as_nanos() as u64, Ordering::Relaxed);
+        self.consecutive.store(0, Ordering::Relaxed);
+        Some(backoff)
+    }
 }
 
 impl Endpoint {
@@ -81,11 +122,18 @@ impl Endpoint {
             tls,
             spec,
             load: PeakEwma::default(),
+            breaker: Breaker::default(),
         }
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.spec.addr
+    }
+
+    fn record_failure(&self) {
+        if let Some(backoff) = self.breaker.failure() {
+            tracing::warn!(addr = %self.spec.addr, ?backoff, "endpoint ejected after consecutive failures");
+        }
     }
 
     /// Marks a request in flight; the guard records its latency when it ends.
@@ -162,10 +210,15 @@ impl InFlight {
         self.start = Instant::now();
     }
 
-    /// The response headers arrived: record the latency.
-    pub fn success(mut self) {
+    /// The response headers arrived: record the latency. A 5xx counts toward ejection.
+    pub fn response(mut self, status: http::StatusCode) {
         self.endpoint.load.observe(self.start.elapsed());
         self.done = true;
+        if status.is_server_error() {
+            self.endpoint.record_failure();
+        } else {
+            self.endpoint.breaker.success();
+        }
     }
 
     /// The attempt failed (connect error, reset): penalise the endpoint.
@@ -174,6 +227,7 @@ impl InFlight {
             .load
             .observe(FAILURE_PENALTY.max(self.start.elapsed()));
         self.done = true;
+        self.endpoint.record_failure();
     }
 }
 
@@ -234,25 +288,41 @@ impl Balancer {
         self.len() == 0
     }
 
-    /// Power of two choices. `None` when there is no endpoint.
+    /// Power of two choices among endpoints not ejected. `None` when there is none (see
+    /// [`Balancer::is_empty`] to tell "no endpoint" from "all ejected").
     pub fn pick(&self) -> Option<Arc<Endpoint>> {
         let endpoints = self.endpoints.load();
-        match endpoints.len() {
-            0 => None,
-            1 => Some(endpoints[0].clone()),
-            n => {
-                let a = fastrand::usize(..n);
-                let mut b = fastrand::usize(..n - 1);
-                if b >= a {
-                    b += 1;
-                }
-                let now = now_ns();
-                let (ea, eb) = (&endpoints[a], &endpoints[b]);
+        let now = now_ns();
+        let n = endpoints.len();
+        if n == 0 {
+            return None;
+        }
+        let a = fastrand::usize(..n);
+        let b = if n > 1 {
+            let b = fastrand::usize(..n - 1);
+            if b >= a {
+                b + 1
+            } else {
+                b
+            }
+        } else {
+            a
+        };
+        let (ea, eb) = (&endpoints[a], &endpoints[b]);
+        match (ea.breaker.available(now), eb.breaker.available(now)) {
+            (true, true) if a != b => {
                 let (ca, cb) = (ea.cost(now), eb.cost(now));
                 // P(a) = cb / (ca + cb): the cheaper one is likelier, in proportion.
                 let pick_a = fastrand::f64() * (ca + cb) < cb;
                 Some(if pick_a { ea.clone() } else { eb.clone() })
             }
+            (true, _) => Some(ea.clone()),
+            (false, true) => Some(eb.clone()),
+            // Both sampled are ejected: any other that is not.
+            (false, false) => (0..n)
+                .map(|i| &endpoints[(a + i) % n])
+                .find(|e| e.breaker.available(now))
+                .cloned(),
         }
     }
 }
@@ -268,6 +338,40 @@ mod tests {
             identity: String::new(),
             meshed: false,
         }
+    }
+
+    #[test]
+    fn consecutive_failures_eject_and_a_failed_probe_ejects_for_longer() {
+        let b = Balancer::new(Duration::from_secs(1), None);
+        b.update(vec![spec(1), spec(2)]);
+        let bad = b.endpoints.load()[0].clone();
+        for _ in 0..EJECT_AFTER - 1 {
+            assert_eq!(bad.breaker.failure(), None);
+        }
+        assert_eq!(bad.breaker.failure(), Some(Duration::from_secs(1)), "ejected on the 7th");
+        for _ in 0..100 {
+            assert_eq!(b.pick().expect("the other one").addr().port(), 2);
+        }
+        // After the backoff the next failure is a failed probe: ejected again, twice as long.
+        bad.breaker.ejected_until.store(0, Ordering::Relaxed);
+        assert_eq!(bad.breaker.failure(), Some(Duration::from_secs(2)));
+        // A success restores it fully.
+        bad.breaker.ejected_until.store(0, Ordering::Relaxed);
+        bad.breaker.success();
+        assert_eq!(bad.breaker.failure(), None);
+    }
+
+    #[test]
+    fn when_every_endpoint_is_ejected_nothing_is_picked() {
+        let b = Balancer::new(Duration::from_secs(1), None);
+        b.update(vec![spec(1), spec(2), spec(3)]);
+        for e in b.endpoints.load().iter() {
+            for _ in 0..EJECT_AFTER {
+                e.breaker.failure();
+            }
+        }
+        assert!(b.pick().is_none());
+        assert!(!b.is_empty(), "ejected, not gone");
     }
 
     #[test]

@@ -277,9 +277,13 @@ impl OutboundHttp {
         req: Request<ReqBody>,
         upgrade: bool,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let endpoint = balancer
-            .pick()
-            .ok_or_else(|| ProxyError::NoEndpoints(service.to_string()))?;
+        let endpoint = balancer.pick().ok_or_else(|| {
+            if balancer.is_empty() {
+                ProxyError::NoEndpoints(service.to_string())
+            } else {
+                ProxyError::AllEjected(service.to_string())
+            }
+        })?;
         let mut in_flight = endpoint.start();
         let result = match (&endpoint.tls, endpoint.spec.meshed, upgrade) {
             // An upgrade to a meshed peer: its own mTLS connection, HTTP/1.1 inside.
@@ -303,7 +307,7 @@ impl OutboundHttp {
             _ => direct(&self.ctx.clients, endpoint.addr(), &endpoint.h2, req).await,
         };
         match &result {
-            Ok(_) => in_flight.success(),
+            Ok(resp) => in_flight.response(resp.status()),
             Err(_) => in_flight.failure(),
         }
         result
