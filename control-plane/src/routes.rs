@@ -23,6 +23,10 @@ use crate::resources::{
     GroupMatch, HttpRoute, HttpRouteGroup, HttpRouteMatch, HttpRouteRule, TrafficSplit,
 };
 
+/// HTTPRoute annotation: gRPC status codes that are retried (comma-separated numbers; the
+/// Gateway API has no field for them). Default: 14 (UNAVAILABLE).
+pub const RETRY_GRPC_CODES: &str = "strait.io/retry-grpc-codes";
+
 /// The endpoints of a service port: `(authority, endpoints)`, `None` when it does not exist.
 pub type Resolve<'a> = dyn Fn(&str, &str, u16) -> Option<(String, Vec<Endpoint>)> + 'a;
 
@@ -124,7 +128,16 @@ fn http_routes(attached: &[&HttpRoute], port: u16, resolve: &Resolve<'_>) -> Vec
         let route_ns = route.metadata.namespace.as_str();
         for (i, rule) in route.spec.rules.iter().enumerate() {
             let name = format!("httproute {route_ns}/{}#{i}", route.metadata.name);
-            let base = rule_route(&name, rule, route_ns, port, resolve);
+            let mut base = rule_route(&name, rule, route_ns, port, resolve);
+            if let (Some(retry), Some(codes)) = (
+                base.retry.as_mut(),
+                route.metadata.annotations.get(RETRY_GRPC_CODES),
+            ) {
+                retry.grpc_codes = codes
+                    .split(',')
+                    .filter_map(|c| c.trim().parse().ok())
+                    .collect();
+            }
             let matches = if rule.matches.is_empty() {
                 vec![HttpRouteMatch::default()]
             } else {
@@ -533,8 +546,12 @@ spec:
     - type: RequestHeaderModifier
       requestHeaderModifier: {set: [{name: X-Env, value: canary}], remove: [x-debug]}
 "#;
-        let d = destination(route, "10.96.0.10:80");
+        let d = destination(&route.replace("metadata: {name: r, namespace: shop}", "metadata: {name: r, namespace: shop, annotations: {strait.io/retry-grpc-codes: \"14, 8\"}}"), "10.96.0.10:80");
         let r = &d.routes[0];
+        assert_eq!(
+            r.retry.as_ref().map(|p| p.grpc_codes.clone()),
+            Some(vec![14, 8])
+        );
         assert_eq!(r.request_timeout_ms, 200);
         assert_eq!(r.backend_request_timeout_ms, 100);
         let retry = r.retry.as_ref().expect("retry");

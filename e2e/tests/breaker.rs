@@ -7,8 +7,20 @@ use std::time::{Duration, Instant};
 use strait_e2e::{Mesh, ServiceDef};
 
 /// Status codes and servers of `n` sequential requests.
-fn statuses(mesh: &Mesh, client: &strait_testbed::Pod, n: usize) -> anyhow::Result<(HashMap<String, usize>, HashMap<String, usize>)> {
-    let out = mesh.curl(client, &["-s", "-w", " code=%{http_code}\n", &format!("http://10.96.0.10/?n=[1-{n}]")])?;
+fn statuses(
+    mesh: &Mesh,
+    client: &strait_testbed::Pod,
+    n: usize,
+) -> anyhow::Result<(HashMap<String, usize>, HashMap<String, usize>)> {
+    let out = mesh.curl(
+        client,
+        &[
+            "-s",
+            "-w",
+            " code=%{http_code}\n",
+            &format!("http://10.96.0.10/?n=[1-{n}]"),
+        ],
+    )?;
     let (mut codes, mut servers) = (HashMap::new(), HashMap::new());
     for line in out.lines() {
         if let Some(code) = line.rsplit("code=").next() {
@@ -29,11 +41,16 @@ fn a_failing_endpoint_is_ejected_comes_back_and_all_failing_fails_fast() -> anyh
     let mut apps = Vec::new();
     for name in ["s1", "s2", "s3"] {
         let pod = mesh.meshed_pod(name)?;
-        apps.push(mesh.net.start_app(&pod, "app", &["http", "--listen", "0.0.0.0:8080", "--name", name])?);
+        apps.push(mesh.net.start_app(
+            &pod,
+            "app",
+            &["http", "--listen", "0.0.0.0:8080", "--name", name],
+        )?);
         pods.push(pod);
     }
     let all: Vec<_> = pods.iter().collect();
-    mesh.config.service(&ServiceDef::new("web", "10.96.0.10", 80, 8080, &all))?;
+    mesh.config
+        .service(&ServiceDef::new("web", "10.96.0.10", 80, 8080, &all))?;
     let client = mesh.meshed_pod("client")?;
     let (codes, _) = statuses(&mesh, &client, 30)?;
     assert_eq!(codes.get("200"), Some(&30), "{codes:?}");
@@ -42,14 +59,27 @@ fn a_failing_endpoint_is_ejected_comes_back_and_all_failing_fails_fast() -> anyh
     mesh.net.kill(&apps[2], nix::sys::signal::Signal::SIGKILL)?;
     let (codes, _) = statuses(&mesh, &client, 60)?;
     let failed = 60 - codes.get("200").copied().unwrap_or(0);
-    assert!(failed <= 7, "at most 7 consecutive failures before ejection, got {failed}: {codes:?}");
+    assert!(
+        failed <= 7,
+        "at most 7 consecutive failures before ejection, got {failed}: {codes:?}"
+    );
     let (codes, servers) = statuses(&mesh, &client, 100)?;
-    assert_eq!(codes.get("200"), Some(&100), "the ejected endpoint gets no traffic: {codes:?}");
+    assert_eq!(
+        codes.get("200"),
+        Some(&100),
+        "the ejected endpoint gets no traffic: {codes:?}"
+    );
     assert!(!servers.contains_key("s3"));
 
     // s3 recovers: after its backoff a probe succeeds and it takes traffic again.
-    mesh.net.start_app(&pods[2], "app2", &["http", "--listen", "0.0.0.0:8080", "--name", "s3"])?;
-    let took = mesh.eventually(Duration::from_secs(30), || Ok(statuses(&mesh, &client, 20)?.1.contains_key("s3")))?;
+    mesh.net.start_app(
+        &pods[2],
+        "app2",
+        &["http", "--listen", "0.0.0.0:8080", "--name", "s3"],
+    )?;
+    let took = mesh.eventually(Duration::from_secs(30), || {
+        Ok(statuses(&mesh, &client, 20)?.1.contains_key("s3"))
+    })?;
     eprintln!("s3 took traffic again {took:?} after recovering");
 
     // Every endpoint fails: once all are ejected the proxy answers 503 at once.
@@ -58,7 +88,10 @@ fn a_failing_endpoint_is_ejected_comes_back_and_all_failing_fails_fast() -> anyh
         for pid in pids.split_whitespace() {
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
             if comm.trim() == "strait-testapp" {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid.parse()?), nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid.parse()?),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
         }
         let _ = i;
@@ -68,7 +101,13 @@ fn a_failing_endpoint_is_ejected_comes_back_and_all_failing_fails_fast() -> anyh
     let start = Instant::now();
     let out = mesh.curl(&client, &["-i", "http://10.96.0.10/"])?;
     assert!(out.starts_with("HTTP/1.1 503"), "{out}");
-    assert!(out.contains("is failing and ejected; failing fast"), "{out}");
-    assert!(start.elapsed() < Duration::from_secs(1), "fail fast, not a queue");
+    assert!(
+        out.contains("is failing and ejected; failing fast"),
+        "{out}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "fail fast, not a queue"
+    );
     Ok(())
 }

@@ -92,7 +92,8 @@ impl Breaker {
         }
         let n = self.ejections.fetch_add(1, Ordering::Relaxed);
         let backoff = EJECT_BASE.saturating_mul(1 << n.min(6)).min(EJECT_MAX);
-        self.ejected_until.store(now_ns() + backoff.as_nanos() as u64, Ordering::Relaxed);
+        self.ejected_until
+            .store(now_ns() + backoff.as_nanos() as u64, Ordering::Relaxed);
         self.consecutive.store(0, Ordering::Relaxed);
         Some(backoff)
     }
@@ -348,7 +349,11 @@ mod tests {
         for _ in 0..EJECT_AFTER - 1 {
             assert_eq!(bad.breaker.failure(), None);
         }
-        assert_eq!(bad.breaker.failure(), Some(Duration::from_secs(1)), "ejected on the 7th");
+        assert_eq!(
+            bad.breaker.failure(),
+            Some(Duration::from_secs(1)),
+            "ejected on the 7th"
+        );
         for _ in 0..100 {
             assert_eq!(b.pick().expect("the other one").addr().port(), 2);
         }

@@ -29,6 +29,8 @@ pub const MAX_REPLAY_BODY: u64 = 64 * 1024;
 pub struct RetryPolicy {
     pub attempts: u32,
     pub codes: Vec<u16>,
+    /// gRPC statuses retried (from a trailers-only response); 14 (UNAVAILABLE) by default.
+    pub grpc_codes: Vec<u32>,
     pub backoff: Duration,
 }
 
@@ -115,7 +117,12 @@ pub fn should_retry(
             policy.codes.contains(&status.as_u16())
                 || (grpc
                     && status == StatusCode::OK
-                    && resp.headers().get("grpc-status").is_some_and(|s| s == "14"))
+                    && resp
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|s| s.to_str().ok())
+                        .and_then(|s| s.parse::<u32>().ok())
+                        .is_some_and(|code| policy.grpc_codes.contains(&code)))
         }
     }
 }

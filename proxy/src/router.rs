@@ -235,6 +235,11 @@ impl Router {
                                 .iter()
                                 .filter_map(|c| u16::try_from(*c).ok())
                                 .collect(),
+                            grpc_codes: if p.grpc_codes.is_empty() {
+                                vec![14]
+                            } else {
+                                p.grpc_codes.clone()
+                            },
                             backoff: Duration::from_millis(p.backoff_ms.min(10_000)),
                         }
                     }),
