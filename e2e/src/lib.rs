@@ -270,3 +270,51 @@ pub fn workload_cert(
     std::fs::write(&key_path, pem("PRIVATE KEY", &key))?;
     Ok((leaf_path, key_path, chain_path))
 }
+
+/// How many `hello from <name>` lines each server answered.
+pub fn served_by(out: &str) -> std::collections::HashMap<String, usize> {
+    let mut counts = std::collections::HashMap::new();
+    for line in out.lines() {
+        if let Some(rest) = line.strip_prefix("hello from ") {
+            let name = rest.split_whitespace().next().unwrap_or("").to_string();
+            *counts.entry(name).or_default() += 1;
+        }
+    }
+    counts
+}
+
+impl Mesh {
+    /// Starts a bounded load (20 req/s to `url` for `seconds`) from `pod`.
+    pub fn load(&self, pod: &Pod, url: &str, seconds: u32) -> Result<Proc> {
+        let bin = strait_testbed::bin("strait-testapp")?;
+        self.net.spawn(
+            pod,
+            "load",
+            &[
+                &bin.to_string_lossy(),
+                "load",
+                "--url",
+                url,
+                "--rps",
+                "20",
+                "--duration",
+                &format!("{seconds}s"),
+            ],
+        )
+    }
+
+    /// Waits for a load to end; returns (requests sent, requests answered 2xx).
+    pub fn finish_load(&self, load: &Proc, timeout: Duration) -> Result<(u64, u64)> {
+        if !self.net.wait(load, timeout)? {
+            bail!("load failed: {}", self.net.output(load));
+        }
+        let out = self.net.output(load);
+        let field = |name: &str| -> u64 {
+            out.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        Ok((field("sent"), field("ok")))
+    }
+}

@@ -1,20 +1,9 @@
 //! Discovery-driven behaviour: balancing over endpoints, config changes, a dead control plane,
 //! and destinations outside the mesh.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
-use strait_e2e::{metric, Mesh, ServiceDef};
-
-fn served_by(out: &str) -> HashMap<String, usize> {
-    let mut counts = HashMap::new();
-    for line in out.lines() {
-        if let Some(name) = line.strip_prefix("hello from ") {
-            *counts.entry(name.trim().to_string()).or_default() += 1;
-        }
-    }
-    counts
-}
+use strait_e2e::{metric, served_by, Mesh, ServiceDef};
 
 fn requests(mesh: &Mesh, pod: &strait_testbed::Pod, n: usize) -> anyhow::Result<String> {
     let urls: Vec<&str> = std::iter::repeat_n("http://10.96.0.10/", n).collect();

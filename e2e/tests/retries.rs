@@ -3,12 +3,14 @@
 use std::time::Duration;
 
 use strait_e2e::{metric, Mesh, ServiceDef};
-use strait_testbed::{Pod, Proc};
+use strait_testbed::Pod;
 
 const ROUTE: &str = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: retries, namespace: default}\n\
 spec:\n  parentRefs: [{group: \"\", kind: Service, name: web, port: 80}]\n  rules:\n\
 \x20 - backendRefs: [{name: web, port: 80}]\n    retry: {codes: [503], attempts: 5, backoff: 5ms}\n";
 
+/// The client's proxy does not eject the failing endpoint (STRAIT_EJECT_AFTER=0), so the
+/// retry budget alone is what limits retries (circuit breaking is tested in breaker.rs).
 fn mesh_with_backend(tag: &str, fail_ratio: &str) -> anyhow::Result<(Mesh, Pod)> {
     let mesh = Mesh::new(tag)?;
     let server = mesh.meshed_pod("server")?;
@@ -28,43 +30,15 @@ fn mesh_with_backend(tag: &str, fail_ratio: &str) -> anyhow::Result<(Mesh, Pod)>
     mesh.config
         .service(&ServiceDef::new("web", "10.96.0.10", 80, 8080, &[&server]))?;
     mesh.config.write("route.yaml", ROUTE)?;
-    let client = mesh.meshed_pod("client")?;
+    let client = mesh.meshed_pod_with(
+        "client",
+        &strait_testbed::SidecarOpts {
+            env: vec![("STRAIT_EJECT_AFTER", "0")],
+            ..Default::default()
+        },
+    )?;
     std::thread::sleep(Duration::from_millis(500));
     Ok((mesh, client))
-}
-
-fn load(mesh: &Mesh, client: &Pod, seconds: u32) -> anyhow::Result<Proc> {
-    let bin = strait_testbed::bin("strait-testapp")?;
-    mesh.net.spawn(
-        client,
-        "load",
-        &[
-            &bin.to_string_lossy(),
-            "load",
-            "--url",
-            "http://10.96.0.10/",
-            "--rps",
-            "20",
-            "--duration",
-            &format!("{seconds}s"),
-        ],
-    )
-}
-
-fn finish(mesh: &Mesh, load: &Proc) -> anyhow::Result<(u64, u64)> {
-    assert!(
-        mesh.net.wait(load, Duration::from_secs(60))?,
-        "{}",
-        mesh.net.output(load)
-    );
-    let out = mesh.net.output(load);
-    let field = |name: &str| -> u64 {
-        out.split_whitespace()
-            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    Ok((field("sent"), field("ok")))
 }
 
 fn retries(mesh: &Mesh, client: &Pod) -> anyhow::Result<(f64, f64)> {
@@ -89,8 +63,8 @@ fn retries(mesh: &Mesh, client: &Pod) -> anyhow::Result<(f64, f64)> {
 fn retries_turn_a_backend_failing_30_percent_into_at_least_99_5_percent_success_within_the_budget(
 ) -> anyhow::Result<()> {
     let (mesh, client) = mesh_with_backend("retry30", "0.3")?;
-    let run = load(&mesh, &client, 15)?;
-    let (sent, ok) = finish(&mesh, &run)?;
+    let run = mesh.load(&client, "http://10.96.0.10/", 15)?;
+    let (sent, ok) = mesh.finish_load(&run, Duration::from_secs(60))?;
     assert!(sent >= 280, "sent {sent}");
     assert!(ok as f64 >= 0.995 * sent as f64, "{ok}/{sent} succeeded");
     let (retried, exhausted) = retries(&mesh, &client)?;
@@ -153,8 +127,8 @@ fn a_1mb_post_is_not_retried_a_get_is_and_a_dead_backend_is_capped_by_the_budget
 
     // Every request fails: retries stop at the budget, not at 5 per request.
     let started = std::time::Instant::now();
-    let run = load(&mesh, &client, 10)?;
-    let (sent, ok) = finish(&mesh, &run)?;
+    let run = mesh.load(&client, "http://10.96.0.10/", 10)?;
+    let (sent, ok) = mesh.finish_load(&run, Duration::from_secs(60))?;
     let elapsed = started.elapsed().as_secs_f64();
     assert_eq!(ok, 0);
     let (retried, exhausted) = retries(&mesh, &client)?;

@@ -3,42 +3,7 @@
 use std::time::Duration;
 
 use strait_e2e::{metric, Mesh, ServiceDef};
-use strait_testbed::{Pod, Proc, SidecarOpts};
-
-fn start_load(mesh: &Mesh, client: &Pod, seconds: u32) -> anyhow::Result<Proc> {
-    let bin = strait_testbed::bin("strait-testapp")?;
-    mesh.net.spawn(
-        client,
-        "load",
-        &[
-            &bin.to_string_lossy(),
-            "load",
-            "--url",
-            "http://10.96.0.10/",
-            "--rps",
-            "20",
-            "--duration",
-            &format!("{seconds}s"),
-        ],
-    )
-}
-
-/// Waits for the load to finish; returns (sent, ok).
-fn finish_load(mesh: &Mesh, load: &Proc, timeout: Duration) -> anyhow::Result<(u64, u64)> {
-    assert!(
-        mesh.net.wait(load, timeout)?,
-        "load failed: {}",
-        mesh.net.output(load)
-    );
-    let out = mesh.net.output(load);
-    let field = |name: &str| -> u64 {
-        out.split_whitespace()
-            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    Ok((field("sent"), field("ok")))
-}
+use strait_testbed::{Pod, SidecarOpts};
 
 fn mesh_with_server(tag: &str) -> anyhow::Result<(Mesh, Pod, Pod)> {
     let mesh = Mesh::with_identity(tag, "20s")?;
@@ -67,8 +32,8 @@ fn renewals(mesh: &Mesh, pod: &Pod) -> anyhow::Result<f64> {
 fn certificates_living_20s_rotate_under_2_minutes_of_traffic_without_a_lost_request(
 ) -> anyhow::Result<()> {
     let (mesh, server, client) = mesh_with_server("rotate")?;
-    let load = start_load(&mesh, &client, 120)?;
-    let (sent, ok) = finish_load(&mesh, &load, Duration::from_secs(160))?;
+    let load = mesh.load(&client, "http://10.96.0.10/", 120)?;
+    let (sent, ok) = mesh.finish_load(&load, Duration::from_secs(160))?;
     assert!(sent >= 2300, "sent {sent}");
     assert_eq!(ok, sent, "every request must succeed through the rotations");
     // 120 s at a renewal every 14 s (70% of 20 s): at least 8 certificates each.
@@ -84,7 +49,7 @@ fn trust_anchors_rotate_without_a_failed_request() -> anyhow::Result<()> {
     let (mesh, server, client) = mesh_with_server("anchors")?;
     let ca = mesh.ca.clone().expect("identity mesh");
     let old_anchor = std::fs::read_to_string(&ca.anchor_cert)?;
-    let load = start_load(&mesh, &client, 55)?;
+    let load = mesh.load(&client, "http://10.96.0.10/", 55)?;
     std::thread::sleep(Duration::from_secs(3));
 
     // 1. Trust both roots.
@@ -129,7 +94,7 @@ fn trust_anchors_rotate_without_a_failed_request() -> anyhow::Result<()> {
         "hello from server"
     );
 
-    let (sent, ok) = finish_load(&mesh, &load, Duration::from_secs(90))?;
+    let (sent, ok) = mesh.finish_load(&load, Duration::from_secs(90))?;
     assert!(sent >= 1000, "sent {sent}");
     assert_eq!(ok, sent, "no request may fail during the anchor rotation");
     Ok(())

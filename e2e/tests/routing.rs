@@ -4,18 +4,8 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use strait_e2e::{Mesh, ServiceDef};
+use strait_e2e::{served_by, Mesh, ServiceDef};
 use strait_testbed::Pod;
-
-fn served_by(out: &str) -> HashMap<String, usize> {
-    let mut counts = HashMap::new();
-    for line in out.lines() {
-        if let Some(name) = line.strip_prefix("hello from ") {
-            *counts.entry(name.trim().to_string()).or_default() += 1;
-        }
-    }
-    counts
-}
 
 /// `n` sequential requests on one connection (curl URL globbing), with extra curl arguments.
 fn requests(

@@ -68,6 +68,8 @@ pub struct Endpoint {
 /// it again for twice as long.
 #[derive(Debug, Default)]
 struct Breaker {
+    /// Consecutive failures that eject; 0: never.
+    threshold: u32,
     consecutive: AtomicU32,
     ejections: AtomicU32,
     ejected_until: AtomicU64,
@@ -85,9 +87,12 @@ impl Breaker {
 
     /// Records a failure; returns the ejection it caused, if any.
     fn failure(&self) -> Option<Duration> {
+        if self.threshold == 0 {
+            return None;
+        }
         let probing = self.ejections.load(Ordering::Relaxed) > 0;
         let consecutive = self.consecutive.fetch_add(1, Ordering::Relaxed) + 1;
-        if !probing && consecutive < EJECT_AFTER {
+        if !probing && consecutive < self.threshold {
             return None;
         }
         let n = self.ejections.fetch_add(1, Ordering::Relaxed);
@@ -100,7 +105,12 @@ impl Breaker {
 }
 
 impl Endpoint {
-    pub fn new(spec: EndpointSpec, connect_timeout: Duration, identity: Option<&Identity>) -> Self {
+    pub fn new(
+        spec: EndpointSpec,
+        connect_timeout: Duration,
+        identity: Option<&Identity>,
+        eject_after: u32,
+    ) -> Self {
         let tls = match identity {
             Some(local) if spec.meshed => match spec.identity.parse() {
                 Ok(peer) => match local.peer(&peer) {
@@ -123,7 +133,10 @@ impl Endpoint {
             tls,
             spec,
             load: PeakEwma::default(),
-            breaker: Breaker::default(),
+            breaker: Breaker {
+                threshold: eject_after,
+                ..Breaker::default()
+            },
         }
     }
 
@@ -248,6 +261,7 @@ pub struct Balancer {
     endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
     connect_timeout: Duration,
     identity: Option<Arc<Identity>>,
+    eject_after: u32,
 }
 
 impl Balancer {
@@ -256,7 +270,14 @@ impl Balancer {
             endpoints: ArcSwap::from_pointee(Vec::new()),
             connect_timeout,
             identity,
+            eject_after: EJECT_AFTER,
         }
+    }
+
+    /// Consecutive failures that eject an endpoint (0: never).
+    pub fn with_ejection(mut self, eject_after: u32) -> Self {
+        self.eject_after = eject_after;
+        self
     }
 
     /// Replaces the endpoint set. Endpoints that stay keep their load and connection.
@@ -274,6 +295,7 @@ impl Balancer {
                             spec,
                             self.connect_timeout,
                             self.identity.as_deref(),
+                            self.eject_after,
                         ))
                     })
             })

@@ -82,6 +82,9 @@ pub struct ProxyConfig {
     /// ... over this window (1s to 60s).
     #[arg(long, env = "STRAIT_RETRY_BUDGET_WINDOW", default_value = "10s", value_parser = parse_window)]
     pub retry_budget_window: Duration,
+    /// Consecutive failures (connect errors, 5xx) that eject an endpoint; 0 disables ejection.
+    #[arg(long, env = "STRAIT_EJECT_AFTER", default_value_t = 7)]
+    pub eject_after: u32,
     /// Ports that are permissive whatever the workload's mode.
     #[arg(long, env = "STRAIT_INBOUND_PERMISSIVE_PORTS", default_value = "", value_parser = PortList::parse)]
     pub inbound_permissive_ports: PortList,

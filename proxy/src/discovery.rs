@@ -99,6 +99,7 @@ pub struct Discovery {
     metrics: Arc<Metrics>,
     identity: Option<Arc<crate::identity::Identity>>,
     retry_budget: crate::retry::BudgetSettings,
+    eject_after: u32,
 }
 
 #[derive(Debug, Default)]
@@ -111,15 +112,18 @@ struct Cache {
 const IDLE_EVICTION: Duration = Duration::from_secs(600);
 
 impl Discovery {
+    /// A client of the discovery server at `addr`, with the proxy's settings.
     pub fn new(
         addr: &str,
-        workload: String,
-        first_answer_timeout: Duration,
-        connect_timeout: Duration,
+        cfg: &crate::config::ProxyConfig,
         metrics: Arc<Metrics>,
         identity: Option<Arc<crate::identity::Identity>>,
-        retry_budget: crate::retry::BudgetSettings,
     ) -> Result<Self, AddrError> {
+        let workload = cfg.workload.clone();
+        let first_answer_timeout = cfg.discovery_timeout;
+        let connect_timeout = cfg.connect_timeout;
+        let retry_budget = cfg.retry_budget();
+        let eject_after = cfg.eject_after;
         let uri = if addr.contains("://") {
             addr.to_string()
         } else {
@@ -144,6 +148,7 @@ impl Discovery {
             metrics,
             identity,
             retry_budget,
+            eject_after,
         })
     }
 
@@ -187,7 +192,10 @@ impl Discovery {
             return r.clone();
         }
         let (tx, rx) = watch::channel(Resolved::Pending);
-        let balancer = Arc::new(Balancer::new(self.connect_timeout, self.identity.clone()));
+        let balancer = Arc::new(
+            Balancer::new(self.connect_timeout, self.identity.clone())
+                .with_ejection(self.eject_after),
+        );
         let router = Arc::new(ArcSwap::from_pointee(Router::default()));
         let resolution = Arc::new(Resolution {
             state: rx,
@@ -210,6 +218,7 @@ impl Discovery {
                 backends: HashMap::new(),
                 connect_timeout: self.connect_timeout,
                 identity: self.identity.clone(),
+                eject_after: self.eject_after,
             },
             self.metrics.clone(),
         ));
@@ -273,6 +282,7 @@ struct Targets {
     backends: HashMap<Arc<str>, Arc<Balancer>>,
     connect_timeout: Duration,
     identity: Option<Arc<crate::identity::Identity>>,
+    eject_after: u32,
 }
 
 fn endpoint_specs(endpoints: &[strait_api::discovery::Endpoint]) -> Vec<EndpointSpec> {
@@ -301,12 +311,16 @@ fn apply(
     match update.update {
         Some(Update::Destination(d)) => {
             let specs = endpoint_specs(&d.endpoints);
-            let (timeout, identity) = (targets.connect_timeout, targets.identity.clone());
+            let (timeout, identity, eject_after) = (
+                targets.connect_timeout,
+                targets.identity.clone(),
+                targets.eject_after,
+            );
             let router = Router::compile(
                 &d.routes,
                 d.unmatched_to_service,
                 &mut targets.backends,
-                &|| Balancer::new(timeout, identity.clone()),
+                &|| Balancer::new(timeout, identity.clone()).with_ejection(eject_after),
                 &endpoint_specs,
             );
             targets.router.store(Arc::new(router));
@@ -385,6 +399,7 @@ mod tests {
             backends: HashMap::new(),
             connect_timeout: Duration::from_secs(1),
             identity: None,
+            eject_after: 7,
         };
         let balancer = targets.balancer.clone();
         let update = DestinationUpdate {

@@ -135,12 +135,9 @@ pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
     let discovery = match &cfg.control_plane_addr {
         Some(addr) => Some(Discovery::new(
             addr,
-            cfg.workload.clone(),
-            cfg.discovery_timeout,
-            cfg.connect_timeout,
+            &cfg,
             metrics.clone(),
             identity.clone(),
-            cfg.retry_budget(),
         )?),
         None => {
             tracing::warn!("no control plane configured: every destination is passed through");
