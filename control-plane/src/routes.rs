@@ -435,7 +435,7 @@ spec: {clusterIP: 10.96.0.20, ports: [{name: grpc, port: 9000}]}
 
     fn fixture(name: &str) -> String {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../shared/fixtures/crd")
+            .join("../testdata/k8s/crd")
             .join(name);
         std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     }

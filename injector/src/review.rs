@@ -1,0 +1,120 @@
+//! AdmissionReview v1 in and out. Whatever goes wrong, the answer admits the pod (with a
+//! warning): the mesh never blocks a deployment unless the operator sets `failurePolicy: Fail`,
+//! which applies to the webhook being unreachable, not to this code.
+
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+use crate::config::InjectConfig;
+use crate::inject::{plan, Decision, Skip};
+
+/// What happened to one review, for logs and metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Injected,
+    Skipped(Skip),
+    /// Not a pod CREATE (e.g. an UPDATE): nothing to do.
+    Ignored,
+    /// Admitted unchanged because of an error (the warning says which).
+    Failed(String),
+}
+
+impl Outcome {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Injected => "injected",
+            Outcome::Skipped(_) => "skipped",
+            Outcome::Ignored => "ignored",
+            Outcome::Failed(_) => "error",
+        }
+    }
+}
+
+/// Answers one AdmissionReview body. Returns the response body and what happened.
+pub fn review(
+    body: &[u8],
+    namespace_enabled: bool,
+    cfg: &InjectConfig,
+) -> Result<(Value, Outcome), String> {
+    let review: Value =
+        serde_json::from_slice(body).map_err(|e| format!("not an AdmissionReview: {e}"))?;
+    let request = review
+        .get("request")
+        .ok_or("not an AdmissionReview: no `request`")?;
+    let uid = request
+        .get("uid")
+        .and_then(Value::as_str)
+        .ok_or("not an AdmissionReview: no `request.uid`")?;
+    let api_version = review
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or("admission.k8s.io/v1");
+    let mut response = json!({"uid": uid, "allowed": true});
+
+    let is_pod = request.pointer("/kind/kind").and_then(Value::as_str) == Some("Pod");
+    let is_create = request.get("operation").and_then(Value::as_str) == Some("CREATE");
+    let outcome = if !(is_pod && is_create) {
+        Outcome::Ignored
+    } else if let Some(pod) = request.get("object") {
+        decide(pod, namespace_enabled, cfg, &mut response)
+    } else {
+        Outcome::Failed("the request has no `object`".into())
+    };
+    if let Outcome::Failed(message) = &outcome {
+        response["warnings"] = json!([format!("strait: the sidecar was not injected: {message}")]);
+    }
+    let answer = json!({
+        "apiVersion": api_version,
+        "kind": "AdmissionReview",
+        "response": response,
+    });
+    Ok((answer, outcome))
+}
+
+fn decide(
+    pod: &Value,
+    namespace_enabled: bool,
+    cfg: &InjectConfig,
+    response: &mut Value,
+) -> Outcome {
+    let anchors = match cfg.read_anchors() {
+        Ok(a) => a,
+        Err(e) => return Outcome::Failed(e.to_string()),
+    };
+    match plan(pod, namespace_enabled, cfg, anchors.as_deref()) {
+        Ok(Decision::Inject(ops)) => match serde_json::to_vec(&ops) {
+            Ok(bytes) => {
+                response["patchType"] = json!("JSONPatch");
+                response["patch"] = json!(base64::engine::general_purpose::STANDARD.encode(bytes));
+                Outcome::Injected
+            }
+            Err(e) => Outcome::Failed(e.to_string()),
+        },
+        Ok(Decision::Skip(why)) => Outcome::Skipped(why),
+        Err(e) => Outcome::Failed(e.to_string()),
+    }
+}
+
+/// A pod's name for logs: its name, or its `generateName` prefix with `*`.
+pub fn pod_name(body: &[u8]) -> String {
+    let Ok(review) = serde_json::from_slice::<Value>(body) else {
+        return String::new();
+    };
+    let ns = review
+        .pointer("/request/namespace")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let meta = review.pointer("/request/object/metadata");
+    let name = meta
+        .and_then(|m| m.get("name"))
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+        .map(str::to_string)
+        .or_else(|| {
+            meta.and_then(|m| m.get("generateName"))
+                .and_then(Value::as_str)
+                .map(|g| format!("{g}*"))
+        })
+        .unwrap_or_default();
+    format!("{ns}/{name}")
+}
