@@ -15,10 +15,9 @@ use strait_api::identity::{CertifyRequest, CertifyResponse};
 use strait_identity::ca::{CertificateAuthority, CsrError};
 use strait_identity::tls::Credentials;
 use strait_identity::SpiffeId;
-use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
-use crate::index::MeshIndex;
+use crate::tokens::{Authenticator, TokenError};
 
 /// The issuer, reloaded from its files.
 #[derive(Debug)]
@@ -107,7 +106,7 @@ fn read_pair(cert: &PathBuf, key: &PathBuf) -> Result<(String, String), IssuerEr
 /// Serves `Certify`.
 #[derive(Debug, Clone)]
 pub struct IdentityService {
-    pub index: watch::Receiver<Arc<MeshIndex>>,
+    pub tokens: Authenticator,
     pub issuer: Arc<Issuer>,
     pub trust_domain: String,
     pub leaf_lifetime: Duration,
@@ -121,12 +120,16 @@ impl Identity for IdentityService {
     ) -> Result<Response<CertifyResponse>, Status> {
         let req = request.into_inner();
         let token = String::from_utf8(req.token).unwrap_or_default();
-        let account = self.index.borrow().token_account(token.trim()).cloned();
-        let Some((ns, sa)) = account else {
-            tracing::warn!(asked = %req.identity, "refused: unknown token");
-            return Err(Status::unauthenticated(
-                "the token is not a known ServiceAccount token",
-            ));
+        let (ns, sa) = match self.tokens.authenticate(token.trim()).await {
+            Ok(account) => account,
+            Err(e @ TokenError::ReviewFailed(_)) => {
+                tracing::warn!(asked = %req.identity, error = %e, "refused: cannot check the token");
+                return Err(Status::unavailable(e.to_string()));
+            }
+            Err(e) => {
+                tracing::warn!(asked = %req.identity, error = %e, "refused: bad token");
+                return Err(Status::unauthenticated(e.to_string()));
+            }
         };
         let caller = SpiffeId::new(&self.trust_domain, &ns, &sa)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;

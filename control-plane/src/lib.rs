@@ -2,12 +2,17 @@
 //! discovery answers streamed to proxies.
 //!
 //! ```text
-//! config dir (YAML) --scan--> LocalSource --resources--> MeshIndex --watch--> DiscoveryService --gRPC--> proxies
+//! config dir (YAML) --scan--> LocalSource ---+
+//!                                             +--resources--> MeshIndex --watch--> DiscoveryService --gRPC--> proxies
+//! API server --watch--> kubernetes::run ------+
 //! ```
 
+pub mod admin;
 pub mod discovery;
 pub mod identity;
 pub mod index;
+pub mod kubernetes;
 pub mod local;
 pub mod resources;
 pub mod routes;
+pub mod tokens;

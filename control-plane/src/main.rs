@@ -8,23 +8,41 @@ use std::time::Duration;
 use clap::Parser;
 use strait_api::discovery::discovery_server::DiscoveryServer;
 use strait_api::identity::identity_server::IdentityServer;
+use strait_control_plane::admin::Metrics;
 use strait_control_plane::discovery::DiscoveryService;
 use strait_control_plane::identity::{
     keep_server_certificate, tls_incoming, IdentityService, Issuer,
 };
 use strait_control_plane::index::{MeshIndex, Naming};
 use strait_control_plane::local::LocalSource;
+use strait_control_plane::tokens::Authenticator;
 use strait_identity::tls::Credentials;
 use strait_identity::SpiffeId;
 use tokio::sync::watch;
 
-/// The Strait control plane (local mode: state from a directory of Kubernetes-style YAML).
+/// The Strait control plane: mesh state from a directory of Kubernetes-style YAML (local mode)
+/// or from the Kubernetes API (--kubernetes).
 #[derive(Debug, Parser)]
 #[command(name = "strait-control-plane", version)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["config_dir", "kubernetes"])))]
 struct Args {
-    /// Directory of YAML documents (Service, EndpointSlice, Pod), rescanned continuously.
+    /// Local mode: directory of YAML documents (Service, EndpointSlice, Pod, routes,
+    /// policies, token Secrets), rescanned continuously.
     #[arg(long, env = "STRAIT_CONFIG_DIR")]
-    config_dir: PathBuf,
+    config_dir: Option<PathBuf>,
+    /// Kubernetes mode: watch the API server (in-cluster config, or KUBECONFIG).
+    #[arg(long, env = "STRAIT_KUBERNETES")]
+    kubernetes: bool,
+    /// Kubernetes mode: the audience workload tokens must be minted for.
+    #[arg(
+        long,
+        env = "STRAIT_TOKEN_AUDIENCE",
+        default_value = "identity.strait.io"
+    )]
+    token_audience: String,
+    /// Address of /live, /ready and /metrics.
+    #[arg(long, env = "STRAIT_ADMIN_ADDR", default_value = "0.0.0.0:9990")]
+    admin_addr: SocketAddr,
     /// Address of the discovery gRPC server.
     #[arg(long, env = "STRAIT_DISCOVERY_ADDR", default_value = "0.0.0.0:8086")]
     discovery_addr: SocketAddr,
@@ -79,11 +97,60 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         trust_domain: args.trust_domain.clone(),
         cluster_domain: args.cluster_domain.clone(),
     };
-    let mut source = LocalSource::new(&args.config_dir);
-    source.scan()?; // fail fast on an unreadable directory
     let (tx, rx) = watch::channel(Arc::new(MeshIndex::default()));
-    let poll = args.poll_interval;
-    let sourcing = tokio::spawn(source.run(naming.clone(), poll, tx));
+    let (ready_tx, ready) = watch::channel(false);
+    let (sourcing, tokens, source_name) = match &args.config_dir {
+        Some(dir) => {
+            let mut source = LocalSource::new(dir);
+            source.scan()?; // fail fast on an unreadable directory
+            let poll = args.poll_interval;
+            let naming = naming.clone();
+            let task = tokio::spawn(async move {
+                let ready = async {
+                    // Ready once the first scan is published.
+                    let mut rx = tx.subscribe();
+                    let _ = rx.changed().await;
+                    ready_tx.send_replace(true);
+                    std::future::pending::<()>().await;
+                };
+                tokio::select! {
+                    r = source.run(naming, poll, tx.clone()) => r.map_err(|e| e.to_string()),
+                    () = ready => Ok(()),
+                }
+            });
+            (
+                task,
+                Authenticator::Local(rx.clone()),
+                dir.display().to_string(),
+            )
+        }
+        None => {
+            let client = kube::Client::try_default().await.map_err(|e| {
+                format!("--kubernetes: cannot configure the Kubernetes client: {e} (in a pod: is the ServiceAccount token mounted? elsewhere: set KUBECONFIG)")
+            })?;
+            let task = tokio::spawn({
+                let (client, naming) = (client.clone(), naming.clone());
+                async move {
+                    strait_control_plane::kubernetes::run(client, naming, tx, ready_tx).await;
+                    Ok::<(), String>(())
+                }
+            });
+            let tokens = Authenticator::Kubernetes {
+                client,
+                audience: args.token_audience.clone(),
+            };
+            (task, tokens, "kubernetes".to_string())
+        }
+    };
+    let admin = tokio::net::TcpListener::bind(args.admin_addr)
+        .await
+        .map_err(|e| format!("cannot listen on --admin-addr {}: {e}", args.admin_addr))?;
+    tokio::spawn(strait_control_plane::admin::serve(
+        admin,
+        Arc::new(Metrics::default()),
+        rx.clone(),
+        ready,
+    ));
 
     if let (Some(cert), Some(key)) = (args.issuer_cert.clone(), args.issuer_key.clone()) {
         let issuer = Arc::new(Issuer::load(cert, key)?);
@@ -100,7 +167,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             args.identity_server_name.clone(),
         ));
         let service = IdentityService {
-            index: rx.clone(),
+            tokens,
             issuer,
             trust_domain: naming.trust_domain.clone(),
             leaf_lifetime: args.leaf_lifetime,
@@ -135,7 +202,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 args.discovery_addr
             )
         })?;
-    tracing::info!(addr = %args.discovery_addr, dir = %args.config_dir.display(), "serving discovery");
+    tracing::info!(addr = %args.discovery_addr, source = %source_name, "serving discovery");
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let server = tonic::transport::Server::builder()
         .add_service(DiscoveryServer::new(DiscoveryService::new(rx)))

@@ -130,6 +130,58 @@ pub fn generate(
     })
 }
 
+/// A serving certificate for a server known by DNS names (the injection webhook), with the
+/// self-signed CA that signed it (the webhook configuration's `caBundle`).
+#[derive(Debug, Clone)]
+pub struct ServingPki {
+    pub ca_cert_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// A new CA and a serving certificate for `dns_names` signed by it, ECDSA P-256.
+pub fn generate_serving(
+    ca_name: &str,
+    dns_names: &[String],
+    lifetime: Duration,
+) -> Result<ServingPki, CaError> {
+    let ca_key = new_key()?;
+    let ca_cert = ca_params(ca_name, lifetime, Some(0))
+        .self_signed(&ca_key)
+        .map_err(invalid("self-signing the serving CA"))?;
+    let ca = Issuer::from_ca_cert_pem(&ca_cert.pem(), ca_key)
+        .map_err(invalid("reading the serving CA"))?;
+    let key = new_key()?;
+    let mut params = CertificateParams::new(dns_names.to_vec())
+        .map_err(invalid("building the serving certificate"))?;
+    let mut dn = DistinguishedName::new();
+    dn.push(
+        DnType::CommonName,
+        dns_names.first().map_or("server", String::as_str),
+    );
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.use_authority_key_identifier_extension = true;
+    let now = SystemTime::now();
+    params.not_before = offset(now - BACKDATE);
+    params.not_after = offset(now + lifetime);
+    let cert = params
+        .signed_by(&key, &ca)
+        .map_err(invalid("signing the serving certificate"))?;
+    Ok(ServingPki {
+        ca_cert_pem: ca_cert.pem(),
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
+/// NotAfter of the first certificate of a PEM bundle.
+pub fn pem_not_after(pem: &str) -> Result<SystemTime, CaError> {
+    not_after_of_pem(pem)
+}
+
 /// A new issuer signed by an existing anchor (for issuer rotation and anchor rotation). The
 /// issuer's NotAfter never passes the anchor's.
 pub fn issue_issuer(

@@ -48,7 +48,7 @@ pub struct ProxyConfig {
     pub workload: String,
     /// Identity API (TLS), `host:port`. Set: mTLS between proxies. Needs --trust-anchors,
     /// --identity-token-file and --identity.
-    #[arg(long, env = "STRAIT_IDENTITY_ADDR", requires_all = ["trust_anchors", "identity_token_file", "identity"])]
+    #[arg(long, env = "STRAIT_IDENTITY_ADDR", requires_all = ["identity_token_file", "identity"])]
     pub identity_addr: Option<String>,
     /// DNS name the identity server's certificate must have.
     #[arg(
@@ -58,8 +58,15 @@ pub struct ProxyConfig {
     )]
     pub identity_server_name: String,
     /// PEM bundle of trust anchors (re-read when it changes).
-    #[arg(long, env = "STRAIT_TRUST_ANCHORS")]
+    #[arg(
+        long,
+        env = "STRAIT_TRUST_ANCHORS",
+        conflicts_with = "trust_anchors_pem"
+    )]
     pub trust_anchors: Option<std::path::PathBuf>,
+    /// The trust anchors themselves, PEM (what the injector sets in Kubernetes).
+    #[arg(long, env = "STRAIT_TRUST_ANCHORS_PEM", hide_env_values = true)]
+    pub trust_anchors_pem: Option<String>,
     /// File holding this workload's ServiceAccount token (re-read at every renewal).
     #[arg(long, env = "STRAIT_IDENTITY_TOKEN_FILE")]
     pub identity_token_file: Option<std::path::PathBuf>,

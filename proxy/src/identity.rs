@@ -68,6 +68,23 @@ pub fn mesh_sni(id: &SpiffeId) -> String {
     )
 }
 
+/// Where the trust anchors come from: a file (re-read when it changes, so anchors rotate without
+/// a restart) or the PEM itself (Kubernetes: set by the injector; rotated by restarting pods).
+#[derive(Debug, Clone)]
+pub enum AnchorSource {
+    File(PathBuf),
+    Inline(String),
+}
+
+impl AnchorSource {
+    fn path(&self) -> PathBuf {
+        match self {
+            AnchorSource::File(p) => p.clone(),
+            AnchorSource::Inline(_) => PathBuf::from("STRAIT_TRUST_ANCHORS_PEM"),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Identity {
     pub id: SpiffeId,
@@ -77,7 +94,7 @@ pub struct Identity {
     pub sni: String,
     addr: String,
     server_name: String,
-    anchors_path: PathBuf,
+    anchors_source: AnchorSource,
     token_path: PathBuf,
 }
 
@@ -86,18 +103,23 @@ impl Identity {
         id: SpiffeId,
         addr: String,
         server_name: String,
-        anchors_path: PathBuf,
+        anchors_source: AnchorSource,
         token_path: PathBuf,
     ) -> Result<Self, IdentityError> {
-        let pem = std::fs::read_to_string(&anchors_path).map_err(|source| IdentityError::Read {
-            setting: "trust-anchors",
-            path: anchors_path.clone(),
-            source,
-        })?;
+        let pem = match &anchors_source {
+            AnchorSource::File(path) => {
+                std::fs::read_to_string(path).map_err(|source| IdentityError::Read {
+                    setting: "trust-anchors",
+                    path: path.clone(),
+                    source,
+                })?
+            }
+            AnchorSource::Inline(pem) => pem.clone(),
+        };
         let anchors =
             Arc::new(
                 TrustAnchors::from_pem(&pem).map_err(|source| IdentityError::Anchors {
-                    path: anchors_path.clone(),
+                    path: anchors_source.path(),
                     source,
                 })?,
             );
@@ -114,7 +136,7 @@ impl Identity {
             server_config,
             addr,
             server_name,
-            anchors_path,
+            anchors_source,
             token_path,
         })
     }
@@ -266,13 +288,18 @@ impl Identity {
         }
     }
 
-    /// Re-reads the anchors file every second; a change replaces the bundle.
+    /// Re-reads the anchors file every second; a change replaces the bundle. Inline anchors
+    /// never change.
     pub async fn watch_anchors(self: Arc<Self>) {
-        let mut last = std::fs::read_to_string(&self.anchors_path).unwrap_or_default();
+        let AnchorSource::File(path) = &self.anchors_source else {
+            return;
+        };
+        let path = path.clone();
+        let mut last = std::fs::read_to_string(&path).unwrap_or_default();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
-            let Ok(pem) = tokio::fs::read_to_string(&self.anchors_path).await else {
+            let Ok(pem) = tokio::fs::read_to_string(&path).await else {
                 continue;
             };
             if pem == last {
@@ -280,10 +307,10 @@ impl Identity {
             }
             match self.anchors.replace_pem(&pem) {
                 Ok(()) => {
-                    tracing::info!(path = %self.anchors_path.display(), "trust anchors reloaded")
+                    tracing::info!(path = %path.display(), "trust anchors reloaded")
                 }
                 Err(e) => {
-                    tracing::warn!(path = %self.anchors_path.display(), error = %e, "new trust anchors unusable; keeping the current ones")
+                    tracing::warn!(path = %path.display(), error = %e, "new trust anchors unusable; keeping the current ones")
                 }
             }
             last = pem;

@@ -6,6 +6,7 @@
 //! Beside it: [`admin`] (health, metrics, shutdown), [`metrics`], [`drain`], [`init`] (iptables).
 
 pub mod admin;
+pub mod await_ready;
 pub mod balance;
 pub mod config;
 pub mod detect;
@@ -105,10 +106,15 @@ pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
     let admin_listener = bind("--admin-addr (STRAIT_ADMIN_ADDR)", cfg.admin_addr).await?;
 
     let metrics = Arc::new(Metrics::new());
+    let anchors = match (&cfg.trust_anchors, &cfg.trust_anchors_pem) {
+        (Some(path), _) => Some(identity::AnchorSource::File(path.clone())),
+        (None, Some(pem)) => Some(identity::AnchorSource::Inline(pem.clone())),
+        (None, None) => None,
+    };
     let identity = match (
         &cfg.identity_addr,
         &cfg.identity,
-        &cfg.trust_anchors,
+        anchors,
         &cfg.identity_token_file,
     ) {
         (Some(addr), Some(id), Some(anchors), Some(token)) => {
@@ -116,13 +122,13 @@ pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
                 id.clone(),
                 addr.clone(),
                 cfg.identity_server_name.clone(),
-                anchors.clone(),
+                anchors,
                 token.clone(),
             )?))
         }
         (Some(_), ..) => {
             return Err(identity::IdentityError::Local(
-                "--identity-addr needs --identity, --trust-anchors and --identity-token-file"
+                "--identity-addr needs --identity, --trust-anchors (or --trust-anchors-pem) and --identity-token-file"
                     .into(),
             )
             .into())

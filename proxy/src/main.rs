@@ -19,6 +19,8 @@ enum Command {
     Run(Box<ProxyConfig>),
     /// Write (or with --cleanup remove) the pod's iptables redirect rules.
     Init(InitConfig),
+    /// Wait until the local proxy is ready (the classic sidecar's postStart hook).
+    AwaitReady(strait_proxy::await_ready::AwaitConfig),
 }
 
 fn main() -> ExitCode {
@@ -34,6 +36,13 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("strait-proxy init: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::AwaitReady(cfg) => match strait_proxy::await_ready::run(&cfg) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("strait-proxy await-ready: {e}");
                 ExitCode::FAILURE
             }
         },

@@ -40,6 +40,14 @@ pub fn parse_documents(text: &str) -> Result<Vec<Resource>, ParseError> {
     Ok(out)
 }
 
+/// Parses one object (a Kubernetes API object, as JSON turned into a YAML value): what the
+/// Kubernetes mode feeds through the same code as local files.
+pub fn parse_object(value: Value) -> Result<Vec<Resource>, ParseError> {
+    let mut out = Vec::new();
+    parse_value(1, value, &mut out)?;
+    Ok(out)
+}
+
 fn parse_value(doc: usize, value: Value, out: &mut Vec<Resource>) -> Result<(), ParseError> {
     if value.is_null() {
         return Ok(()); // an empty document, e.g. a trailing `---`

@@ -1,0 +1,351 @@
+//! Kubernetes mode: the mesh state comes from the API server.
+//!
+//! One kube-rs watcher per kind (list, then watch; relists after a 410 or a dropped stream,
+//! with backoff on errors). Every object is turned into a [`Resource`] by the same parser local
+//! mode uses for YAML files, so both modes build one [`MeshIndex`] from the same shapes. The
+//! last known state keeps being served through API outages: a failing watcher changes nothing
+//! until it has a fresh, complete list.
+//!
+//! Nothing here is per-replica state: several control planes can watch and serve at once.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
+use kube::runtime::watcher;
+use kube::runtime::WatchStreamExt;
+use tokio::sync::{mpsc, watch};
+
+use crate::index::{MeshIndex, Naming};
+use crate::local::parse::{parse_object, ParseError};
+use crate::resources::Resource;
+
+/// A kind the control plane watches.
+#[derive(Debug, Clone, Copy)]
+pub struct Kind {
+    pub group: &'static str,
+    pub version: &'static str,
+    pub kind: &'static str,
+    pub plural: &'static str,
+    /// Core kinds gate readiness; CRDs that may not be installed (SMI, Gateway API) do not.
+    pub required: bool,
+}
+
+impl Kind {
+    pub fn api_resource(&self) -> ApiResource {
+        ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk(self.group, self.version, self.kind),
+            self.plural,
+        )
+    }
+
+    /// `apiVersion` as objects carry it.
+    pub fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.to_string()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
+    }
+}
+
+/// Everything watched. The issuer Secret is not among them: it is mounted into the control
+/// plane's pod (the kubelet keeps the files current), so the control plane needs no right to
+/// read Secrets.
+pub const KINDS: [Kind; 7] = [
+    Kind {
+        group: "",
+        version: "v1",
+        kind: "Service",
+        plural: "services",
+        required: true,
+    },
+    Kind {
+        group: "discovery.k8s.io",
+        version: "v1",
+        kind: "EndpointSlice",
+        plural: "endpointslices",
+        required: true,
+    },
+    Kind {
+        group: "",
+        version: "v1",
+        kind: "Pod",
+        plural: "pods",
+        required: true,
+    },
+    Kind {
+        group: "split.smi-spec.io",
+        version: "v1alpha4",
+        kind: "TrafficSplit",
+        plural: "trafficsplits",
+        required: false,
+    },
+    Kind {
+        group: "specs.smi-spec.io",
+        version: "v1alpha4",
+        kind: "HTTPRouteGroup",
+        plural: "httproutegroups",
+        required: false,
+    },
+    Kind {
+        group: "gateway.networking.k8s.io",
+        version: "v1",
+        kind: "HTTPRoute",
+        plural: "httproutes",
+        required: false,
+    },
+    Kind {
+        group: "policy.strait.io",
+        version: "v1alpha1",
+        kind: "AuthorizationPolicy",
+        plural: "authorizationpolicies",
+        required: false,
+    },
+];
+
+/// An API object as the resources Strait uses. Objects from lists and watches carry no `kind`
+/// (the list has it), so it is set from the watched kind.
+pub fn to_resources(
+    kind: &Kind,
+    mut object: serde_json::Value,
+) -> Result<Vec<Resource>, ParseError> {
+    if let Some(map) = object.as_object_mut() {
+        map.insert("kind".into(), kind.kind.into());
+        map.entry("apiVersion")
+            .or_insert_with(|| kind.api_version().into());
+    }
+    let value = serde_yaml_ng::to_value(&object).map_err(|e| ParseError::Invalid {
+        doc: 1,
+        message: e.to_string(),
+    })?;
+    parse_object(value)
+}
+
+type Key = (String, String);
+
+/// What a watcher reports to the aggregator.
+#[derive(Debug)]
+enum Change {
+    /// A relist started: objects until `Listed` replace the kind's state.
+    Relist(usize),
+    Apply(usize, Key, Vec<Resource>),
+    Delete(usize, Key),
+    Listed(usize),
+}
+
+/// The objects of every kind, and the relist in progress of each.
+#[derive(Debug, Default)]
+pub struct Store {
+    current: Vec<BTreeMap<Key, Vec<Resource>>>,
+    relisting: HashMap<usize, BTreeMap<Key, Vec<Resource>>>,
+    listed: Vec<bool>,
+}
+
+impl Store {
+    pub fn new() -> Self {
+        Self {
+            current: vec![BTreeMap::new(); KINDS.len()],
+            relisting: HashMap::new(),
+            listed: vec![false; KINDS.len()],
+        }
+    }
+
+    /// Applies one change; returns whether the served state changed.
+    fn apply(&mut self, change: Change) -> bool {
+        match change {
+            Change::Relist(k) => {
+                self.relisting.insert(k, BTreeMap::new());
+                false
+            }
+            Change::Apply(k, key, resources) => {
+                if let Some(buffer) = self.relisting.get_mut(&k) {
+                    buffer.insert(key, resources);
+                    return false;
+                }
+                self.current[k].insert(key, resources.clone()) != Some(resources)
+            }
+            Change::Delete(k, key) => {
+                if let Some(buffer) = self.relisting.get_mut(&k) {
+                    buffer.remove(&key);
+                    return false;
+                }
+                self.current[k].remove(&key).is_some()
+            }
+            Change::Listed(k) => {
+                let fresh = self.relisting.remove(&k).unwrap_or_default();
+                self.listed[k] = true;
+                let changed = self.current[k] != fresh;
+                self.current[k] = fresh;
+                changed
+            }
+        }
+    }
+
+    /// Whether every required kind has been listed once.
+    pub fn synced(&self) -> bool {
+        KINDS
+            .iter()
+            .enumerate()
+            .all(|(i, k)| !k.required || self.listed[i])
+    }
+
+    pub fn resources(&self) -> Vec<Resource> {
+        self.current
+            .iter()
+            .flat_map(|objects| objects.values().flatten().cloned())
+            .collect()
+    }
+}
+
+fn key_of(object: &serde_json::Value) -> Key {
+    let meta = &object["metadata"];
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
+    (s(&meta["namespace"]), s(&meta["name"]))
+}
+
+/// Watches one kind until the process ends, reporting changes.
+async fn watch_kind(client: kube::Client, index: usize, tx: mpsc::Sender<Change>) {
+    let kind = KINDS[index];
+    let api: Api<DynamicObject> = Api::all_with(client, &kind.api_resource());
+    let mut stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    let mut failing = false;
+    let convert = |object: DynamicObject| -> Option<(Key, Vec<Resource>)> {
+        let value = serde_json::to_value(object).ok()?;
+        let key = key_of(&value);
+        match to_resources(&kind, value) {
+            Ok(resources) => Some((key, resources)),
+            Err(error) => {
+                tracing::warn!(kind = kind.kind, namespace = %key.0, name = %key.1, %error, "ignoring an object Strait cannot use");
+                Some((key, Vec::new()))
+            }
+        }
+    };
+    while let Some(event) = stream.next().await {
+        let change = match event {
+            Ok(watcher::Event::Init) => Some(Change::Relist(index)),
+            Ok(watcher::Event::InitApply(o) | watcher::Event::Apply(o)) => {
+                convert(o).map(|(key, r)| Change::Apply(index, key, r))
+            }
+            Ok(watcher::Event::Delete(o)) => serde_json::to_value(o)
+                .ok()
+                .map(|v| Change::Delete(index, key_of(&v))),
+            Ok(watcher::Event::InitDone) => {
+                if std::mem::take(&mut failing) {
+                    tracing::info!(kind = kind.kind, "watching again");
+                }
+                Some(Change::Listed(index))
+            }
+            Err(error) => {
+                // Retried with backoff by the stream; logged once per outage.
+                if !std::mem::replace(&mut failing, true) {
+                    let hint = if kind.required {
+                        "serving the last known state"
+                    } else {
+                        "is the CRD installed? serving the last known state"
+                    };
+                    tracing::warn!(kind = kind.kind, %error, hint, "watch failed; retrying");
+                }
+                None
+            }
+        };
+        if let Some(change) = change {
+            if tx.send(change).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Watches every kind and keeps `tx` up to date; `ready` turns true once the required kinds
+/// are listed. Changes that arrive together are published as one update.
+pub async fn run(
+    client: kube::Client,
+    naming: Naming,
+    tx: watch::Sender<Arc<MeshIndex>>,
+    ready: watch::Sender<bool>,
+) {
+    let (changes_tx, mut changes) = mpsc::channel(1024);
+    for index in 0..KINDS.len() {
+        tokio::spawn(watch_kind(client.clone(), index, changes_tx.clone()));
+    }
+    drop(changes_tx);
+    let mut store = Store::new();
+    while let Some(change) = changes.recv().await {
+        let mut changed = store.apply(change);
+        // Take what else is already queued, and what follows within 50 ms (a relist).
+        let batch_end = tokio::time::Instant::now() + Duration::from_millis(50);
+        while let Ok(Some(change)) = tokio::time::timeout_at(batch_end, changes.recv()).await {
+            changed |= store.apply(change);
+        }
+        if store.synced() {
+            if changed || !*ready.borrow() {
+                let index = MeshIndex::build(&store.resources(), &naming);
+                tracing::info!(services = index.service_count(), "mesh state updated");
+                tx.send_replace(Arc::new(index));
+            }
+            ready.send_if_modified(|r| !std::mem::replace(r, true));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slice(name: &str, ip: &str) -> Vec<Resource> {
+        let object = serde_json::json!({
+            "metadata": {"name": name, "namespace": "shop", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [ip]}],
+            "ports": [{"port": 8080}],
+        });
+        to_resources(&KINDS[1], object).expect("a slice")
+    }
+
+    #[test]
+    fn objects_without_a_kind_get_the_watched_one() {
+        let r = slice("web-1", "10.0.0.1");
+        assert!(matches!(&r[0], Resource::EndpointSlice(s) if s.service_name() == Some("web")));
+    }
+
+    #[test]
+    fn a_relist_replaces_the_kind_atomically_and_readiness_needs_core_kinds() {
+        let mut store = Store::new();
+        let key = |n: &str| ("shop".to_string(), n.to_string());
+        assert!(!store.apply(Change::Relist(1)));
+        assert!(!store.apply(Change::Apply(1, key("a"), slice("a", "10.0.0.1"))));
+        assert!(
+            store.resources().is_empty(),
+            "nothing served before the list is complete"
+        );
+        assert!(store.apply(Change::Listed(1)));
+        assert_eq!(store.resources().len(), 1);
+        assert!(!store.synced());
+        for k in [0, 2] {
+            store.apply(Change::Relist(k));
+            store.apply(Change::Listed(k));
+        }
+        assert!(store.synced(), "CRD kinds do not gate readiness");
+        // A relist after a 410 without `a` but with `b`: `a` goes, `b` comes, at once.
+        store.apply(Change::Relist(1));
+        store.apply(Change::Apply(1, key("b"), slice("b", "10.0.0.2")));
+        assert_eq!(store.resources().len(), 1);
+        assert!(store.apply(Change::Listed(1)));
+        let names: Vec<_> = store
+            .resources()
+            .iter()
+            .map(|r| match r {
+                Resource::EndpointSlice(s) => s.metadata.name.clone(),
+                _ => String::new(),
+            })
+            .collect();
+        assert_eq!(names, ["b"]);
+        assert!(store.apply(Change::Delete(1, key("b"))));
+        assert!(!store.apply(Change::Delete(1, key("b"))));
+    }
+}

@@ -1,0 +1,160 @@
+//! Who a ServiceAccount token belongs to.
+//!
+//! Local mode: the tokens of the config directory's ServiceAccount token Secrets. Kubernetes
+//! mode: the TokenReview API, with the identity audience, so that only tokens minted for Strait
+//! (the projected volume the injector adds) are accepted, never a pod's API token.
+
+use std::sync::Arc;
+
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use kube::api::{Api, PostParams};
+use tokio::sync::watch;
+
+use crate::index::MeshIndex;
+
+/// Why a token was not accepted.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum TokenError {
+    #[error("the token is not a known ServiceAccount token")]
+    Unknown,
+    #[error("the token was refused by TokenReview: {0}")]
+    Rejected(String),
+    #[error("the token belongs to {0:?}, not to a ServiceAccount")]
+    NotServiceAccount(String),
+    #[error("TokenReview failed: {0} (does the control plane have `create tokenreviews`?)")]
+    ReviewFailed(String),
+}
+
+/// Authenticates workload tokens.
+#[derive(Clone)]
+pub enum Authenticator {
+    Local(watch::Receiver<Arc<MeshIndex>>),
+    Kubernetes {
+        client: kube::Client,
+        audience: String,
+    },
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Authenticator::Local(_) => f.write_str("Authenticator::Local"),
+            Authenticator::Kubernetes { audience, .. } => {
+                write!(f, "Authenticator::Kubernetes({audience})")
+            }
+        }
+    }
+}
+
+impl Authenticator {
+    /// The `(namespace, service account)` the token proves.
+    pub async fn authenticate(&self, token: &str) -> Result<(String, String), TokenError> {
+        match self {
+            Authenticator::Local(index) => index
+                .borrow()
+                .token_account(token)
+                .cloned()
+                .ok_or(TokenError::Unknown),
+            Authenticator::Kubernetes { client, audience } => {
+                review(client.clone(), token, audience).await
+            }
+        }
+    }
+}
+
+async fn review(
+    client: kube::Client,
+    token: &str,
+    audience: &str,
+) -> Result<(String, String), TokenError> {
+    let api: Api<TokenReview> = Api::all(client);
+    let request = TokenReview {
+        spec: TokenReviewSpec {
+            token: Some(token.to_string()),
+            audiences: Some(vec![audience.to_string()]),
+        },
+        ..Default::default()
+    };
+    let answer = api
+        .create(&PostParams::default(), &request)
+        .await
+        .map_err(|e| TokenError::ReviewFailed(e.to_string()))?;
+    account_of(&answer, audience)
+}
+
+/// Reads a TokenReview answer: authenticated, for our audience, a ServiceAccount.
+pub fn account_of(answer: &TokenReview, audience: &str) -> Result<(String, String), TokenError> {
+    let status = answer
+        .status
+        .as_ref()
+        .ok_or_else(|| TokenError::Rejected("no status in the answer".into()))?;
+    if status.authenticated != Some(true) {
+        return Err(TokenError::Rejected(
+            status
+                .error
+                .clone()
+                .unwrap_or_else(|| "not authenticated".into()),
+        ));
+    }
+    if !status
+        .audiences
+        .as_ref()
+        .is_some_and(|a| a.iter().any(|a| a == audience))
+    {
+        return Err(TokenError::Rejected(format!(
+            "the token is not for the audience {audience}"
+        )));
+    }
+    let username = status
+        .user
+        .as_ref()
+        .and_then(|u| u.username.clone())
+        .unwrap_or_default();
+    let mut parts = username.splitn(4, ':');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some("system"), Some("serviceaccount"), Some(ns), Some(sa))
+            if !ns.is_empty() && !sa.is_empty() =>
+        {
+            Ok((ns.to_string(), sa.to_string()))
+        }
+        _ => Err(TokenError::NotServiceAccount(username)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> TokenReview {
+        let path = format!(
+            "{}/../testdata/k8s/tokenreview/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    #[test]
+    fn captured_answers_read_as_accounts_or_refusals() {
+        let aud = "identity.strait.io";
+        assert_eq!(
+            account_of(&fixture("valid.response.json"), aud),
+            Ok(("shop".into(), "web".into()))
+        );
+        assert_eq!(
+            account_of(&fixture("pod-bound.response.json"), aud),
+            Ok(("shop".into(), "web".into()))
+        );
+        for refused in [
+            "wrong-audience.response.json",
+            "garbage.response.json",
+            "no-audiences.response.json",
+            "pod-deleted.response.json",
+        ] {
+            let err = account_of(&fixture(refused), aud).expect_err(refused);
+            assert!(matches!(err, TokenError::Rejected(_)), "{refused}: {err}");
+        }
+        // A token accepted for another audience is not one of ours.
+        assert!(account_of(&fixture("valid.response.json"), "other").is_err());
+    }
+}
