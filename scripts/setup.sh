@@ -26,6 +26,13 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
+if ! command -v kubernetes-validate >/dev/null; then
+  # Offline Kubernetes schemas (1.29 to 1.37) to validate `strait install` and `strait inject`.
+  python3 -m pip --version >/dev/null 2>&1 || { echo "setup: python3 -m pip is needed for kubernetes-validate" >&2; exit 1; }
+  echo "setup: installing kubernetes-validate"
+  python3 -m pip install --quiet kubernetes-validate 2>/dev/null \
+    || python3 -m pip install --quiet --break-system-packages kubernetes-validate
+fi
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "setup: installing cargo-nextest"
   cargo install --locked cargo-nextest

@@ -1,7 +1,10 @@
 //! `strait`: the Strait command line.
 
+mod check;
 mod demo;
 mod identity;
+mod inject;
+mod install;
 mod stats;
 
 use std::process::ExitCode;
@@ -22,6 +25,12 @@ enum Cmd {
     /// Certificates: create a trust anchor and issuer, or rotate the issuer.
     #[command(subcommand)]
     Identity(identity::IdentityCmd),
+    /// Print every manifest a Kubernetes cluster needs: `strait install | kubectl apply -f -`.
+    Install(Box<install::InstallArgs>),
+    /// Check that the mesh is installed and healthy in the current Kubernetes context.
+    Check(check::CheckArgs),
+    /// Add the sidecar to YAML manifests offline, as the webhook would (for GitOps).
+    Inject(Box<inject::InjectArgs>),
     /// Internal: removes the demo's namespaces once stdin closes.
     #[command(hide = true)]
     Reap {
@@ -46,6 +55,13 @@ fn main() -> ExitCode {
             .and_then(|rt| rt.block_on(demo::run(args))),
         Cmd::Reap { prefix } => demo::reap(&prefix),
         Cmd::Identity(cmd) => identity::run(cmd),
+        Cmd::Install(args) => install::run(&args),
+        Cmd::Inject(args) => inject::run(&args),
+        Cmd::Check(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(check::run(args))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,376 @@
+//! `strait install`: every manifest a cluster needs, so `strait install | kubectl apply -f -`
+//! installs the mesh.
+//!
+//! The control plane reads the API (least-privilege ClusterRole: read the mesh's kinds, create
+//! TokenReviews) and gets the issuer as a mounted Secret (no right to read Secrets). The
+//! injector needs no API access at all: two webhook entries tell it whether a pod's namespace
+//! is labelled.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use base64::Engine as _;
+use serde_json::{json, Value};
+use strait_identity::ca;
+
+const CRDS: [&str; 3] = [
+    include_str!("../../install/crds/authorizationpolicies.yaml"),
+    include_str!("../../install/crds/trafficsplits.yaml"),
+    include_str!("../../install/crds/httproutegroups.yaml"),
+];
+
+#[derive(Debug, clap::Args)]
+pub struct InstallArgs {
+    /// Image with every Strait binary.
+    #[arg(long, default_value = strait_injector::config::DEFAULT_IMAGE)]
+    pub image: String,
+    /// Namespace of the control plane and the injector.
+    #[arg(long, default_value = "strait-system")]
+    pub namespace: String,
+    /// SPIFFE trust domain.
+    #[arg(long, default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// The cluster's DNS domain.
+    #[arg(long, default_value = "cluster.local")]
+    pub cluster_domain: String,
+    /// Trust anchors (PEM bundle). Without it, a new anchor and issuer are generated (fine
+    /// for trying Strait; production installs bring their own, see docs/identity.md).
+    #[arg(long, requires_all = ["issuer_cert", "issuer_key"])]
+    pub anchors: Option<PathBuf>,
+    /// Issuer certificate (PEM), signed by one of the anchors.
+    #[arg(long, requires = "anchors")]
+    pub issuer_cert: Option<PathBuf>,
+    /// Issuer key (PEM).
+    #[arg(long, requires = "anchors")]
+    pub issuer_key: Option<PathBuf>,
+    /// Replicas of the control plane and the injector.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub replicas: u16,
+    /// Sidecar mode: native (Kubernetes 1.29+) or classic (older clusters).
+    #[arg(long, default_value = "native", value_parser = ["native", "classic"])]
+    pub sidecar_mode: String,
+    /// Lifetime of workload certificates.
+    #[arg(long, default_value = "24h")]
+    pub leaf_lifetime: String,
+    /// `Fail` blocks pod creation while the injector is down; the default admits pods without
+    /// the sidecar.
+    #[arg(long, default_value = "Ignore", value_parser = ["Ignore", "Fail"])]
+    pub failure_policy: String,
+    /// Leave out the SMI CRDs (TrafficSplit, HTTPRouteGroup), e.g. when Flagger or another mesh
+    /// already installed them.
+    #[arg(long)]
+    pub skip_smi_crds: bool,
+}
+
+struct Pki {
+    anchors: String,
+    issuer_cert: String,
+    issuer_key: String,
+    webhook: ca::ServingPki,
+}
+
+fn pki(args: &InstallArgs) -> anyhow::Result<Pki> {
+    let (anchors, issuer_cert, issuer_key) =
+        match (&args.anchors, &args.issuer_cert, &args.issuer_key) {
+            (Some(a), Some(c), Some(k)) => {
+                let read = |p: &PathBuf, flag: &str| {
+                    std::fs::read_to_string(p).with_context(|| format!("{flag} {}", p.display()))
+                };
+                let (a, c, k) = (
+                    read(a, "--anchors")?,
+                    read(c, "--issuer-cert")?,
+                    read(k, "--issuer-key")?,
+                );
+                ca::CertificateAuthority::from_pem(&c, &k)
+                    .context("--issuer-cert/--issuer-key are not a usable issuer")?;
+                (a, c, k)
+            }
+            _ => {
+                let generated = ca::generate(
+                    &args.trust_domain,
+                    Duration::from_secs(10 * 365 * 86_400),
+                    Duration::from_secs(365 * 86_400),
+                )?;
+                (
+                    generated.anchor_cert_pem,
+                    generated.issuer_cert_pem,
+                    generated.issuer_key_pem,
+                )
+            }
+        };
+    let service = format!("strait-injector.{}.svc", args.namespace);
+    let webhook = ca::generate_serving(
+        "strait-injector-ca",
+        &[
+            service.clone(),
+            format!("{service}.{}", args.cluster_domain),
+        ],
+        Duration::from_secs(10 * 365 * 86_400),
+    )?;
+    Ok(Pki {
+        anchors,
+        issuer_cert,
+        issuer_key,
+        webhook,
+    })
+}
+
+fn labels(component: &str) -> Value {
+    json!({"app.kubernetes.io/name": component, "app.kubernetes.io/part-of": "strait",
+           "app.kubernetes.io/version": env!("CARGO_PKG_VERSION")})
+}
+
+fn meta(name: &str, namespace: &str, component: &str) -> Value {
+    json!({"name": name, "namespace": namespace, "labels": labels(component)})
+}
+
+fn b64(s: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+/// The restrictive container settings every Strait container runs with.
+fn container_security() -> Value {
+    json!({"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
+           "runAsNonRoot": true, "capabilities": {"drop": ["ALL"]}})
+}
+
+fn deployment(
+    args: &InstallArgs,
+    name: &str,
+    uid: i64,
+    container: Value,
+    volumes: Value,
+    sa_token: bool,
+) -> Value {
+    let ns = &args.namespace;
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": meta(name, ns, name),
+        "spec": {
+            "replicas": args.replicas,
+            "selector": {"matchLabels": {"app.kubernetes.io/name": name}},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "template": {
+                "metadata": {
+                    "labels": labels(name),
+                    "annotations": {"strait.io/inject": "disabled",
+                                    "prometheus.io/scrape": "true",
+                                    "prometheus.io/port": admin_port(&container)},
+                },
+                "spec": {
+                    "serviceAccountName": name,
+                    "automountServiceAccountToken": sa_token,
+                    "securityContext": {"runAsNonRoot": true, "runAsUser": uid, "runAsGroup": uid,
+                                        "seccompProfile": {"type": "RuntimeDefault"}},
+                    "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{
+                        "weight": 100,
+                        "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
+                            "labelSelector": {"matchLabels": {"app.kubernetes.io/name": name}}}}]}},
+                    "containers": [container],
+                    "volumes": volumes,
+                }
+            }
+        }
+    })
+}
+
+/// The container's `admin` port, as the `prometheus.io/port` annotation wants it.
+fn admin_port(container: &Value) -> String {
+    container["ports"]
+        .as_array()
+        .and_then(|ports| ports.iter().find(|p| p["name"] == "admin"))
+        .map(|p| p["containerPort"].to_string())
+        .unwrap_or_default()
+}
+
+fn probes(port: &str) -> (Value, Value) {
+    (
+        json!({"httpGet": {"path": "/ready", "port": port}, "periodSeconds": 5}),
+        json!({"httpGet": {"path": "/live", "port": port}, "periodSeconds": 10, "failureThreshold": 3}),
+    )
+}
+
+fn control_plane(args: &InstallArgs) -> Value {
+    let (ready, live) = probes("admin");
+    let container = json!({
+        "name": "control-plane",
+        "image": args.image,
+        "command": ["strait-control-plane"],
+        "args": ["--kubernetes",
+                 format!("--trust-domain={}", args.trust_domain),
+                 format!("--cluster-domain={}", args.cluster_domain),
+                 "--issuer-cert=/var/run/strait/issuer/tls.crt",
+                 "--issuer-key=/var/run/strait/issuer/tls.key",
+                 format!("--identity-server-name=identity.{}.svc.{}", args.namespace, args.cluster_domain),
+                 format!("--leaf-lifetime={}", args.leaf_lifetime)],
+        "ports": [{"name": "discovery", "containerPort": 8086, "protocol": "TCP"},
+                  {"name": "identity", "containerPort": 8080, "protocol": "TCP"},
+                  {"name": "admin", "containerPort": 9990, "protocol": "TCP"}],
+        "readinessProbe": ready, "livenessProbe": live,
+        "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "512Mi"}},
+        "securityContext": container_security(),
+        "volumeMounts": [{"name": "issuer", "mountPath": "/var/run/strait/issuer", "readOnly": true}],
+    });
+    deployment(
+        args,
+        "strait-control-plane",
+        2103,
+        container,
+        json!([{"name": "issuer", "secret": {"secretName": "strait-issuer"}}]),
+        true,
+    )
+}
+
+fn injector(args: &InstallArgs) -> Value {
+    let (ready, live) = probes("admin");
+    let ns = &args.namespace;
+    let domain = &args.cluster_domain;
+    let container = json!({
+        "name": "injector",
+        "image": args.image,
+        "command": ["strait-injector"],
+        "args": ["--tls-cert=/var/run/strait/tls/tls.crt",
+                 "--tls-key=/var/run/strait/tls/tls.key",
+                 "--trust-anchors=/var/run/strait/anchors/ca-bundle.crt",
+                 format!("--proxy-image={}", args.image),
+                 format!("--trust-domain={}", args.trust_domain),
+                 format!("--sidecar-mode={}", args.sidecar_mode),
+                 format!("--control-plane-addr=strait-control-plane.{ns}.svc.{domain}:8086"),
+                 format!("--identity-addr=strait-identity.{ns}.svc.{domain}:8080"),
+                 format!("--identity-server-name=identity.{ns}.svc.{domain}")],
+        "ports": [{"name": "webhook", "containerPort": 8443, "protocol": "TCP"},
+                  {"name": "admin", "containerPort": 9995, "protocol": "TCP"}],
+        "readinessProbe": ready, "livenessProbe": live,
+        "resources": {"requests": {"cpu": "20m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}},
+        "securityContext": container_security(),
+        "volumeMounts": [{"name": "tls", "mountPath": "/var/run/strait/tls", "readOnly": true},
+                         {"name": "anchors", "mountPath": "/var/run/strait/anchors", "readOnly": true}],
+    });
+    deployment(
+        args,
+        "strait-injector",
+        2104,
+        container,
+        json!([{"name": "tls", "secret": {"secretName": "strait-injector-tls"}},
+               {"name": "anchors", "configMap": {"name": "strait-trust-anchors"}}]),
+        false,
+    )
+}
+
+fn service(ns: &str, name: &str, component: &str, ports: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Service", "metadata": meta(name, ns, component),
+           "spec": {"type": "ClusterIP", "selector": {"app.kubernetes.io/name": component}, "ports": ports}})
+}
+
+fn webhook_entry(
+    args: &InstallArgs,
+    name: &str,
+    path: &str,
+    selector: Value,
+    ca_bundle: &str,
+) -> Value {
+    json!({
+        "name": name,
+        "clientConfig": {"service": {"name": "strait-injector", "namespace": args.namespace,
+                                     "path": path, "port": 443},
+                         "caBundle": ca_bundle},
+        "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                   "resources": ["pods"], "scope": "Namespaced"}],
+        "namespaceSelector": selector,
+        "failurePolicy": args.failure_policy,
+        "sideEffects": "None",
+        "admissionReviewVersions": ["v1"],
+        "timeoutSeconds": 10,
+        "reinvocationPolicy": "Never",
+    })
+}
+
+/// Every document, in apply order.
+pub fn manifests(args: &InstallArgs) -> anyhow::Result<Vec<Value>> {
+    let ns = args.namespace.as_str();
+    let pki = pki(args)?;
+    let mut docs: Vec<Value> = vec![json!({
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": ns, "labels": {"app.kubernetes.io/part-of": "strait",
+                                            "strait.io/inject": "disabled"}}
+    })];
+    for (i, crd) in CRDS.iter().enumerate() {
+        if args.skip_smi_crds && i > 0 {
+            continue;
+        }
+        docs.push(serde_yaml_ng::from_str(crd).context("an embedded CRD")?);
+    }
+    let mesh_kinds = json!([
+        {"apiGroups": [""], "resources": ["services", "pods"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": ["split.smi-spec.io"], "resources": ["trafficsplits"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": ["specs.smi-spec.io"], "resources": ["httproutegroups"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": ["policy.strait.io"], "resources": ["authorizationpolicies"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
+    ]);
+    docs.extend([
+        json!({"apiVersion": "v1", "kind": "ServiceAccount",
+               "metadata": meta("strait-control-plane", ns, "strait-control-plane")}),
+        json!({"apiVersion": "v1", "kind": "ServiceAccount",
+               "metadata": meta("strait-injector", ns, "strait-injector"),
+               "automountServiceAccountToken": false}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+               "metadata": {"name": "strait-control-plane", "labels": labels("strait-control-plane")},
+               "rules": mesh_kinds}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+               "metadata": {"name": "strait-control-plane", "labels": labels("strait-control-plane")},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "strait-control-plane"},
+               "subjects": [{"kind": "ServiceAccount", "name": "strait-control-plane", "namespace": ns}]}),
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+               "metadata": meta("strait-trust-anchors", ns, "strait-control-plane"),
+               "data": {"ca-bundle.crt": pki.anchors}}),
+        json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+               "metadata": meta("strait-issuer", ns, "strait-control-plane"),
+               "data": {"tls.crt": b64(&pki.issuer_cert), "tls.key": b64(&pki.issuer_key)}}),
+        json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+               "metadata": meta("strait-injector-tls", ns, "strait-injector"),
+               "data": {"tls.crt": b64(&pki.webhook.cert_pem), "tls.key": b64(&pki.webhook.key_pem),
+                        "ca.crt": b64(&pki.webhook.ca_cert_pem)}}),
+        control_plane(args),
+        service(ns, "strait-control-plane", "strait-control-plane", json!([
+            {"name": "grpc-discovery", "port": 8086, "targetPort": "discovery", "appProtocol": "grpc"}])),
+        service(ns, "strait-identity", "strait-control-plane", json!([
+            {"name": "grpc-identity", "port": 8080, "targetPort": "identity", "appProtocol": "grpc"}])),
+        injector(args),
+        service(ns, "strait-injector", "strait-injector", json!([
+            {"name": "webhook", "port": 443, "targetPort": "webhook"}])),
+    ]);
+    for name in ["strait-control-plane", "strait-injector"] {
+        docs.push(json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+            "metadata": meta(name, ns, name),
+            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": {"app.kubernetes.io/name": name}}}}));
+    }
+    let ca_bundle = b64(&pki.webhook.ca_cert_pem);
+    let system = json!({"key": "kubernetes.io/metadata.name", "operator": "NotIn",
+                        "values": ["kube-system", "kube-node-lease", "kube-public", ns]});
+    docs.push(json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": "strait-injector", "labels": labels("strait-injector")},
+        "webhooks": [
+            webhook_entry(args, "inject.strait.io", "/inject", json!({"matchExpressions": [
+                {"key": "strait.io/inject", "operator": "In", "values": ["enabled"]}, system.clone()]}), &ca_bundle),
+            webhook_entry(args, "opt-in.inject.strait.io", "/inject-opt-in", json!({"matchExpressions": [
+                {"key": "strait.io/inject", "operator": "NotIn", "values": ["enabled", "disabled"]}, system]}), &ca_bundle),
+        ]
+    }));
+    Ok(docs)
+}
+
+/// Prints every manifest as one multi-document YAML stream.
+pub fn run(args: &InstallArgs) -> anyhow::Result<()> {
+    let docs = manifests(args)?;
+    let mut out = String::from("# Strait: `strait install | kubectl apply -f -`\n");
+    for doc in docs {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml_ng::to_string(&doc)?);
+    }
+    print!("{out}");
+    Ok(())
+}

@@ -1,0 +1,447 @@
+//! `strait install`, `strait inject` and `strait check`, run as the user runs them.
+//!
+//! Manifests are validated with `kubernetes-validate --strict` (PyPI; installed by
+//! scripts/setup.sh) against the schemas of Kubernetes 1.29 to 1.33.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+const VERSIONS: [&str; 5] = ["1.29.0", "1.30.0", "1.31.0", "1.32.0", "1.33.0"];
+
+fn strait(args: &[&str], stdin: Option<&str>) -> Output {
+    use std::io::Write as _;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_strait"))
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run strait");
+    if let Some(text) = stdin {
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(text.as_bytes())
+            .expect("write stdin");
+    }
+    drop(child.stdin.take());
+    child.wait_with_output().expect("strait output")
+}
+
+fn tempdir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("strait-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+fn docs(yaml: &str) -> Vec<Value> {
+    serde_yaml_ng::Deserializer::from_str(yaml)
+        .map(|d| Value::deserialize(d).expect("YAML"))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind}/{name}"))
+}
+
+fn validate(file: &Path) {
+    for version in VERSIONS {
+        let out = Command::new("kubernetes-validate")
+            .args(["--strict", "--quiet", "-k", version])
+            .arg(file)
+            .output()
+            .expect("kubernetes-validate (pip install kubernetes-validate; scripts/setup.sh does)");
+        assert!(
+            out.status.success(),
+            "{} is not valid for Kubernetes {version}:\n{}{}",
+            file.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+fn b64_decode(v: &Value) -> String {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(v.as_str().expect("base64 string"))
+        .expect("base64");
+    String::from_utf8(bytes).expect("PEM")
+}
+
+fn openssl_verify(dir: &Path, ca: &str, cert: &str) -> bool {
+    std::fs::write(dir.join("ca.pem"), ca).expect("write");
+    std::fs::write(dir.join("cert.pem"), cert).expect("write");
+    Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(dir.join("ca.pem"))
+        .arg(dir.join("cert.pem"))
+        .output()
+        .expect("openssl")
+        .status
+        .success()
+}
+
+#[test]
+fn every_installed_manifest_is_valid_for_kubernetes_1_29_to_1_33_and_least_privileged() {
+    let dir = tempdir("install");
+    let out = strait(&["install"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let yaml = String::from_utf8(out.stdout).expect("UTF-8");
+    std::fs::write(dir.join("install.yaml"), &yaml).expect("write");
+    validate(&dir.join("install.yaml"));
+
+    let docs = docs(&yaml);
+    for (kind, name) in [
+        ("Namespace", "strait-system"),
+        (
+            "CustomResourceDefinition",
+            "authorizationpolicies.policy.strait.io",
+        ),
+        (
+            "CustomResourceDefinition",
+            "trafficsplits.split.smi-spec.io",
+        ),
+        (
+            "CustomResourceDefinition",
+            "httproutegroups.specs.smi-spec.io",
+        ),
+        ("Deployment", "strait-control-plane"),
+        ("Deployment", "strait-injector"),
+        ("Service", "strait-identity"),
+        ("PodDisruptionBudget", "strait-control-plane"),
+        ("ConfigMap", "strait-trust-anchors"),
+    ] {
+        find(&docs, kind, name);
+    }
+    // The webhook's caBundle is the CA of the injector's serving certificate, for its DNS name.
+    let webhook = find(&docs, "MutatingWebhookConfiguration", "strait-injector");
+    let entries = webhook["webhooks"].as_array().expect("webhooks");
+    assert_eq!(entries.len(), 2);
+    assert_eq!(entries[0]["clientConfig"]["service"]["path"], "/inject");
+    assert_eq!(
+        entries[1]["clientConfig"]["service"]["path"],
+        "/inject-opt-in"
+    );
+    assert!(entries
+        .iter()
+        .all(|e| e["failurePolicy"] == "Ignore" && e["sideEffects"] == "None"));
+    let tls = find(&docs, "Secret", "strait-injector-tls");
+    let ca = b64_decode(&entries[0]["clientConfig"]["caBundle"]);
+    let cert = b64_decode(&tls["data"]["tls.crt"]);
+    assert!(
+        openssl_verify(&dir, &ca, &cert),
+        "the caBundle verifies the serving certificate"
+    );
+    let text = Command::new("openssl")
+        .args(["x509", "-noout", "-ext", "subjectAltName", "-in"])
+        .arg(dir.join("cert.pem"))
+        .output()
+        .expect("openssl");
+    assert!(String::from_utf8_lossy(&text.stdout).contains("DNS:strait-injector.strait-system.svc"));
+    // The issuer chains to the anchors every proxy gets.
+    let anchors = find(&docs, "ConfigMap", "strait-trust-anchors")["data"]["ca-bundle.crt"]
+        .as_str()
+        .expect("anchors")
+        .to_string();
+    let issuer = b64_decode(&find(&docs, "Secret", "strait-issuer")["data"]["tls.crt"]);
+    assert!(openssl_verify(&dir, &anchors, &issuer));
+    // Least privilege: the control plane reads the mesh's kinds and creates TokenReviews;
+    // nothing reads Secrets; the injector has no API token at all.
+    let rules = find(&docs, "ClusterRole", "strait-control-plane")["rules"]
+        .as_array()
+        .expect("rules")
+        .clone();
+    for rule in &rules {
+        let resources = rule["resources"].as_array().expect("resources");
+        assert!(
+            !resources.iter().any(|r| r == "secrets" || r == "*"),
+            "{rule}"
+        );
+        let verbs = rule["verbs"].as_array().expect("verbs");
+        assert!(verbs
+            .iter()
+            .all(|v| ["get", "list", "watch", "create"].contains(&v.as_str().unwrap_or(""))));
+        if verbs.iter().any(|v| v == "create") {
+            assert_eq!(rule["resources"], json!(["tokenreviews"]));
+        }
+    }
+    let injector = find(&docs, "Deployment", "strait-injector");
+    assert_eq!(
+        injector["spec"]["template"]["spec"]["automountServiceAccountToken"],
+        false
+    );
+    for name in ["strait-control-plane", "strait-injector"] {
+        let pod = &find(&docs, "Deployment", name)["spec"]["template"]["spec"];
+        let sc = &pod["containers"][0]["securityContext"];
+        assert_eq!(sc["readOnlyRootFilesystem"], true);
+        assert_eq!(sc["allowPrivilegeEscalation"], false);
+        assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn install_uses_the_operators_anchors_and_issuer() {
+    let dir = tempdir("own-ca");
+    let out = strait(
+        &["identity", "init", "--dir", dir.to_str().expect("utf-8")],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = |f: &str| dir.join(f).display().to_string();
+    let out = strait(
+        &[
+            "install",
+            "--anchors",
+            &path("ca.crt"),
+            "--issuer-cert",
+            &path("issuer.crt"),
+            "--issuer-key",
+            &path("issuer.key"),
+            "--skip-smi-crds",
+            "--replicas",
+            "3",
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let docs = docs(&String::from_utf8(out.stdout).expect("UTF-8"));
+    let anchors = find(&docs, "ConfigMap", "strait-trust-anchors")["data"]["ca-bundle.crt"].clone();
+    assert_eq!(
+        anchors,
+        json!(std::fs::read_to_string(dir.join("ca.crt")).expect("read"))
+    );
+    let issuer = b64_decode(&find(&docs, "Secret", "strait-issuer")["data"]["tls.key"]);
+    assert_eq!(
+        issuer,
+        std::fs::read_to_string(dir.join("issuer.key")).expect("read")
+    );
+    assert!(!docs
+        .iter()
+        .any(|d| d["metadata"]["name"] == "trafficsplits.split.smi-spec.io"));
+    assert_eq!(
+        find(&docs, "Deployment", "strait-control-plane")["spec"]["replicas"],
+        3
+    );
+
+    // A key that is not the issuer's is refused with the flag named.
+    let out = strait(
+        &[
+            "install",
+            "--anchors",
+            &path("ca.crt"),
+            "--issuer-cert",
+            &path("issuer.crt"),
+            "--issuer-key",
+            &path("ca.key"),
+        ],
+        None,
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--issuer-cert/--issuer-key"));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+const APP: &str = r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      serviceAccountName: web
+      containers:
+      - name: app
+        image: nginx:1.27
+        ports: [{name: http, containerPort: 80}]
+"#;
+
+#[test]
+fn inject_adds_a_valid_sidecar_offline_and_is_idempotent() {
+    let dir = tempdir("inject");
+    std::fs::write(
+        dir.join("anchors.pem"),
+        "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+    )
+    .expect("write");
+    let anchors = dir.join("anchors.pem").display().to_string();
+    let out = strait(&["inject", "--trust-anchors", &anchors, "-"], Some(APP));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Deployment/web: injected"));
+    let injected = String::from_utf8(out.stdout).expect("UTF-8");
+    std::fs::write(dir.join("injected.yaml"), &injected).expect("write");
+    validate(&dir.join("injected.yaml"));
+    let doc = &docs(&injected)[0];
+    let init = &doc["spec"]["template"]["spec"]["initContainers"];
+    assert_eq!(init[0]["name"], "strait-init");
+    assert_eq!(init[1]["name"], "strait-proxy");
+
+    let again = strait(&["inject", "--trust-anchors", &anchors], Some(&injected));
+    assert!(again.status.success());
+    assert_eq!(String::from_utf8(again.stdout).expect("UTF-8"), injected);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already injected"));
+
+    // Classic mode is valid too.
+    let out = strait(
+        &[
+            "inject",
+            "--trust-anchors",
+            &anchors,
+            "--sidecar-mode",
+            "classic",
+        ],
+        Some(APP),
+    );
+    std::fs::write(dir.join("classic.yaml"), &out.stdout).expect("write");
+    validate(&dir.join("classic.yaml"));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A fake API server answering GETs with the objects `strait install` printed.
+async fn fake_api(objects: HashMap<String, Value>) -> std::net::SocketAddr {
+    let objects = Arc::new(objects);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let objects = objects.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    move |req: Request<hyper::body::Incoming>| {
+                        let body = objects.get(req.uri().path()).cloned();
+                        async move {
+                            let (status, body) = match body {
+                                Some(v) => (StatusCode::OK, v),
+                                None => (
+                                    StatusCode::NOT_FOUND,
+                                    json!({"kind": "Status", "apiVersion": "v1",
+                                "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
+                                ),
+                            };
+                            let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+                            *r.status_mut() = status;
+                            Ok::<_, Infallible>(r)
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn path_of(doc: &Value) -> String {
+    let name = doc["metadata"]["name"].as_str().unwrap_or("");
+    let ns = doc["metadata"]["namespace"].as_str().unwrap_or("");
+    match doc["kind"].as_str().unwrap_or("") {
+        "CustomResourceDefinition" => {
+            format!("/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}")
+        }
+        "MutatingWebhookConfiguration" => {
+            format!("/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/{name}")
+        }
+        "Deployment" => format!("/apis/apps/v1/namespaces/{ns}/deployments/{name}"),
+        "ConfigMap" => format!("/api/v1/namespaces/{ns}/configmaps/{name}"),
+        "Secret" => format!("/api/v1/namespaces/{ns}/secrets/{name}"),
+        _ => String::new(),
+    }
+}
+
+#[test]
+fn check_passes_on_an_installed_mesh_and_names_what_is_missing() {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let out = strait(&["install"], None);
+    let docs = docs(&String::from_utf8(out.stdout).expect("UTF-8"));
+    let mut objects: HashMap<String, Value> = HashMap::new();
+    objects.insert(
+        "/version".into(),
+        json!({"major": "1", "minor": "32", "gitVersion": "v1.32.13",
+        "gitCommit": "", "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z",
+        "goVersion": "go1.23", "compiler": "gc", "platform": "linux/amd64"}),
+    );
+    for doc in &docs {
+        let mut doc = doc.clone();
+        if doc["kind"] == "Deployment" {
+            doc["status"] = json!({"replicas": 2, "readyReplicas": 2});
+        }
+        objects.insert(path_of(&doc), doc);
+    }
+    let dir = tempdir("check");
+    let run_check = |objects: HashMap<String, Value>| {
+        let addr = runtime.block_on(fake_api(objects));
+        let kubeconfig = dir.join("kubeconfig");
+        std::fs::write(&kubeconfig, format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: 'http://{addr}'}}}}]\n\
+             users: [{{name: u, user: {{}}}}]\ncontexts: [{{name: c, context: {{cluster: fake, user: u}}}}]\ncurrent-context: c\n"
+        )).expect("kubeconfig");
+        Command::new(env!("CARGO_BIN_EXE_strait"))
+            .arg("check")
+            .env("KUBECONFIG", &kubeconfig)
+            .output()
+            .expect("strait check")
+    };
+    let out = run_check(objects.clone());
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("all 10 checks passed"), "{stdout}");
+    assert!(stdout.contains("2/2 replicas ready"), "{stdout}");
+
+    objects.remove(
+        "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/strait-injector",
+    );
+    let deployment = "/apis/apps/v1/namespaces/strait-system/deployments/strait-control-plane";
+    if let Some(d) = objects.get_mut(deployment) {
+        d["status"] = json!({"replicas": 2});
+    }
+    let out = run_check(objects);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(!out.status.success());
+    assert!(stdout.contains("FAIL injection webhook"), "{stdout}");
+    assert!(stdout.contains("0/2 replicas ready"), "{stdout}");
+    std::fs::remove_dir_all(&dir).ok();
+}
