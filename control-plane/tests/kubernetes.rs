@@ -84,6 +84,8 @@ struct Api {
     /// Token -> (status, TokenReview answer).
     reviews: HashMap<&'static str, (u16, String)>,
     calls: Vec<String>,
+    /// The API server is down: every request gets a 503.
+    down: bool,
     /// Watch streams held open.
     open: Vec<mpsc::Sender<Result<Frame<Bytes>, Infallible>>>,
 }
@@ -113,6 +115,14 @@ async fn answer(api: Arc<Mutex<Api>>, req: Request<Incoming>) -> Response<Body> 
         "{} {path}",
         if is_watch { "WATCH" } else { "LIST" }
     ));
+    if api.down {
+        return full(
+            503,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+            "reason": "ServiceUnavailable", "code": 503, "message": "etcd is down"})
+            .to_string(),
+        );
+    }
     if path == "/apis/authentication.k8s.io/v1/tokenreviews" {
         let review: Value = serde_json::from_slice(&body).unwrap_or_default();
         let token = review["spec"]["token"].as_str().unwrap_or("");
@@ -358,8 +368,8 @@ async fn watch_events_and_a_410_relist_give_the_same_state_as_local_yaml() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn before_the_edits_the_listed_endpoints_are_served_with_their_identity() {
-    let (addr, _api) = start(cluster_api()).await;
+async fn listed_endpoints_are_served_with_their_identity_and_kept_through_an_outage() {
+    let (addr, api) = start(cluster_api()).await;
     let (tx, rx) = watch::channel(Arc::new(MeshIndex::default()));
     let (ready_tx, mut ready) = watch::channel(false);
     tokio::spawn(strait_control_plane::kubernetes::run(
@@ -394,6 +404,25 @@ async fn before_the_edits_the_listed_endpoints_are_served_with_their_identity() 
         !d.routes.is_empty(),
         "the HTTPRoute's routes reach the service"
     );
+
+    // The API server goes down: watches break, relists fail, and the last state stays.
+    let before = api.lock().expect("lock").calls.len();
+    {
+        let mut api = api.lock().expect("lock");
+        api.down = true;
+        api.open.clear();
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let during = api.lock().expect("lock").calls.len();
+    assert!(during > before, "the watchers retried");
+    for t in TARGETS {
+        assert_eq!(
+            rx.borrow().lookup(t),
+            expected.lookup(t),
+            "{t} kept during the outage"
+        );
+    }
+    assert!(*ready.borrow(), "still ready: serving the last known state");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
