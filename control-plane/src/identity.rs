@@ -174,16 +174,35 @@ impl Identity for IdentityService {
     }
 }
 
-/// The identity server's own certificate: issued by the issuer, re-issued at half its life
-/// and whenever the issuer changes.
+const SERVER_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// Issues the identity server's first certificate, before the server accepts connections (a
+/// client arriving earlier would be refused for want of a certificate).
+pub fn install_server_certificate(
+    issuer: &Issuer,
+    creds: &Credentials,
+    id: &SpiffeId,
+    dns_name: &str,
+) -> Result<(), String> {
+    let (chain, key) = issuer
+        .current()
+        .issue_server(id, dns_name, SERVER_CERT_LIFETIME)
+        .map_err(|e| format!("cannot issue the identity server certificate: {e}"))?;
+    creds
+        .install(chain, key)
+        .map_err(|e| format!("cannot install the identity server certificate: {e}"))
+}
+
+/// The identity server's own certificate: re-issued at half its life and whenever the issuer
+/// changes (the first one comes from [`install_server_certificate`]).
 pub async fn keep_server_certificate(
     issuer: Arc<Issuer>,
     creds: Arc<Credentials>,
     id: SpiffeId,
     dns_name: String,
 ) {
-    const LIFETIME: Duration = Duration::from_secs(24 * 3600);
-    let mut issued_at: Option<std::time::Instant> = None;
+    const LIFETIME: Duration = SERVER_CERT_LIFETIME;
+    let mut issued_at: Option<std::time::Instant> = creds.is_ready().then(std::time::Instant::now);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;

@@ -11,7 +11,7 @@ use strait_api::identity::identity_server::IdentityServer;
 use strait_control_plane::admin::Metrics;
 use strait_control_plane::discovery::DiscoveryService;
 use strait_control_plane::identity::{
-    keep_server_certificate, tls_incoming, IdentityService, Issuer,
+    install_server_certificate, keep_server_certificate, tls_incoming, IdentityService, Issuer,
 };
 use strait_control_plane::index::{MeshIndex, Naming};
 use strait_control_plane::local::LocalSource;
@@ -160,6 +160,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             "strait-system",
             "strait-control-plane",
         )?;
+        install_server_certificate(&issuer, &creds, &server_id, &args.identity_server_name)?;
         tokio::spawn(keep_server_certificate(
             issuer.clone(),
             creds.clone(),

@@ -47,7 +47,7 @@ fn now_ns() -> u64 {
 pub struct EndpointSpec {
     pub addr: SocketAddr,
     pub weight: u32,
-    pub identity: String,
+    pub identity: Arc<str>,
     pub meshed: bool,
 }
 
@@ -358,7 +358,7 @@ mod tests {
         EndpointSpec {
             addr: SocketAddr::from(([10, 0, 0, 1], port)),
             weight: 1,
-            identity: String::new(),
+            identity: "".into(),
             meshed: false,
         }
     }

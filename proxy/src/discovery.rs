@@ -294,7 +294,7 @@ fn endpoint_specs(endpoints: &[strait_api::discovery::Endpoint]) -> Vec<Endpoint
             Some(EndpointSpec {
                 addr: SocketAddr::new(ip, port),
                 weight: e.weight.clamp(1, 65_535),
-                identity: e.identity.clone(),
+                identity: e.identity.as_str().into(),
                 meshed: e.meshed,
             })
         })

@@ -48,12 +48,17 @@ pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: So
         (Some(_), true) => Some(ctx.cfg.detect_timeout.min(OPAQUE_TLS_SNIFF)),
         (_, false) => Some(ctx.cfg.detect_timeout),
     };
+    let started = std::time::Instant::now();
     let (mut protocol, prefix) = match sniff {
         None => (Protocol::Opaque, bytes::Bytes::new()),
         Some(timeout) => match detect::detect(&mut io, timeout).await {
             Ok(d) => {
-                ctx.metrics
-                    .detected(Direction::Inbound, d.protocol.as_str(), d.timed_out);
+                ctx.metrics.detected(
+                    Direction::Inbound,
+                    d.protocol.as_str(),
+                    d.timed_out,
+                    started.elapsed(),
+                );
                 (d.protocol, d.prefix)
             }
             Err(e) => {
@@ -164,9 +169,11 @@ async fn serve_http<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let handler = Arc::new(InboundHttp {
-        metrics: ctx
-            .metrics
-            .http(Direction::Inbound, &app.port().to_string()),
+        metrics: ctx.metrics.http(
+            Direction::Inbound,
+            &app.port().to_string(),
+            client.as_ref().map(|c| c.to_string()).as_deref(),
+        ),
         app_h2: ctx.clients.h2.get(app),
         ctx: ctx.clone(),
         app,

@@ -138,6 +138,9 @@ pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
             None
         }
     };
+    if let Some(identity) = &identity {
+        metrics.set_local_id(&identity.id.to_string());
+    }
     let discovery = match &cfg.control_plane_addr {
         Some(addr) => Some(Discovery::new(
             addr,

@@ -37,12 +37,31 @@ impl EncodeLabelValue for Direction {
     }
 }
 
-/// A `target` label value, shared by every series of a connection: cloning it per response
-/// is a reference-count increment, not a string copy.
-#[derive(Debug, Clone, Hash, PartialEq, Eq)]
-pub struct Target(Arc<str>);
+/// A label value shared by every series that carries it (a target, a route, an identity):
+/// cloning it per response is a reference-count increment, not a string copy.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, Default)]
+pub struct Label(Arc<str>);
 
-impl EncodeLabelValue for Target {
+/// The `target` label.
+pub type Target = Label;
+
+impl Label {
+    pub fn new(s: &str) -> Self {
+        Self(s.into())
+    }
+
+    pub fn empty() -> Self {
+        Self(Arc::from(""))
+    }
+}
+
+impl From<Arc<str>> for Label {
+    fn from(s: Arc<str>) -> Self {
+        Self(s)
+    }
+}
+
+impl EncodeLabelValue for Label {
     fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
         use std::fmt::Write;
         encoder.write_str(&self.0)
@@ -56,14 +75,54 @@ pub struct TargetLabels {
     pub target: Target,
 }
 
+/// A gRPC status code, or empty for responses that are not gRPC (or ended without one).
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub struct GrpcStatus(pub Option<u16>);
+
+impl EncodeLabelValue for GrpcStatus {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        match self.0 {
+            Some(code) => write!(encoder, "{code}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Where a request went, once it is known: the route and backend chosen (outbound), the peer's
+/// identity and whether the hop was mTLS. Carried from the forwarding code to the metrics in
+/// the response's extensions.
+#[derive(Debug, Clone, Default)]
+pub struct Destination {
+    pub route: Label,
+    pub backend: Label,
+    pub server_id: Label,
+    pub tls: bool,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResponseLabels {
     pub direction: Direction,
     pub target: Target,
+    pub route: Label,
+    pub backend: Label,
+    pub tls: bool,
+    pub client_id: Label,
+    pub server_id: Label,
     pub status_code: u16,
+    pub grpc_status: GrpcStatus,
     pub classification: &'static str,
     /// Why the proxy itself answered (empty when the upstream answered).
     pub error: &'static str,
+}
+
+/// Labels of the latency histogram: per route and backend.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub direction: Direction,
+    pub target: Target,
+    pub route: Label,
+    pub backend: Label,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -71,6 +130,28 @@ pub struct DetectLabels {
     pub direction: Direction,
     pub protocol: &'static str,
     pub timed_out: bool,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: Direction,
+}
+
+/// Detection buckets, seconds: from a first packet already there to the timeout.
+const DETECT_BUCKETS: [f64; 10] = [
+    0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 10.0,
+];
+/// Connection lifetime buckets, seconds.
+const CONNECTION_BUCKETS: [f64; 11] = [
+    0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0, 1800.0, 3600.0,
+];
+
+fn detect_histogram() -> Histogram {
+    Histogram::new(DETECT_BUCKETS)
+}
+
+fn connection_histogram() -> Histogram {
+    Histogram::new(CONNECTION_BUCKETS)
 }
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
@@ -84,7 +165,13 @@ pub struct Metrics {
     registry: Registry,
     requests: Family<TargetLabels, Counter>,
     responses: Family<ResponseLabels, Counter>,
-    latency: HistogramFamily<TargetLabels>,
+    latency: HistogramFamily<RouteLabels>,
+    detect_duration: HistogramFamily<DirectionLabels>,
+    tcp_duration: HistogramFamily<TargetLabels>,
+    process_cpu: Counter<f64, std::sync::atomic::AtomicU64>,
+    process_rss: Gauge,
+    /// This proxy's own SPIFFE ID (empty without identity).
+    local_id: std::sync::RwLock<Label>,
     tcp_opened: Family<TargetLabels, Counter>,
     tcp_closed: Family<TargetLabels, Counter>,
     tcp_open: Family<TargetLabels, Gauge>,
@@ -132,6 +219,11 @@ impl Metrics {
             requests: Family::default(),
             responses: Family::default(),
             latency: Family::new_with_constructor(latency_histogram),
+            detect_duration: Family::new_with_constructor(detect_histogram),
+            tcp_duration: Family::new_with_constructor(connection_histogram),
+            process_cpu: Counter::default(),
+            process_rss: Gauge::default(),
+            local_id: std::sync::RwLock::new(Label::empty()),
             tcp_opened: Family::default(),
             tcp_closed: Family::default(),
             tcp_open: Family::default(),
@@ -181,6 +273,26 @@ impl Metrics {
             m.detect.clone(),
         );
         registry.register(
+            "protocol_detect_duration_seconds",
+            "Time protocol detection took",
+            m.detect_duration.clone(),
+        );
+        registry.register(
+            "tcp_connection_duration_seconds",
+            "Lifetime of closed connections",
+            m.tcp_duration.clone(),
+        );
+        registry.register(
+            "process_cpu_seconds",
+            "CPU time the proxy used (user and system)",
+            m.process_cpu.clone(),
+        );
+        registry.register(
+            "process_resident_memory_bytes",
+            "Resident memory of the proxy",
+            m.process_rss.clone(),
+        );
+        registry.register(
             "discovery_connected",
             "1 while at least one discovery stream is connected",
             m.discovery_connected.clone(),
@@ -214,8 +326,51 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
+    /// Sets this proxy's own identity (the client identity outbound, the server one inbound).
+    pub fn set_local_id(&self, id: &str) {
+        *self.local_id.write().unwrap_or_else(|p| p.into_inner()) = Label::new(id);
+    }
+
+    fn local_id(&self) -> Label {
+        self.local_id
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Reads the process's CPU time and resident memory (Linux `/proc`).
+    fn sample_process(&self) {
+        if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+            // Fields after the command (which may hold spaces): utime and stime are the 12th
+            // and 13th, in USER_HZ, which Linux fixes at 100 per second.
+            let fields: Vec<&str> = stat
+                .rsplit_once(')')
+                .map(|(_, rest)| rest.split_whitespace().collect())
+                .unwrap_or_default();
+            let ticks: u64 = [11, 12]
+                .iter()
+                .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
+                .sum();
+            let seconds = ticks as f64 / 100.0;
+            let delta = seconds - self.process_cpu.get();
+            if delta > 0.0 {
+                self.process_cpu.inc_by(delta);
+            }
+        }
+        if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+            let kb = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<i64>().ok());
+            if let Some(kb) = kb {
+                self.process_rss.set(kb * 1024);
+            }
+        }
+    }
+
     /// Prometheus text exposition.
     pub fn encode(&self) -> String {
+        self.sample_process();
         let mut out = String::with_capacity(8 * 1024);
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
             tracing::error!(error = %e, "encoding metrics");
@@ -227,7 +382,7 @@ impl Metrics {
     pub fn tcp(&self, direction: Direction, target: &str) -> TcpMetrics {
         let labels = TargetLabels {
             direction,
-            target: Target(target.into()),
+            target: Label::new(target),
         };
         self.tcp_opened.get_or_create(&labels).inc();
         let open = self.tcp_open.get_or_create(&labels).clone();
@@ -236,6 +391,8 @@ impl Metrics {
             read: self.tcp_read.get_or_create(&labels).clone(),
             written: self.tcp_written.get_or_create(&labels).clone(),
             closed: self.tcp_closed.get_or_create(&labels).clone(),
+            duration: self.tcp_duration.get_or_create(&labels).clone(),
+            opened: std::time::Instant::now(),
             open,
         }
     }
@@ -258,13 +415,22 @@ impl Metrics {
         self.inbound_refused
             .get_or_create(&RefusedLabels {
                 reason,
-                target: Target(port.to_string().into()),
+                target: Label::new(&port.to_string()),
                 client_id: client_id.map(|c| c.to_string()).unwrap_or_default(),
             })
             .inc();
     }
 
-    pub fn detected(&self, direction: Direction, protocol: &'static str, timed_out: bool) {
+    pub fn detected(
+        &self,
+        direction: Direction,
+        protocol: &'static str,
+        timed_out: bool,
+        took: std::time::Duration,
+    ) {
+        self.detect_duration
+            .get_or_create(&DirectionLabels { direction })
+            .observe(took.as_secs_f64());
         self.detect
             .get_or_create(&DetectLabels {
                 direction,
@@ -274,18 +440,32 @@ impl Metrics {
             .inc();
     }
 
-    /// Handles for the requests of one connection.
-    pub fn http(self: &Arc<Self>, direction: Direction, target: &str) -> HttpMetrics {
+    /// Handles for the requests of one connection. `peer`: the client's identity, for inbound
+    /// mesh TLS connections.
+    pub fn http(
+        self: &Arc<Self>,
+        direction: Direction,
+        target: &str,
+        peer: Option<&str>,
+    ) -> HttpMetrics {
         let labels = TargetLabels {
             direction,
-            target: Target(target.into()),
+            target: Label::new(target),
+        };
+        let local = self.local_id();
+        let (client_id, server_id) = match direction {
+            Direction::Inbound => (peer.map(Label::new).unwrap_or_default(), local),
+            Direction::Outbound => (local, Label::empty()),
         };
         HttpMetrics {
             retries: self.retries.get_or_create(&labels).clone(),
             retries_exhausted: self.retries_exhausted.get_or_create(&labels).clone(),
             requests: self.requests.get_or_create(&labels).clone(),
-            latency: self.latency.get_or_create(&labels).clone(),
+            latency: self.latency.clone(),
             responses: self.responses.clone(),
+            tls: peer.is_some(),
+            client_id,
+            server_id,
             labels,
         }
     }
@@ -298,12 +478,15 @@ pub struct TcpMetrics {
     pub written: Counter,
     closed: Counter,
     open: Gauge,
+    duration: Histogram,
+    opened: std::time::Instant,
 }
 
 impl Drop for TcpMetrics {
     fn drop(&mut self) {
         self.open.dec();
         self.closed.inc();
+        self.duration.observe(self.opened.elapsed().as_secs_f64());
     }
 }
 
@@ -315,9 +498,13 @@ pub struct HttpMetrics {
     /// Retries skipped: budget spent.
     pub retries_exhausted: Counter,
     requests: Counter,
-    latency: Histogram,
+    latency: HistogramFamily<RouteLabels>,
     responses: Family<ResponseLabels, Counter>,
     labels: TargetLabels,
+    /// Connection-level defaults; outbound, the destination fills in the server side.
+    tls: bool,
+    client_id: Label,
+    server_id: Label,
 }
 
 impl HttpMetrics {
@@ -325,25 +512,79 @@ impl HttpMetrics {
         self.requests.inc();
     }
 
-    /// Records a response: `error` names why the proxy answered itself ("" for upstream answers).
+    /// Records the latency to the response headers and returns what counts the response when
+    /// its stream ends (the gRPC status usually comes in the trailers). `error` names why the
+    /// proxy answered itself ("" for upstream answers).
     pub fn response(
         &self,
         status: u16,
-        grpc_failed: bool,
+        dst: Option<Destination>,
         error: &'static str,
         latency: std::time::Duration,
-    ) {
-        self.latency.observe(latency.as_secs_f64());
-        let failed = status >= 500 || grpc_failed || !error.is_empty();
-        self.responses
-            .get_or_create(&ResponseLabels {
+    ) -> ResponseRecorder {
+        let dst = dst.unwrap_or_default();
+        self.latency
+            .get_or_create(&RouteLabels {
                 direction: self.labels.direction,
                 target: self.labels.target.clone(),
-                status_code: status,
-                classification: if failed { "failure" } else { "success" },
-                error,
+                route: dst.route.clone(),
+                backend: dst.backend.clone(),
             })
-            .inc();
+            .observe(latency.as_secs_f64());
+        let server_id = if dst.server_id.0.is_empty() {
+            self.server_id.clone()
+        } else {
+            dst.server_id
+        };
+        ResponseRecorder {
+            family: self.responses.clone(),
+            labels: Some(ResponseLabels {
+                direction: self.labels.direction,
+                target: self.labels.target.clone(),
+                route: dst.route,
+                backend: dst.backend,
+                tls: self.tls || dst.tls,
+                client_id: self.client_id.clone(),
+                server_id,
+                status_code: status,
+                grpc_status: GrpcStatus(None),
+                classification: "success",
+                error,
+            }),
+        }
+    }
+}
+
+/// Counts one response, once: when its body ends, or when it is dropped unfinished.
+#[derive(Debug)]
+pub struct ResponseRecorder {
+    family: Family<ResponseLabels, Counter>,
+    labels: Option<ResponseLabels>,
+}
+
+impl ResponseRecorder {
+    /// Records with the gRPC status seen (headers of a trailers-only response, or trailers);
+    /// `complete`: the body reached its end.
+    pub fn finish(&mut self, grpc_status: Option<u16>, grpc: bool, complete: bool) {
+        let Some(mut labels) = self.labels.take() else {
+            return;
+        };
+        labels.grpc_status = GrpcStatus(grpc_status);
+        let grpc_failed = match grpc_status {
+            Some(code) => code != 0,
+            None => grpc && labels.status_code == 200,
+        };
+        let failed =
+            labels.status_code >= 500 || grpc_failed || !labels.error.is_empty() || !complete;
+        labels.classification = if failed { "failure" } else { "success" };
+        self.family.get_or_create(&labels).inc();
+    }
+}
+
+impl Drop for ResponseRecorder {
+    fn drop(&mut self) {
+        // Dropped before the end: the client went away or the stream was reset.
+        self.finish(None, false, false);
     }
 }
 
@@ -354,14 +595,36 @@ mod tests {
     #[test]
     fn exposition_has_the_documented_names_and_labels() {
         let m = Arc::new(Metrics::new());
-        let http = m.http(Direction::Outbound, "web.shop.svc.cluster.local:80");
+        m.set_local_id("spiffe://cluster.local/ns/shop/sa/client");
+        let http = m.http(Direction::Outbound, "web.shop.svc.cluster.local:80", None);
         http.request();
-        http.response(200, false, "", std::time::Duration::from_millis(3));
-        http.response(
+        let dst = Destination {
+            route: Label::new("web-canary"),
+            backend: Label::new("web-v2.shop.svc.cluster.local:80"),
+            server_id: Label::new("spiffe://cluster.local/ns/shop/sa/web"),
+            tls: true,
+        };
+        http.response(200, Some(dst), "", std::time::Duration::from_millis(3))
+            .finish(None, false, true);
+        drop(http.response(
             503,
-            false,
+            None,
             "no endpoints",
             std::time::Duration::from_millis(1),
+        ));
+        let inbound = m.http(
+            Direction::Inbound,
+            "8080",
+            Some("spiffe://cluster.local/ns/a/sa/x"),
+        );
+        inbound
+            .response(200, None, "", std::time::Duration::from_millis(1))
+            .finish(Some(0), true, true);
+        m.detected(
+            Direction::Inbound,
+            "http/1",
+            false,
+            std::time::Duration::from_micros(50),
         );
         {
             let tcp = m.tcp(Direction::Inbound, "8080");
@@ -370,12 +633,17 @@ mod tests {
         let text = m.encode();
         for needle in [
             "strait_request_total{direction=\"outbound\",target=\"web.shop.svc.cluster.local:80\"} 1",
-            "status_code=\"200\",classification=\"success\",error=\"\"} 1",
-            "status_code=\"503\",classification=\"failure\",error=\"no endpoints\"} 1",
-            "strait_response_latency_seconds_bucket{le=\"0.005\",direction=\"outbound\"",
+            "strait_response_total{direction=\"outbound\",target=\"web.shop.svc.cluster.local:80\",route=\"web-canary\",backend=\"web-v2.shop.svc.cluster.local:80\",tls=\"true\",client_id=\"spiffe://cluster.local/ns/shop/sa/client\",server_id=\"spiffe://cluster.local/ns/shop/sa/web\",status_code=\"200\",grpc_status=\"\",classification=\"success\",error=\"\"} 1",
+            "status_code=\"503\",grpc_status=\"\",classification=\"failure\",error=\"no endpoints\"} 1",
+            "direction=\"inbound\",target=\"8080\",route=\"\",backend=\"\",tls=\"true\",client_id=\"spiffe://cluster.local/ns/a/sa/x\",server_id=\"spiffe://cluster.local/ns/shop/sa/client\",status_code=\"200\",grpc_status=\"0\",classification=\"success\"",
+            "strait_response_latency_seconds_bucket{le=\"0.005\",direction=\"outbound\",target=\"web.shop.svc.cluster.local:80\",route=\"web-canary\"",
+            "strait_protocol_detect_duration_seconds_count{direction=\"inbound\"} 1",
             "strait_tcp_read_bytes_total{direction=\"inbound\",target=\"8080\"} 10",
             "strait_tcp_open_connections{direction=\"inbound\",target=\"8080\"} 0",
             "strait_tcp_close_total{direction=\"inbound\",target=\"8080\"} 1",
+            "strait_tcp_connection_duration_seconds_count{direction=\"inbound\",target=\"8080\"} 1",
+            "strait_process_cpu_seconds_total ",
+            "strait_process_resident_memory_bytes ",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

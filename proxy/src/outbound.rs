@@ -25,7 +25,7 @@ use crate::http::headers::{is_upgrade, strip_hop_by_hop};
 use crate::http::server::{serve, Handler};
 use crate::http::ReqBody;
 use crate::io::{CountingIo, PrefixedIo};
-use crate::metrics::{Direction, HttpMetrics};
+use crate::metrics::{Destination, Direction, HttpMetrics, Label};
 use crate::retry;
 use crate::router::grpc_timeout;
 use crate::Context;
@@ -57,10 +57,15 @@ pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: So
     let (protocol, prefix) = if opaque {
         (Protocol::Opaque, bytes::Bytes::new())
     } else {
+        let started = std::time::Instant::now();
         match detect::detect(&mut io, ctx.cfg.detect_timeout).await {
             Ok(d) => {
-                ctx.metrics
-                    .detected(Direction::Outbound, d.protocol.as_str(), d.timed_out);
+                ctx.metrics.detected(
+                    Direction::Outbound,
+                    d.protocol.as_str(),
+                    d.timed_out,
+                    started.elapsed(),
+                );
                 (d.protocol, d.prefix)
             }
             Err(e) => {
@@ -99,7 +104,7 @@ pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: So
                 _ => None,
             };
             let handler = Arc::new(OutboundHttp {
-                metrics: ctx.metrics.http(Direction::Outbound, label),
+                metrics: ctx.metrics.http(Direction::Outbound, label, None),
                 ctx: ctx.clone(),
                 lookup,
                 orig_dst,
@@ -182,7 +187,7 @@ impl Handler for OutboundHttp {
                     .flatten()
                     .min();
                 let per_attempt = route.backend_timeout;
-                match route
+                let result = match route
                     .retry
                     .as_ref()
                     .filter(|_| !upgrade && retry::is_replayable(&req))
@@ -210,7 +215,13 @@ impl Handler for OutboundHttp {
                         );
                         with_timeout(overall, attempts).await
                     }
-                }
+                };
+                result.map(|mut resp| {
+                    if let Some(dst) = resp.extensions_mut().get_mut::<Destination>() {
+                        dst.route = Label::from(route.name.clone());
+                    }
+                    resp
+                })
             }
         }
     }
@@ -237,7 +248,7 @@ impl OutboundHttp {
     async fn with_retries(
         &self,
         balancer: &Balancer,
-        service: &str,
+        service: &Arc<str>,
         req: Request<Incoming>,
         policy: &retry::RetryPolicy,
         per_attempt: Option<Duration>,
@@ -273,7 +284,7 @@ impl OutboundHttp {
     async fn send_to(
         &self,
         balancer: &Balancer,
-        service: &str,
+        service: &Arc<str>,
         req: Request<ReqBody>,
         upgrade: bool,
     ) -> Result<Response<Incoming>, ProxyError> {
@@ -306,10 +317,21 @@ impl OutboundHttp {
             }
             _ => direct(&self.ctx.clients, endpoint.addr(), &endpoint.h2, req).await,
         };
-        match &result {
-            Ok(resp) => in_flight.response(resp.status()),
-            Err(_) => in_flight.failure(),
+        match result {
+            Ok(mut resp) => {
+                in_flight.response(resp.status());
+                resp.extensions_mut().insert(Destination {
+                    route: Label::empty(),
+                    backend: Label::from(service.clone()),
+                    server_id: Label::from(endpoint.spec.identity.clone()),
+                    tls: endpoint.tls.is_some() && endpoint.spec.meshed,
+                });
+                Ok(resp)
+            }
+            Err(e) => {
+                in_flight.failure();
+                Err(e)
+            }
         }
-        result
     }
 }

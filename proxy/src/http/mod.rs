@@ -5,6 +5,7 @@ pub mod client;
 pub mod error;
 pub mod forward;
 pub mod headers;
+pub mod metered;
 pub mod server;
 
 use bytes::Bytes;

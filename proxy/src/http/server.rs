@@ -16,10 +16,11 @@ use http_body_util::Either;
 
 use super::error::ProxyError;
 use super::headers::{is_grpc, strip_hop_by_hop};
+use super::metered::{grpc_status, Metered};
 use super::Body;
 use crate::detect::Protocol;
 use crate::drain::Drain;
-use crate::metrics::HttpMetrics;
+use crate::metrics::{Destination, HttpMetrics};
 
 /// Forwards one request of a connection; [`serve`] turns its result into the response and
 /// records the metrics, the same way for every side.
@@ -36,12 +37,12 @@ pub trait Handler: Send + Sync + 'static {
 
 /// One request: forward it, map a failure to the proxy's own response, drop hop-by-hop
 /// response headers, answer in the client's HTTP version, and count it.
-async fn handle<H: Handler>(handler: &H, req: Request<Incoming>) -> Response<Body> {
+async fn handle<H: Handler>(handler: &H, req: Request<Incoming>) -> Response<Metered<Body>> {
     let start = std::time::Instant::now();
     handler.metrics().request();
     let grpc = is_grpc(&req);
     let version = req.version();
-    let (resp, error) = match handler.forward(req).await {
+    let (mut resp, error) = match handler.forward(req).await {
         Ok(mut resp) => {
             if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
                 strip_hop_by_hop(resp.headers_mut(), false);
@@ -54,11 +55,12 @@ async fn handle<H: Handler>(handler: &H, req: Request<Incoming>) -> Response<Bod
             (e.to_response(grpc), e.kind())
         }
     };
-    let grpc_failed = resp.headers().get("grpc-status").is_some_and(|s| s != "0");
-    handler
+    let dst = resp.extensions_mut().remove::<Destination>();
+    let recorder = handler
         .metrics()
-        .response(resp.status().as_u16(), grpc_failed, error, start.elapsed());
-    resp
+        .response(resp.status().as_u16(), dst, error, start.elapsed());
+    let status = grpc_status(resp.headers());
+    resp.map(|body| Metered::new(body, recorder, grpc, status))
 }
 
 pub async fn serve<I, H>(io: I, protocol: Protocol, drain: Drain, handler: Arc<H>)
