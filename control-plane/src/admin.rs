@@ -10,11 +10,28 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
 use crate::index::MeshIndex;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// `destination` or `inbound`.
+    pub kind: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertLabels {
+    /// `signed` or `refused`.
+    pub result: &'static str,
+    /// Why a CSR was refused: `token`, `token_review`, `identity`, `csr`; empty when signed.
+    pub reason: &'static str,
+}
 
 /// The control plane's metrics.
 #[derive(Debug)]
@@ -22,37 +39,119 @@ pub struct Metrics {
     registry: Registry,
     services: Gauge,
     ready: Gauge,
+    /// Open discovery streams, by kind.
+    pub streams: Family<KindLabels, Gauge>,
+    /// Answers pushed to proxies, by kind.
+    pub pushes: Family<KindLabels, Counter>,
+    /// Proxies with at least one open stream.
+    pub connected: Gauge,
+    /// CSRs answered, by result.
+    pub certificates: Family<CertLabels, Counter>,
+    proxies: std::sync::Mutex<std::collections::HashMap<String, usize>>,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        let mut registry = Registry::default();
+        let mut registry = Registry::with_prefix("strait_control_plane");
         let services = Gauge::default();
         let ready = Gauge::default();
+        let streams = Family::<KindLabels, Gauge>::default();
+        let pushes = Family::<KindLabels, Counter>::default();
+        let connected = Gauge::default();
+        let certificates = Family::<CertLabels, Counter>::default();
+        registry.register("streams", "Open discovery streams", streams.clone());
         registry.register(
-            "strait_control_plane_services",
+            "pushes",
+            "Discovery answers sent to proxies",
+            pushes.clone(),
+        );
+        registry.register(
+            "connected_proxies",
+            "Proxies with at least one open discovery stream",
+            connected.clone(),
+        );
+        registry.register(
+            "certificates",
+            "Certificate signing requests answered, by result",
+            certificates.clone(),
+        );
+        registry.register(
+            "services",
             "Services in the served mesh state",
             services.clone(),
         );
-        registry.register(
-            "strait_control_plane_ready",
-            "1 once the mesh state is loaded",
-            ready.clone(),
-        );
+        registry.register("ready", "1 once the mesh state is loaded", ready.clone());
         Self {
             registry,
             services,
             ready,
+            streams,
+            pushes,
+            connected,
+            certificates,
+            proxies: Default::default(),
         }
     }
 }
 
+/// Counts an open stream of one proxy until dropped.
+#[derive(Debug)]
+pub struct StreamGuard {
+    metrics: Arc<Metrics>,
+    kind: &'static str,
+    proxy: String,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.metrics
+            .streams
+            .get_or_create(&KindLabels { kind: self.kind })
+            .dec();
+        let mut proxies = self
+            .metrics
+            .proxies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = proxies.get_mut(&self.proxy) {
+            *n -= 1;
+            if *n == 0 {
+                proxies.remove(&self.proxy);
+            }
+        }
+        self.metrics.connected.set(proxies.len() as i64);
+    }
+}
+
 impl Metrics {
+    /// A stream of `kind` opened by `proxy` (its workload name).
+    pub fn stream_opened(self: &Arc<Self>, kind: &'static str, proxy: &str) -> StreamGuard {
+        self.streams.get_or_create(&KindLabels { kind }).inc();
+        let mut proxies = self.proxies.lock().unwrap_or_else(|p| p.into_inner());
+        *proxies.entry(proxy.to_string()).or_default() += 1;
+        self.connected.set(proxies.len() as i64);
+        StreamGuard {
+            metrics: self.clone(),
+            kind,
+            proxy: proxy.to_string(),
+        }
+    }
+
+    pub fn pushed(&self, kind: &'static str) {
+        self.pushes.get_or_create(&KindLabels { kind }).inc();
+    }
+
+    pub fn certificate(&self, result: &'static str, reason: &'static str) {
+        self.certificates
+            .get_or_create(&CertLabels { result, reason })
+            .inc();
+    }
+
     pub fn registry_mut(&mut self) -> &mut Registry {
         &mut self.registry
     }
 
-    fn encode(&self, index: &MeshIndex, ready: bool) -> String {
+    pub fn encode(&self, index: &MeshIndex, ready: bool) -> String {
         self.services.set(index.service_count() as i64);
         self.ready.set(i64::from(ready));
         let mut out = String::new();
@@ -110,5 +209,47 @@ pub async fn serve(
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streams_and_proxies_are_counted_until_their_guards_drop() {
+        let metrics = Arc::new(Metrics::default());
+        let a1 = metrics.stream_opened("destination", "default/a");
+        let a2 = metrics.stream_opened("inbound", "default/a");
+        let b = metrics.stream_opened("destination", "default/b");
+        metrics.pushed("destination");
+        let text = metrics.encode(&MeshIndex::default(), true);
+        for needle in [
+            "strait_control_plane_connected_proxies 2",
+            "strait_control_plane_streams{kind=\"destination\"} 2",
+            "strait_control_plane_streams{kind=\"inbound\"} 1",
+            "strait_control_plane_pushes_total{kind=\"destination\"} 1",
+            "strait_control_plane_ready 1",
+        ] {
+            assert!(text.contains(needle), "{needle} in {text}");
+        }
+        drop(a1);
+        drop(b);
+        let text = metrics.encode(&MeshIndex::default(), true);
+        assert!(
+            text.contains("strait_control_plane_connected_proxies 1"),
+            "{text}"
+        );
+        drop(a2);
+        let text = metrics.encode(&MeshIndex::default(), false);
+        assert!(
+            text.contains("strait_control_plane_connected_proxies 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("strait_control_plane_streams{kind=\"inbound\"} 0"),
+            "{text}"
+        );
+        assert!(text.contains("strait_control_plane_ready 0"), "{text}");
     }
 }

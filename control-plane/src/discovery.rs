@@ -9,17 +9,19 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::admin::Metrics;
 use crate::index::{normalize_target, MeshIndex};
 
 /// Serves [`Discovery`] from the latest [`MeshIndex`].
 #[derive(Clone)]
 pub struct DiscoveryService {
     index: watch::Receiver<Arc<MeshIndex>>,
+    metrics: Arc<Metrics>,
 }
 
 impl DiscoveryService {
-    pub fn new(index: watch::Receiver<Arc<MeshIndex>>) -> Self {
-        Self { index }
+    pub fn new(index: watch::Receiver<Arc<MeshIndex>>, metrics: Arc<Metrics>) -> Self {
+        Self { index, metrics }
     }
 }
 
@@ -39,7 +41,10 @@ impl Discovery for DiscoveryService {
         tracing::debug!(%id, %proxy, "watch inbound");
         let (tx, rx) = mpsc::channel(2);
         let mut index = self.index.clone();
+        let metrics = self.metrics.clone();
+        let guard = metrics.stream_opened("inbound", &proxy);
         tokio::spawn(async move {
+            let _guard = guard;
             let mut last: Option<Arc<InboundPolicy>> = None;
             loop {
                 let answer = index
@@ -49,6 +54,7 @@ impl Discovery for DiscoveryService {
                     if tx.send(Ok((*answer).clone())).await.is_err() {
                         return;
                     }
+                    metrics.pushed("inbound");
                     last = Some(answer);
                 }
                 tokio::select! {
@@ -73,7 +79,10 @@ impl Discovery for DiscoveryService {
         tracing::debug!(%target, %proxy, "watch");
         let (tx, rx) = mpsc::channel(2);
         let mut index = self.index.clone();
+        let metrics = self.metrics.clone();
+        let guard = metrics.stream_opened("destination", &proxy);
         tokio::spawn(async move {
+            let _guard = guard;
             let mut last: Option<Arc<DestinationUpdate>> = None;
             loop {
                 let answer = index.borrow_and_update().lookup(&target);
@@ -81,6 +90,7 @@ impl Discovery for DiscoveryService {
                     if tx.send(Ok((*answer).clone())).await.is_err() {
                         return; // the proxy went away
                     }
+                    metrics.pushed("destination");
                     last = Some(answer);
                 }
                 tokio::select! {

@@ -107,6 +107,7 @@ fn read_pair(cert: &PathBuf, key: &PathBuf) -> Result<(String, String), IssuerEr
 #[derive(Debug, Clone)]
 pub struct IdentityService {
     pub tokens: Authenticator,
+    pub metrics: Arc<crate::admin::Metrics>,
     pub issuer: Arc<Issuer>,
     pub trust_domain: String,
     pub leaf_lifetime: Duration,
@@ -123,10 +124,12 @@ impl Identity for IdentityService {
         let (ns, sa) = match self.tokens.authenticate(token.trim()).await {
             Ok(account) => account,
             Err(e @ TokenError::ReviewFailed(_)) => {
+                self.metrics.certificate("refused", "token_review");
                 tracing::warn!(asked = %req.identity, error = %e, "refused: cannot check the token");
                 return Err(Status::unavailable(e.to_string()));
             }
             Err(e) => {
+                self.metrics.certificate("refused", "token");
                 tracing::warn!(asked = %req.identity, error = %e, "refused: bad token");
                 return Err(Status::unauthenticated(e.to_string()));
             }
@@ -134,6 +137,7 @@ impl Identity for IdentityService {
         let caller = SpiffeId::new(&self.trust_domain, &ns, &sa)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         if !req.identity.is_empty() && req.identity != caller.to_string() {
+            self.metrics.certificate("refused", "identity");
             tracing::warn!(%caller, asked = %req.identity, "refused: the token is for another identity");
             return Err(Status::permission_denied(format!(
                 "the token is for {caller}, not {}",
@@ -149,6 +153,7 @@ impl Identity for IdentityService {
                 self.leaf_lifetime,
             )
             .map_err(|e| {
+                self.metrics.certificate("refused", "csr");
                 tracing::warn!(%caller, error = %e, "refused: bad CSR");
                 match e {
                     CsrError::Malformed(_) | CsrError::BadSignature | CsrError::WrongKey => {
@@ -165,6 +170,7 @@ impl Identity for IdentityService {
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
+        self.metrics.certificate("signed", "");
         tracing::info!(%caller, valid_until, "certificate issued");
         Ok(Response::new(CertifyResponse {
             leaf_certificate: signed.leaf_der,

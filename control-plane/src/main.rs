@@ -145,9 +145,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let admin = tokio::net::TcpListener::bind(args.admin_addr)
         .await
         .map_err(|e| format!("cannot listen on --admin-addr {}: {e}", args.admin_addr))?;
+    let metrics = Arc::new(Metrics::default());
     tokio::spawn(strait_control_plane::admin::serve(
         admin,
-        Arc::new(Metrics::default()),
+        metrics.clone(),
         rx.clone(),
         ready,
     ));
@@ -169,6 +170,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         ));
         let service = IdentityService {
             tokens,
+            metrics: metrics.clone(),
             issuer,
             trust_domain: naming.trust_domain.clone(),
             leaf_lifetime: args.leaf_lifetime,
@@ -206,7 +208,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     tracing::info!(addr = %args.discovery_addr, source = %source_name, "serving discovery");
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let server = tonic::transport::Server::builder()
-        .add_service(DiscoveryServer::new(DiscoveryService::new(rx)))
+        .add_service(DiscoveryServer::new(DiscoveryService::new(
+            rx,
+            metrics.clone(),
+        )))
         .serve_with_incoming_shutdown(incoming, shutdown_signal());
     tokio::select! {
         r = server => r?,

@@ -453,7 +453,9 @@ async fn token_review_decides_which_identity_is_signed() {
     std::fs::write(dir.join("issuer.crt"), &ca.issuer_cert_pem).expect("write");
     std::fs::write(dir.join("issuer.key"), &ca.issuer_key_pem).expect("write");
     let issuer = Issuer::load(dir.join("issuer.crt"), dir.join("issuer.key")).expect("issuer");
+    let metrics = Arc::new(strait_control_plane::admin::Metrics::default());
     let service = IdentityService {
+        metrics: metrics.clone(),
         tokens: Authenticator::Kubernetes {
             client: client(addr),
             audience: "identity.strait.io".into(),
@@ -500,5 +502,14 @@ async fn token_review_decides_which_identity_is_signed() {
         .await
         .expect_err("a failing TokenReview");
     assert_eq!(forbidden.code(), tonic::Code::Unavailable);
+    let text = metrics.encode(&MeshIndex::default(), true);
+    for needle in [
+        "strait_control_plane_certificates_total{result=\"signed\",reason=\"\"} 1",
+        "strait_control_plane_certificates_total{result=\"refused\",reason=\"identity\"} 1",
+        "strait_control_plane_certificates_total{result=\"refused\",reason=\"token\"} 1",
+        "strait_control_plane_certificates_total{result=\"refused\",reason=\"token_review\"} 1",
+    ] {
+        assert!(text.contains(needle), "{needle} in {text}");
+    }
     std::fs::remove_dir_all(&dir).ok();
 }

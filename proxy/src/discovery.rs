@@ -243,7 +243,9 @@ async fn watch_destination(
     let mut backoff = Backoff::default();
     loop {
         let attempt = async {
+            tracing::debug!(target = %request.target, "opening discovery stream");
             let mut stream = client.watch(request.clone()).await?.into_inner();
+            tracing::debug!(target = %request.target, "discovery stream open");
             metrics.discovery_connected.inc();
             let _connected = scopeguard(|| {
                 metrics.discovery_connected.dec();
@@ -257,7 +259,7 @@ async fn watch_destination(
         };
         tokio::select! {
             result = attempt => match result {
-                Ok(()) => tracing::debug!(target = %request.target, "discovery stream ended"),
+                Ok(()) => tracing::info!(target = %request.target, "discovery stream ended by the control plane; reopening"),
                 Err(status) => tracing::warn!(
                     target = %request.target,
                     code = ?status.code(),

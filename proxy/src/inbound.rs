@@ -220,7 +220,13 @@ impl Handler for InboundHttp {
         }
         if restore_orig_proto(&mut req) {
             strip_hop_by_hop(req.headers_mut(), false);
-            return send_h1(&self.ctx.clients.h1, self.app, req).await;
+            return send_h1(
+                &self.ctx.clients.h1,
+                self.app,
+                self.ctx.clients.connect_timeout,
+                req,
+            )
+            .await;
         }
         let upgrade = is_upgrade(&req);
         strip_hop_by_hop(req.headers_mut(), upgrade);

@@ -174,7 +174,7 @@ impl Net {
             "control-plane",
             None,
             &cmd,
-            &[("STRAIT_LOG", "info")],
+            &[("STRAIT_LOG", "info,strait_control_plane::discovery=debug")],
         )?;
         self.wait_log(&proc, "serving discovery", Duration::from_secs(10))?;
         Ok(proc)
@@ -195,7 +195,7 @@ impl Net {
         let mut env = vec![
             ("STRAIT_CONTROL_PLANE_ADDR", cp.as_str()),
             ("STRAIT_WORKLOAD", workload.as_str()),
-            ("STRAIT_LOG", "info"),
+            ("STRAIT_LOG", "info,strait_proxy::discovery=debug"),
             ("STRAIT_SHUTDOWN_GRACE_PERIOD", "5s"),
             // Tests run many meshes at once on two cores: a first discovery answer can take
             // longer than the 1 s default, and the proxy would then pass the request through

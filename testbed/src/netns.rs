@@ -113,7 +113,20 @@ impl Net {
         ip(&["netns", "add", &bridge_ns])?;
         let b = bridge_ns.as_str();
         ip(&["-n", b, "link", "set", "lo", "up"])?;
-        ip(&["-n", b, "link", "add", "br0", "type", "bridge"])?;
+        // A fixed address: a bridge left to choose takes the lowest address of its ports, so
+        // every new pod could change it and leave the pods already running with a stale ARP
+        // entry for the control plane (their connections to it hang until the entry expires).
+        ip(&[
+            "-n",
+            b,
+            "link",
+            "add",
+            "br0",
+            "address",
+            "02:88:00:00:00:01",
+            "type",
+            "bridge",
+        ])?;
         ip(&[
             "-n",
             b,

@@ -233,9 +233,11 @@ pub fn h1_client(connect_timeout: Duration) -> H1Client {
 
 /// Sends an HTTP/1 request through the pool to `addr`. The URI is rewritten to address `addr`
 /// (the pool key); the Host header is kept, so the application sees what the client sent.
+/// `connect_timeout` is the pool connector's, named in the error when a connect times out.
 pub async fn send_h1(
     client: &H1Client,
     addr: SocketAddr,
+    connect_timeout: Duration,
     mut req: Request<ReqBody>,
 ) -> Result<Response<Incoming>, ProxyError> {
     if !req.headers().contains_key(http::header::HOST) {
@@ -267,7 +269,7 @@ pub async fn send_h1(
         if e.is_connect() && timed_out {
             ProxyError::ConnectTimeout {
                 addr,
-                timeout: Duration::ZERO,
+                timeout: connect_timeout,
             }
         } else if e.is_connect() {
             ProxyError::Connect {

@@ -93,6 +93,6 @@ pub async fn direct(
     }
     match req.version() {
         Version::HTTP_2 => h2.send(req).await,
-        _ => send_h1(&clients.h1, addr, req).await,
+        _ => send_h1(&clients.h1, addr, clients.connect_timeout, req).await,
     }
 }
