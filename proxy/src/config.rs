@@ -95,6 +95,55 @@ pub struct ProxyConfig {
     /// Ports that are permissive whatever the workload's mode.
     #[arg(long, env = "STRAIT_INBOUND_PERMISSIVE_PORTS", default_value = "", value_parser = PortList::parse)]
     pub inbound_permissive_ports: PortList,
+    /// OpenTelemetry collector for spans, OTLP/gRPC in plaintext (`http://host:4317`; a
+    /// collector next to the node, or a local agent). Unset: no tracing.
+    #[arg(long, env = "STRAIT_TRACE_COLLECTOR", value_parser = parse_collector)]
+    pub trace_collector: Option<String>,
+    /// Share of requests without a sampling decision that start a trace (0 to 1). Requests
+    /// carrying a parent (`traceparent`, B3) follow the parent's decision.
+    #[arg(long, env = "STRAIT_TRACE_SAMPLE_RATIO", default_value_t = 0.01, value_parser = parse_probability)]
+    pub trace_sample_ratio: f64,
+    /// Spans held for export at most; beyond, spans are dropped and counted.
+    #[arg(long, env = "STRAIT_TRACE_QUEUE_SIZE", default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub trace_queue_size: u32,
+    /// Name of the proxies in traces (`service.name`).
+    #[arg(
+        long,
+        env = "STRAIT_TRACE_SERVICE_NAME",
+        default_value = "strait-proxy"
+    )]
+    pub trace_service_name: String,
+    /// Access log: `off`, or `json` for one JSON line per request on stdout.
+    #[arg(long, env = "STRAIT_ACCESS_LOG", value_enum, default_value_t = AccessLogFormat::Off)]
+    pub access_log: AccessLogFormat,
+}
+
+/// The access log's format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AccessLogFormat {
+    Off,
+    Json,
+}
+
+fn parse_probability(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!(
+            "{s:?} is not a probability between 0 and 1 (0.01 = 1%)"
+        )),
+    }
+}
+
+fn parse_collector(s: &str) -> Result<String, String> {
+    let uri: http::Uri = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not a URL like http://collector:4317: {e}"))?;
+    match (uri.scheme_str(), uri.authority()) {
+        (Some("http"), Some(_)) => Ok(s.to_string()),
+        _ => Err(format!(
+            "{s:?} is not a URL like http://collector:4317 (OTLP/gRPC in plaintext: scheme http, and a host)"
+        )),
+    }
 }
 
 fn parse_ratio(s: &str) -> Result<f32, String> {
@@ -201,6 +250,41 @@ mod tests {
         for bad in ["x", "0", "70000", "9-1", "1-"] {
             let err = PortList::parse(bad).expect_err(bad);
             assert!(err.contains(bad.split('-').next().unwrap_or(bad)), "{err}");
+        }
+    }
+
+    #[test]
+    fn telemetry_settings_are_checked_and_errors_name_them() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            cfg: ProxyConfig,
+        }
+        let ok = Cli::try_parse_from([
+            "p",
+            "--trace-collector",
+            "http://10.88.0.1:4317",
+            "--trace-sample-ratio",
+            "0.5",
+            "--access-log",
+            "json",
+        ])
+        .expect("valid");
+        assert_eq!(ok.cfg.trace_sample_ratio, 0.5);
+        assert_eq!(ok.cfg.access_log, AccessLogFormat::Json);
+        for (flag, bad) in [
+            ("--trace-collector", "10.88.0.1:4317"),
+            ("--trace-collector", "ftp://x:1"),
+            ("--trace-collector", "https://x:1"),
+            ("--trace-sample-ratio", "1.5"),
+            ("--access-log", "xml"),
+        ] {
+            let err = Cli::try_parse_from(["p", flag, bad])
+                .err()
+                .expect(bad)
+                .to_string();
+            assert!(err.contains(flag) && err.contains(bad), "{err}");
         }
     }
 }

@@ -196,6 +196,10 @@ impl Handler for InboundHttp {
         &self.metrics
     }
 
+    fn telemetry(&self) -> &crate::telemetry::Telemetry {
+        &self.ctx.telemetry
+    }
+
     fn describe(&self) -> String {
         format!("app {} (client {:?})", self.app, self.client)
     }

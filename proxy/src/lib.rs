@@ -24,6 +24,7 @@ pub mod policy;
 pub mod retry;
 pub mod router;
 pub mod tcp;
+pub mod telemetry;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -49,6 +50,8 @@ pub struct Context {
     pub identity: Option<Arc<identity::Identity>>,
     /// Inbound authorization (allows everyone until a policy arrives).
     pub authz: Arc<policy::Authorizer>,
+    /// Tracing and the access log.
+    pub telemetry: telemetry::Telemetry,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +67,8 @@ pub enum StartError {
     Discovery(#[from] discovery::AddrError),
     #[error(transparent)]
     Identity(#[from] identity::IdentityError),
+    #[error(transparent)]
+    Telemetry(#[from] telemetry::TelemetryError),
 }
 
 /// Binds `addr`. For the IPv4 wildcard (`0.0.0.0:p`) it also binds `[::]:p` (IPv6 only), when
@@ -153,9 +158,11 @@ pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
             None
         }
     };
+    let telemetry = telemetry::Telemetry::new(&cfg, &metrics)?;
     let (trigger, drain) = drain::channel();
     let trigger = Arc::new(trigger);
     let ctx = Arc::new(Context {
+        telemetry,
         clients: Clients::new(cfg.connect_timeout),
         cfg,
         metrics: metrics.clone(),
@@ -257,6 +264,7 @@ pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
             "grace period over; closing the remaining connections"
         );
     }
+    ctx.telemetry.flush(std::time::Duration::from_secs(2)).await;
     Ok(())
 }
 

@@ -53,6 +53,10 @@ impl Label {
     pub fn empty() -> Self {
         Self(Arc::from(""))
     }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 impl From<Arc<str>> for Label {
@@ -186,6 +190,17 @@ pub struct Metrics {
     retries_exhausted: Family<TargetLabels, Counter>,
     certify: Family<ResultLabels, Counter>,
     inbound_refused: Family<RefusedLabels, Counter>,
+    /// Spans sent to the collector.
+    pub spans_exported: Counter,
+    /// Spans dropped: `queue_full` (the collector is slower than traffic) or `export_failed`.
+    pub spans_dropped: Family<ReasonLabels, Counter>,
+    /// Access log lines dropped because stdout was not keeping up.
+    pub access_log_dropped: Counter,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -237,6 +252,9 @@ impl Metrics {
             retries_exhausted: Family::default(),
             certify: Family::default(),
             inbound_refused: Family::default(),
+            spans_exported: Counter::default(),
+            spans_dropped: Family::default(),
+            access_log_dropped: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("request", "HTTP requests received", m.requests.clone());
@@ -322,6 +340,21 @@ impl Metrics {
             "retry_budget_exhausted",
             "Retries not sent because the retry budget was spent",
             m.retries_exhausted.clone(),
+        );
+        registry.register(
+            "trace_spans_exported",
+            "Spans sent to the OpenTelemetry collector",
+            m.spans_exported.clone(),
+        );
+        registry.register(
+            "trace_spans_dropped",
+            "Spans dropped: queue_full or export_failed",
+            m.spans_dropped.clone(),
+        );
+        registry.register(
+            "access_log_dropped",
+            "Access log lines dropped because stdout was not keeping up",
+            m.access_log_dropped.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -512,6 +545,10 @@ impl HttpMetrics {
         self.requests.inc();
     }
 
+    pub fn direction(&self) -> Direction {
+        self.labels.direction
+    }
+
     /// Records the latency to the response headers and returns what counts the response when
     /// its stream ends (the gRPC status usually comes in the trailers). `error` names why the
     /// proxy answered itself ("" for upstream answers).
@@ -565,10 +602,14 @@ pub struct ResponseRecorder {
 impl ResponseRecorder {
     /// Records with the gRPC status seen (headers of a trailers-only response, or trailers);
     /// `complete`: the body reached its end.
-    pub fn finish(&mut self, grpc_status: Option<u16>, grpc: bool, complete: bool) {
-        let Some(mut labels) = self.labels.take() else {
-            return;
-        };
+    /// The labels the response will be counted with (until counted).
+    pub fn labels(&self) -> Option<&ResponseLabels> {
+        self.labels.as_ref()
+    }
+
+    /// Counts the response; returns whether it is a failure (`None`: already counted).
+    pub fn finish(&mut self, grpc_status: Option<u16>, grpc: bool, complete: bool) -> Option<bool> {
+        let mut labels = self.labels.take()?;
         labels.grpc_status = GrpcStatus(grpc_status);
         let grpc_failed = match grpc_status {
             Some(code) => code != 0,
@@ -578,13 +619,14 @@ impl ResponseRecorder {
             labels.status_code >= 500 || grpc_failed || !labels.error.is_empty() || !complete;
         labels.classification = if failed { "failure" } else { "success" };
         self.family.get_or_create(&labels).inc();
+        Some(failed)
     }
 }
 
 impl Drop for ResponseRecorder {
     fn drop(&mut self) {
         // Dropped before the end: the client went away or the stream was reset.
-        self.finish(None, false, false);
+        let _ = self.finish(None, false, false);
     }
 }
 

@@ -130,6 +130,10 @@ impl Handler for OutboundHttp {
         &self.metrics
     }
 
+    fn telemetry(&self) -> &crate::telemetry::Telemetry {
+        &self.ctx.telemetry
+    }
+
     fn describe(&self) -> String {
         self.orig_dst.to_string()
     }

@@ -9,8 +9,10 @@ use http::HeaderMap;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 
 use crate::metrics::ResponseRecorder;
+use crate::telemetry::{Observation, Outcome};
 
-/// `B`, counted by `recorder` at its end (or when dropped before it).
+/// `B`, counted by `recorder` at its end (or when dropped before it), which also ends the
+/// request's span and writes its access log entry, when they are on.
 #[derive(Debug)]
 pub struct Metered<B: HttpBody> {
     inner: B,
@@ -18,6 +20,8 @@ pub struct Metered<B: HttpBody> {
     grpc: bool,
     grpc_status: Option<u16>,
     done: bool,
+    observation: Option<Box<Observation>>,
+    bytes: u64,
 }
 
 /// The `grpc-status` of a header map.
@@ -37,13 +41,39 @@ impl<B: HttpBody> Metered<B> {
             grpc,
             grpc_status,
             done: false,
+            observation: None,
+            bytes: 0,
         }
     }
 
+    /// Also ends `observation` when the body ends.
+    pub fn observed(mut self, observation: Option<Box<Observation>>) -> Self {
+        self.observation = observation;
+        self
+    }
+
     fn finish(&mut self, complete: bool) {
-        if !self.done {
-            self.done = true;
-            self.recorder.finish(self.grpc_status, self.grpc, complete);
+        if self.done {
+            return;
+        }
+        self.done = true;
+        match self.observation.take() {
+            None => {
+                let _ = self.recorder.finish(self.grpc_status, self.grpc, complete);
+            }
+            Some(observation) => {
+                let labels = self.recorder.labels().cloned();
+                let failed = self
+                    .recorder
+                    .finish(self.grpc_status, self.grpc, complete)
+                    .unwrap_or(!complete);
+                observation.finish(Outcome {
+                    labels: labels.as_ref(),
+                    grpc_status: self.grpc_status,
+                    failed,
+                    response_bytes: self.bytes,
+                });
+            }
         }
     }
 }
@@ -63,6 +93,9 @@ where
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.bytes += data.len() as u64;
+                }
                 if let Some(trailers) = frame.trailers_ref() {
                     this.grpc_status = grpc_status(trailers).or(this.grpc_status);
                 }

@@ -33,15 +33,18 @@ pub trait Handler: Send + Sync + 'static {
     fn metrics(&self) -> &HttpMetrics;
     /// Where requests go, for the log line of a failure.
     fn describe(&self) -> String;
+    /// Tracing and the access log.
+    fn telemetry(&self) -> &crate::telemetry::Telemetry;
 }
 
 /// One request: forward it, map a failure to the proxy's own response, drop hop-by-hop
 /// response headers, answer in the client's HTTP version, and count it.
-async fn handle<H: Handler>(handler: &H, req: Request<Incoming>) -> Response<Metered<Body>> {
+async fn handle<H: Handler>(handler: &H, mut req: Request<Incoming>) -> Response<Metered<Body>> {
     let start = std::time::Instant::now();
     handler.metrics().request();
     let grpc = is_grpc(&req);
     let version = req.version();
+    let observation = handler.telemetry().observe(&mut req, handler.metrics());
     let (mut resp, error) = match handler.forward(req).await {
         Ok(mut resp) => {
             if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
@@ -60,7 +63,7 @@ async fn handle<H: Handler>(handler: &H, req: Request<Incoming>) -> Response<Met
         .metrics()
         .response(resp.status().as_u16(), dst, error, start.elapsed());
     let status = grpc_status(resp.headers());
-    resp.map(|body| Metered::new(body, recorder, grpc, status))
+    resp.map(|body| Metered::new(body, recorder, grpc, status).observed(observation))
 }
 
 pub async fn serve<I, H>(io: I, protocol: Protocol, drain: Drain, handler: Arc<H>)

@@ -3,6 +3,7 @@
 pub mod grpc;
 pub mod http;
 pub mod load;
+pub mod otlp;
 pub mod tcp;
 
 /// The byte at offset `i` of `/bytes/N` bodies: tests compute the same checksum.

@@ -70,6 +70,11 @@ enum Cmd {
         #[arg(long)]
         send: Option<String>,
     },
+    /// OpenTelemetry collector: prints each span received over OTLP/gRPC as a JSON line.
+    OtlpCollector {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
     /// Bounded HTTP load: `rps` requests per second spread over `urls` for `duration`.
     Load {
         #[arg(long = "url", required = true)]
@@ -96,6 +101,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::GrpcClient { addr, call } => app::grpc::client(addr, call).await,
         Cmd::WsClient { url, messages } => app::http::ws_client(&url, messages).await,
         Cmd::TcpClient { addr, send } => app::tcp::client(addr, send).await,
+        Cmd::OtlpCollector { listen } => app::otlp::serve(listen).await,
         Cmd::Load {
             urls,
             rps,

@@ -1,0 +1,252 @@
+//! OpenTelemetry tracing and access logs: a request carrying the application's trace context
+//! crosses two proxies; an OTLP collector receives both hops' spans, linked into that trace, and
+//! the application sees the inbound hop as its parent. A collector that is down costs spans,
+//! never requests.
+
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use serde_json::Value;
+use strait_e2e::{metric, Mesh, ServiceDef};
+use strait_testbed::{Pod, Proc, SidecarOpts};
+
+const COLLECTOR: &str = "10.88.0.1:4317";
+
+/// The spans the collector printed so far.
+fn collected(mesh: &Mesh, collector: &Proc) -> Vec<Value> {
+    mesh.net
+        .output(collector)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn spans_of(mesh: &Mesh, collector: &Proc, trace: &str, n: usize) -> Result<Vec<Value>> {
+    let mut found = Vec::new();
+    mesh.eventually(Duration::from_secs(10), || {
+        found = collected(mesh, collector)
+            .into_iter()
+            .filter(|s| s["trace_id"] == trace)
+            .collect();
+        Ok(found.len() >= n)
+    })
+    .with_context(|| format!("{n} spans of trace {trace}: got {found:?}"))?;
+    Ok(found)
+}
+
+fn by_kind(spans: &[Value], kind: i64) -> &Value {
+    spans
+        .iter()
+        .find(|s| s["kind"] == kind)
+        .unwrap_or_else(|| panic!("a span of kind {kind} in {spans:?}"))
+}
+
+/// The value of header `name` in the text of the app's `/headers`.
+fn header<'a>(text: &'a str, name: &str) -> Option<&'a str> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+}
+
+/// A mesh with identity where client and server proxies send spans to `collector` and write
+/// access logs.
+fn setup(tag: &str, collector: &str, extra: &[(&str, &str)]) -> Result<(Mesh, Pod, Pod)> {
+    let mesh = Mesh::with_identity(tag, "24h")?;
+    let url = format!("http://{collector}");
+    let mut env = vec![
+        ("STRAIT_TRACE_COLLECTOR", url.as_str()),
+        ("STRAIT_ACCESS_LOG", "json"),
+    ];
+    env.extend_from_slice(extra);
+    let opts = SidecarOpts {
+        env: env.clone(),
+        ..Default::default()
+    };
+    let server = mesh.pod_as("server", "web", &opts)?;
+    mesh.net.start_app(
+        &server,
+        "http",
+        &["http", "--listen", "0.0.0.0:8080", "--name", "server"],
+    )?;
+    mesh.config
+        .service(&ServiceDef::new("web", "10.96.0.10", 80, 8080, &[&server]))?;
+    let client = mesh.pod_in("client", "a", "client", &opts)?;
+    Ok((mesh, client, server))
+}
+
+#[test]
+fn a_traced_request_gets_a_client_and_a_server_span_linked_into_the_apps_trace() -> Result<()> {
+    let bin = strait_testbed::bin("strait-testapp")?;
+    let (mesh, client, server) = setup("trace", COLLECTOR, &[])?;
+    let collector = mesh.net.spawn_in(
+        &mesh.net.bridge_ns,
+        "collector",
+        None,
+        &[
+            &bin.to_string_lossy(),
+            "otlp-collector",
+            "--listen",
+            COLLECTOR,
+        ],
+        &[],
+    )?;
+    mesh.net
+        .wait_log(&collector, "listening on", Duration::from_secs(10))?;
+
+    // W3C trace context from the client application.
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let app_span = "00f067aa0ba902b7";
+    let seen = mesh.curl(
+        &client,
+        &[
+            "-H",
+            &format!("traceparent: 00-{trace}-{app_span}-01"),
+            "-H",
+            "tracestate: vendor=kept",
+            "http://10.96.0.10/headers",
+        ],
+    )?;
+    let spans = spans_of(&mesh, &collector, trace, 2)?;
+    let outbound = by_kind(&spans, 3); // CLIENT
+    let inbound = by_kind(&spans, 2); // SERVER
+    assert_eq!(outbound["parent_span_id"], app_span, "{spans:?}");
+    assert_eq!(inbound["parent_span_id"], outbound["span_id"], "{spans:?}");
+    // The application continues the trace under the inbound hop.
+    let inbound_id = inbound["span_id"].as_str().unwrap_or_default();
+    assert_eq!(
+        header(&seen, "traceparent"),
+        Some(format!("00-{trace}-{inbound_id}-01").as_str()),
+        "{seen}"
+    );
+    assert_eq!(header(&seen, "tracestate"), Some("vendor=kept"), "{seen}");
+    for (span, pod) in [(outbound, "client"), (inbound, "server")] {
+        let a = &span["attributes"];
+        assert_eq!(span["name"], "GET", "{span}");
+        assert_eq!(a["http.request.method"], "GET", "{span}");
+        assert_eq!(a["url.path"], "/headers", "{span}");
+        assert_eq!(a["http.response.status_code"], "200", "{span}");
+        assert_eq!(
+            a["strait.client.id"], "spiffe://cluster.local/ns/a/sa/client",
+            "{span}"
+        );
+        assert_eq!(
+            a["strait.server.id"], "spiffe://cluster.local/ns/default/sa/web",
+            "{span}"
+        );
+        assert_eq!(a["strait.tls"], "true", "{span}");
+        assert_eq!(span["resource"]["service.name"], "strait-proxy", "{span}");
+        assert_eq!(span["resource"]["k8s.pod.name"], pod, "{span}");
+    }
+    assert_eq!(outbound["attributes"]["server.address"], "10.96.0.10");
+
+    // The server proxy's access log has the request, with the trace.
+    let log = std::fs::read_to_string(mesh.net.dir.join("server-proxy.log"))?;
+    let entry: Value = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|e| e["trace_id"] == trace)
+        .with_context(|| format!("an access log line of trace {trace} in {log}"))?;
+    assert_eq!(entry["direction"], "inbound");
+    assert_eq!(entry["method"], "GET");
+    assert_eq!(entry["path"], "/headers");
+    assert_eq!(entry["status"], 200);
+    assert_eq!(entry["classification"], "success");
+    assert_eq!(entry["client_id"], "spiffe://cluster.local/ns/a/sa/client");
+    assert_eq!(entry["span_id"], inbound["span_id"]);
+    assert_eq!(entry["response_bytes"].as_u64(), Some(seen.len() as u64));
+
+    // B3 single header: continued, and answered in B3 as well.
+    let b3_trace = "80f198ee56343ba864fe8b2a57d3eff7";
+    let seen = mesh.curl(
+        &client,
+        &[
+            "-H",
+            &format!("b3: {b3_trace}-e457b5a2e4d86bd1-1"),
+            "http://10.96.0.10/headers",
+        ],
+    )?;
+    let spans = spans_of(&mesh, &collector, b3_trace, 2)?;
+    let inbound = by_kind(&spans, 2);
+    let inbound_id = inbound["span_id"].as_str().unwrap_or_default();
+    assert_eq!(
+        by_kind(&spans, 3)["parent_span_id"],
+        "e457b5a2e4d86bd1",
+        "{spans:?}"
+    );
+    let b3 = header(&seen, "b3").unwrap_or_default();
+    assert!(
+        b3.starts_with(&format!("{b3_trace}-{inbound_id}-1")),
+        "{seen}"
+    );
+
+    // The parent said "not sampled": no span, and the header reaches the app untouched.
+    let quiet = "11111111111111111111111111111111";
+    let unsampled = format!("00-{quiet}-2222222222222222-00");
+    let seen = mesh.curl(
+        &client,
+        &[
+            "-H",
+            &format!("traceparent: {unsampled}"),
+            "http://10.96.0.10/headers",
+        ],
+    )?;
+    assert_eq!(header(&seen, "traceparent"), Some(unsampled.as_str()));
+    // A sampled request sent after it is exported; the unsampled one never is.
+    let after = "33333333333333333333333333333333";
+    mesh.curl(
+        &client,
+        &[
+            "-H",
+            &format!("traceparent: 00-{after}-4444444444444444-01"),
+            "http://10.96.0.10/",
+        ],
+    )?;
+    spans_of(&mesh, &collector, after, 2)?;
+    assert!(
+        collected(&mesh, &collector)
+            .iter()
+            .all(|s| s["trace_id"] != quiet),
+        "an unsampled trace was exported"
+    );
+    let m = mesh.metrics(&server)?;
+    assert!(
+        metric(&m, "strait_trace_spans_exported_total", &[]).unwrap_or(0.0) >= 3.0,
+        "{m}"
+    );
+    Ok(())
+}
+
+#[test]
+fn with_the_collector_down_every_request_succeeds_and_spans_are_dropped_and_counted() -> Result<()>
+{
+    // 10.88.0.254 is on the bridge but nobody has it: connections to it get no answer at all.
+    let (mesh, client, _server) = setup(
+        "trace-down",
+        "10.88.0.254:4317",
+        &[
+            ("STRAIT_TRACE_SAMPLE_RATIO", "1"),
+            ("STRAIT_TRACE_QUEUE_SIZE", "16"),
+        ],
+    )?;
+    let load = mesh.load(&client, "http://10.96.0.10/", 3)?;
+    let (sent, ok) = mesh.finish_load(&load, Duration::from_secs(20))?;
+    assert!(sent >= 50, "the load ran: sent={sent}");
+    assert_eq!(ok, sent, "every request succeeds with the collector down");
+    let m = mesh.metrics(&client)?;
+    let dropped = metric(
+        &m,
+        "strait_trace_spans_dropped_total",
+        &["reason=\"queue_full\""],
+    )
+    .unwrap_or(0.0);
+    // The first spans wait in the stalled export and the queue holds 16: the rest are dropped.
+    assert!(
+        dropped > 0.0,
+        "spans beyond the queue are dropped and counted\n{m}"
+    );
+    assert_eq!(
+        metric(&m, "strait_trace_spans_exported_total", &[]),
+        Some(0.0),
+        "{m}"
+    );
+    Ok(())
+}
