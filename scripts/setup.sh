@@ -12,6 +12,8 @@ command -v setpriv >/dev/null || need+=(util-linux)
 command -v sha256sum >/dev/null || need+=(coreutils)
 command -v tcpdump >/dev/null || need+=(tcpdump)
 command -v openssl >/dev/null || need+=(openssl)
+# A real Prometheus and promtool for the telemetry tests (Debian's build).
+command -v promtool >/dev/null || need+=(prometheus)
 if [ "${1:-}" = "--bench" ]; then
   command -v wrk >/dev/null || need+=(wrk)
   command -v nginx >/dev/null || need+=(nginx-light)
@@ -25,6 +27,10 @@ if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  # Only the prometheus binaries are wanted: the tests start their own, inside a namespace.
+  if [[ " ${need[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null; then
+    systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true
+  fi
 fi
 if ! command -v kubernetes-validate >/dev/null; then
   # Offline Kubernetes schemas (1.29 to 1.37) to validate `strait install` and `strait inject`.

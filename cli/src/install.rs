@@ -287,6 +287,47 @@ fn webhook_entry(
 }
 
 /// Every document, in apply order.
+/// Grafana dashboards, by file name.
+pub const DASHBOARDS: [(&str, &str); 4] = [
+    (
+        "strait-mesh.json",
+        include_str!("../../install/grafana/strait-mesh.json"),
+    ),
+    (
+        "strait-service.json",
+        include_str!("../../install/grafana/strait-service.json"),
+    ),
+    (
+        "strait-route.json",
+        include_str!("../../install/grafana/strait-route.json"),
+    ),
+    (
+        "strait-proxy.json",
+        include_str!("../../install/grafana/strait-proxy.json"),
+    ),
+];
+
+/// The Prometheus scrape configuration for the proxies and the control plane.
+pub const PROMETHEUS_CONFIG: &str = include_str!("../../install/prometheus/prometheus.yml");
+
+/// The dashboards (a ConfigMap Grafana's dashboard sidecar picks up by its label) and the
+/// scrape configuration.
+fn observability(ns: &str) -> [Value; 2] {
+    let dashboards: serde_json::Map<String, Value> = DASHBOARDS
+        .iter()
+        .map(|(name, json)| (name.to_string(), Value::String(json.to_string())))
+        .collect();
+    let mut dashboards_meta = meta("strait-grafana-dashboards", ns, "strait-control-plane");
+    dashboards_meta["labels"]["grafana_dashboard"] = json!("1");
+    [
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": dashboards_meta,
+               "data": dashboards}),
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+               "metadata": meta("strait-prometheus", ns, "strait-control-plane"),
+               "data": {"prometheus.yml": PROMETHEUS_CONFIG}}),
+    ]
+}
+
 pub fn manifests(args: &InstallArgs) -> anyhow::Result<Vec<Value>> {
     let ns = args.namespace.as_str();
     let pki = pki(args)?;
@@ -347,6 +388,7 @@ pub fn manifests(args: &InstallArgs) -> anyhow::Result<Vec<Value>> {
             "metadata": meta(name, ns, name),
             "spec": {"maxUnavailable": 1, "selector": {"matchLabels": {"app.kubernetes.io/name": name}}}}));
     }
+    docs.extend(observability(ns));
     let ca_bundle = b64(&pki.webhook.ca_cert_pem);
     let system = json!({"key": "kubernetes.io/metadata.name", "operator": "NotIn",
                         "values": ["kube-system", "kube-node-lease", "kube-public", ns]});

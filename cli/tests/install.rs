@@ -133,6 +133,30 @@ fn every_installed_manifest_is_valid_for_kubernetes_1_29_to_1_33_and_least_privi
     ] {
         find(&docs, kind, name);
     }
+    // Dashboards for Grafana's dashboard sidecar, and the scrape configuration.
+    let dashboards = find(&docs, "ConfigMap", "strait-grafana-dashboards");
+    assert_eq!(dashboards["metadata"]["labels"]["grafana_dashboard"], "1");
+    let data = dashboards["data"].as_object().expect("data");
+    assert_eq!(data.len(), 4, "{data:?}");
+    for (name, text) in data {
+        let d: Value = serde_json::from_str(text.as_str().expect("text")).expect(name);
+        assert!(
+            d["uid"].as_str().is_some_and(|u| u.starts_with("strait-")),
+            "{name}"
+        );
+        assert!(
+            !d["panels"].as_array().expect("panels").is_empty(),
+            "{name}"
+        );
+    }
+    let scrape = find(&docs, "ConfigMap", "strait-prometheus")["data"]["prometheus.yml"]
+        .as_str()
+        .expect("prometheus.yml")
+        .to_string();
+    assert!(
+        scrape.contains("regex: strait-proxy;strait-admin"),
+        "{scrape}"
+    );
     // The webhook's caBundle is the CA of the injector's serving certificate, for its DNS name.
     let webhook = find(&docs, "MutatingWebhookConfiguration", "strait-injector");
     let entries = webhook["webhooks"].as_array().expect("webhooks");
