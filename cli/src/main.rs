@@ -5,6 +5,7 @@ mod demo;
 mod identity;
 mod inject;
 mod install;
+mod stat;
 mod stats;
 
 use std::process::ExitCode;
@@ -29,6 +30,8 @@ enum Cmd {
     Install(Box<install::InstallArgs>),
     /// Check that the mesh is installed and healthy in the current Kubernetes context.
     Check(check::CheckArgs),
+    /// Live golden signals per service (requests/s, success rate, p50/p95/p99) from the proxies.
+    Stat(stat::StatArgs),
     /// Add the sidecar to YAML manifests offline, as the webhook would (for GitOps).
     Inject(Box<inject::InjectArgs>),
     /// Internal: removes the demo's namespaces once stdin closes.
@@ -57,6 +60,11 @@ fn main() -> ExitCode {
         Cmd::Identity(cmd) => identity::run(cmd),
         Cmd::Install(args) => install::run(&args),
         Cmd::Inject(args) => inject::run(&args),
+        Cmd::Stat(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(stat::run(args))),
         Cmd::Check(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -12,8 +12,32 @@ pub struct TargetCounters {
     pub buckets: Vec<(f64, f64)>,
 }
 
-/// Counters by `target` label of one direction.
+/// Counters by the grouping label (`target` unless asked otherwise) of one direction.
 pub type Scrape = BTreeMap<String, TargetCounters>;
+
+/// Adds `other` (another proxy's scrape) into `into`.
+pub fn merge(into: &mut Scrape, other: Scrape) {
+    for (key, c) in other {
+        let e = into.entry(key).or_default();
+        e.success += c.success;
+        e.failure += c.failure;
+        e.buckets.extend(c.buckets);
+        e.buckets = merge_buckets(std::mem::take(&mut e.buckets));
+    }
+}
+
+/// Sorts buckets and sums those with the same bound (series of several routes or proxies).
+fn merge_buckets(mut buckets: Vec<(f64, f64)>) -> Vec<(f64, f64)> {
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut out: Vec<(f64, f64)> = Vec::with_capacity(buckets.len());
+    for (le, count) in buckets {
+        match out.last_mut() {
+            Some(last) if last.0 == le => last.1 += count,
+            _ => out.push((le, count)),
+        }
+    }
+    out
+}
 
 fn label<'a>(labels: &'a str, name: &str) -> Option<&'a str> {
     let start = labels.find(&format!("{name}=\""))? + name.len() + 2;
@@ -21,8 +45,14 @@ fn label<'a>(labels: &'a str, name: &str) -> Option<&'a str> {
     Some(&labels[start..start + end])
 }
 
-/// Parses the `strait_response_total` and latency buckets of `direction`.
+/// Parses the `strait_response_total` and latency buckets of `direction`, by `target`.
 pub fn parse(text: &str, direction: &str) -> Scrape {
+    parse_by(text, direction, "target")
+}
+
+/// As [`parse`], grouped by label `by` (series without it are left out; the latency histogram
+/// only has `target`, `route` and `backend`).
+pub fn parse_by(text: &str, direction: &str, by: &str) -> Scrape {
     let mut out = Scrape::new();
     for line in text.lines() {
         let Some((series, value)) = line.rsplit_once(' ') else {
@@ -37,7 +67,7 @@ pub fn parse(text: &str, direction: &str) -> Scrape {
         if label(labels, "direction") != Some(direction) {
             continue;
         }
-        let Some(target) = label(labels, "target") else {
+        let Some(target) = label(labels, by) else {
             continue;
         };
         let entry = out.entry(target.to_string()).or_default();
@@ -59,7 +89,7 @@ pub fn parse(text: &str, direction: &str) -> Scrape {
         }
     }
     for c in out.values_mut() {
-        c.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        c.buckets = merge_buckets(std::mem::take(&mut c.buckets));
     }
     out
 }
@@ -71,6 +101,7 @@ pub struct Row {
     pub rps: f64,
     pub success_rate: Option<f64>,
     pub p50_ms: Option<f64>,
+    pub p95_ms: Option<f64>,
     pub p99_ms: Option<f64>,
 }
 
@@ -100,6 +131,7 @@ pub fn rows(before: &Scrape, after: &Scrape, seconds: f64) -> Vec<Row> {
                 rps: total / seconds.max(1e-9),
                 success_rate: (total > 0.0).then(|| ok / total),
                 p50_ms: quantile(&deltas, 0.5).map(|s| s * 1000.0),
+                p95_ms: quantile(&deltas, 0.95).map(|s| s * 1000.0),
                 p99_ms: quantile(&deltas, 0.99).map(|s| s * 1000.0),
             }
         })
@@ -137,16 +169,17 @@ pub fn quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
 pub fn render(rows: &[Row]) -> String {
     let fmt = |v: Option<f64>, unit: &str| v.map_or("-".to_string(), |v| format!("{v:.1}{unit}"));
     let mut out = format!(
-        "{:<40} {:>8} {:>9} {:>9} {:>9}\n",
-        "SERVICE", "RPS", "SUCCESS", "P50", "P99"
+        "{:<40} {:>8} {:>9} {:>9} {:>9} {:>9}\n",
+        "SERVICE", "RPS", "SUCCESS", "P50", "P95", "P99"
     );
     for r in rows {
         out.push_str(&format!(
-            "{:<40} {:>8.1} {:>9} {:>9} {:>9}\n",
+            "{:<40} {:>8.1} {:>9} {:>9} {:>9} {:>9}\n",
             r.target,
             r.rps,
             fmt(r.success_rate.map(|s| s * 100.0), "%"),
             fmt(r.p50_ms, "ms"),
+            fmt(r.p95_ms, "ms"),
             fmt(r.p99_ms, "ms"),
         ));
     }
@@ -183,6 +216,30 @@ strait_response_latency_seconds_bucket{le="+Inf",direction="outbound",target="we
         // 2 samples above 2 ms (in +Inf): p99 is reported at the highest finite bound.
         assert!((r.p99_ms.expect("p99") - 2.0).abs() < 1e-6, "{r:?}");
         assert!(render(&rows).contains("90.0%"));
+    }
+
+    #[test]
+    fn scrapes_of_several_proxies_and_routes_add_up() {
+        // Two backends of one target: their buckets are summed per bound, not listed twice.
+        let one = r#"strait_response_total{direction="outbound",target="web:80",backend="v1",classification="success"} 3
+strait_response_total{direction="outbound",target="web:80",backend="v2",classification="failure"} 1
+strait_response_latency_seconds_bucket{le="0.001",direction="outbound",target="web:80",backend="v1"} 3
+strait_response_latency_seconds_bucket{le="+Inf",direction="outbound",target="web:80",backend="v1"} 3
+strait_response_latency_seconds_bucket{le="0.001",direction="outbound",target="web:80",backend="v2"} 0
+strait_response_latency_seconds_bucket{le="+Inf",direction="outbound",target="web:80",backend="v2"} 1
+"#;
+        let mut total = parse(one, "outbound");
+        assert_eq!(
+            total["web:80"].buckets,
+            vec![(0.001, 3.0), (f64::INFINITY, 4.0)]
+        );
+        merge(&mut total, parse(one, "outbound"));
+        let web = &total["web:80"];
+        assert_eq!((web.success, web.failure), (6.0, 2.0));
+        assert_eq!(web.buckets, vec![(0.001, 6.0), (f64::INFINITY, 8.0)]);
+        let by_backend = parse_by(one, "outbound", "backend");
+        assert_eq!(by_backend.keys().collect::<Vec<_>>(), ["v1", "v2"]);
+        assert_eq!(by_backend["v2"].failure, 1.0);
     }
 
     #[test]
