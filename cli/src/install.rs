@@ -61,6 +61,16 @@ pub struct InstallArgs {
     /// already installed them.
     #[arg(long)]
     pub skip_smi_crds: bool,
+    /// OpenTelemetry collector the proxies send spans to, OTLP/gRPC (`http://host:4317`).
+    #[arg(long)]
+    pub trace_collector: Option<String>,
+    /// Share of requests without a parent's decision that the proxies trace.
+    #[arg(long, default_value = "0.01")]
+    pub trace_sample_ratio: String,
+    /// Access log of every proxy: `off` or `json` (pods can override with
+    /// `strait.io/access-log`).
+    #[arg(long, default_value = "off", value_parser = ["off", "json"])]
+    pub access_log: String,
 }
 
 struct Pki {
@@ -226,19 +236,27 @@ fn injector(args: &InstallArgs) -> Value {
     let (ready, live) = probes("admin");
     let ns = &args.namespace;
     let domain = &args.cluster_domain;
+    let mut injector_args = vec![
+        "--tls-cert=/var/run/strait/tls/tls.crt".to_string(),
+        "--tls-key=/var/run/strait/tls/tls.key".into(),
+        "--trust-anchors=/var/run/strait/anchors/ca-bundle.crt".into(),
+        format!("--proxy-image={}", args.image),
+        format!("--trust-domain={}", args.trust_domain),
+        format!("--sidecar-mode={}", args.sidecar_mode),
+        format!("--control-plane-addr=strait-control-plane.{ns}.svc.{domain}:8086"),
+        format!("--identity-addr=strait-identity.{ns}.svc.{domain}:8080"),
+        format!("--identity-server-name=identity.{ns}.svc.{domain}"),
+        format!("--trace-sample-ratio={}", args.trace_sample_ratio),
+        format!("--access-log={}", args.access_log),
+    ];
+    if let Some(collector) = &args.trace_collector {
+        injector_args.push(format!("--trace-collector={collector}"));
+    }
     let container = json!({
         "name": "injector",
         "image": args.image,
         "command": ["strait-injector"],
-        "args": ["--tls-cert=/var/run/strait/tls/tls.crt",
-                 "--tls-key=/var/run/strait/tls/tls.key",
-                 "--trust-anchors=/var/run/strait/anchors/ca-bundle.crt",
-                 format!("--proxy-image={}", args.image),
-                 format!("--trust-domain={}", args.trust_domain),
-                 format!("--sidecar-mode={}", args.sidecar_mode),
-                 format!("--control-plane-addr=strait-control-plane.{ns}.svc.{domain}:8086"),
-                 format!("--identity-addr=strait-identity.{ns}.svc.{domain}:8080"),
-                 format!("--identity-server-name=identity.{ns}.svc.{domain}")],
+        "args": injector_args,
         "ports": [{"name": "webhook", "containerPort": 8443, "protocol": "TCP"},
                   {"name": "admin", "containerPort": 9995, "protocol": "TCP"}],
         "readinessProbe": ready, "livenessProbe": live,

@@ -469,3 +469,48 @@ fn check_passes_on_an_installed_mesh_and_names_what_is_missing() {
     assert!(stdout.contains("0/2 replicas ready"), "{stdout}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn install_hands_tracing_and_access_logs_to_the_injector() {
+    let out = strait(
+        &[
+            "install",
+            "--trace-collector",
+            "http://otel-collector.observability:4317",
+            "--trace-sample-ratio",
+            "0.1",
+            "--access-log",
+            "json",
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let docs = docs(&String::from_utf8(out.stdout).expect("UTF-8"));
+    let args = find(&docs, "Deployment", "strait-injector")["spec"]["template"]["spec"]
+        ["containers"][0]["args"]
+        .as_array()
+        .expect("args")
+        .clone();
+    for flag in [
+        "--trace-collector=http://otel-collector.observability:4317",
+        "--trace-sample-ratio=0.1",
+        "--access-log=json",
+    ] {
+        assert!(args.iter().any(|a| a == flag), "{flag} in {args:?}");
+    }
+    // The injector accepts them (and refuses a collector it could not use).
+    let injector =
+        std::path::Path::new(env!("CARGO_BIN_EXE_strait")).with_file_name("strait-injector");
+    if injector.exists() {
+        let bad = Command::new(&injector)
+            .args(["--trace-collector", "otel:4317"])
+            .output()
+            .expect("strait-injector");
+        assert!(!bad.status.success());
+        assert!(String::from_utf8_lossy(&bad.stderr).contains("--trace-collector"));
+    }
+}

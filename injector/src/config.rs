@@ -86,6 +86,34 @@ pub struct InjectConfig {
     /// Default proxy memory limit (annotation `strait.io/proxy-memory-limit`).
     #[arg(long, env = "STRAIT_PROXY_MEMORY_LIMIT", default_value = "128Mi")]
     pub proxy_memory_limit: String,
+    /// OpenTelemetry collector every proxy sends spans to (OTLP/gRPC, `http://host:4317`).
+    /// Unset: no tracing.
+    #[arg(long, env = "STRAIT_PROXY_TRACE_COLLECTOR", value_parser = parse_collector)]
+    pub trace_collector: Option<String>,
+    /// Default share of requests without a parent's decision that start a trace (annotation
+    /// `strait.io/trace-sample-ratio`).
+    #[arg(long, env = "STRAIT_PROXY_TRACE_SAMPLE_RATIO", default_value = "0.01", value_parser = parse_ratio)]
+    pub trace_sample_ratio: String,
+    /// Default access log, `off` or `json` (annotation `strait.io/access-log`).
+    #[arg(long, env = "STRAIT_PROXY_ACCESS_LOG", default_value = "off", value_parser = ["off", "json"])]
+    pub access_log: String,
+}
+
+/// A collector URL the proxy accepts: `http://host:port`.
+fn parse_collector(s: &str) -> Result<String, String> {
+    match s.parse::<hyper::Uri>() {
+        Ok(u) if u.scheme_str() == Some("http") && u.authority().is_some() => Ok(s.to_string()),
+        _ => Err(format!(
+            "{s:?} is not a URL like http://collector:4317 (OTLP/gRPC, plaintext)"
+        )),
+    }
+}
+
+fn parse_ratio(s: &str) -> Result<String, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(s.to_string()),
+        _ => Err(format!("{s:?} is not a number between 0 and 1")),
+    }
 }
 
 pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/strait-mesh/strait:", env!("CARGO_PKG_VERSION"));
@@ -108,6 +136,9 @@ impl InjectConfig {
             proxy_cpu_limit: "1".into(),
             proxy_memory_request: "32Mi".into(),
             proxy_memory_limit: "128Mi".into(),
+            trace_collector: None,
+            trace_sample_ratio: "0.01".into(),
+            access_log: "off".into(),
         }
     }
 

@@ -39,6 +39,10 @@ pub mod annotations {
     pub const CPU_LIMIT: &str = "strait.io/proxy-cpu-limit";
     pub const MEMORY_REQUEST: &str = "strait.io/proxy-memory-request";
     pub const MEMORY_LIMIT: &str = "strait.io/proxy-memory-limit";
+    /// `off` or `json`: one JSON line per request on the proxy's stdout.
+    pub const ACCESS_LOG: &str = "strait.io/access-log";
+    /// Share (0 to 1) of this workload's requests without a parent's decision that are traced.
+    pub const TRACE_SAMPLE_RATIO: &str = "strait.io/trace-sample-ratio";
 }
 
 pub const PROXY_CONTAINER: &str = "strait-proxy";
@@ -159,6 +163,8 @@ struct Options {
     cpu_limit: String,
     memory_request: String,
     memory_limit: String,
+    access_log: String,
+    trace_sample_ratio: String,
 }
 
 impl Options {
@@ -220,6 +226,22 @@ impl Options {
                 ))
             }
         };
+        let access_log = match a.get(annotations::ACCESS_LOG).map(String::as_str) {
+            None => cfg.access_log.clone(),
+            Some(v @ ("off" | "json")) => v.to_string(),
+            Some(v) => return Err(bad(annotations::ACCESS_LOG, v, "expected `off` or `json`")),
+        };
+        let trace_sample_ratio = match a.get(annotations::TRACE_SAMPLE_RATIO) {
+            None => cfg.trace_sample_ratio.clone(),
+            Some(v) if v.parse::<f64>().is_ok_and(|r| (0.0..=1.0).contains(&r)) => v.clone(),
+            Some(v) => {
+                return Err(bad(
+                    annotations::TRACE_SAMPLE_RATIO,
+                    v,
+                    "expected a number between 0 and 1, like 0.05",
+                ))
+            }
+        };
         let mut skip_inbound = ALWAYS_SKIPPED_INBOUND.to_string();
         if let Some(extra) = ports(annotations::SKIP_INBOUND_PORTS)? {
             skip_inbound = format!("{skip_inbound},{extra}");
@@ -235,6 +257,8 @@ impl Options {
             cpu_limit: quantity(annotations::CPU_LIMIT, &cfg.proxy_cpu_limit)?,
             memory_request: quantity(annotations::MEMORY_REQUEST, &cfg.proxy_memory_request)?,
             memory_limit: quantity(annotations::MEMORY_LIMIT, &cfg.proxy_memory_limit)?,
+            access_log,
+            trace_sample_ratio,
         })
     }
 }
@@ -505,6 +529,16 @@ fn proxy_container(cfg: &InjectConfig, o: &Options, anchors: Option<&str>) -> Co
     }
     if let Some(m) = &o.inbound_mode {
         envs.push(env("STRAIT_INBOUND_MODE", m.clone()));
+    }
+    if let Some(collector) = &cfg.trace_collector {
+        envs.push(env("STRAIT_TRACE_COLLECTOR", collector.clone()));
+        envs.push(env(
+            "STRAIT_TRACE_SAMPLE_RATIO",
+            o.trace_sample_ratio.clone(),
+        ));
+    }
+    if o.access_log != "off" {
+        envs.push(env("STRAIT_ACCESS_LOG", o.access_log.clone()));
     }
     let port = |name: &str, port: i32| ContainerPort {
         name: Some(name.into()),

@@ -448,6 +448,65 @@ fn annotations_set_ports_and_resources_and_bad_ones_admit_with_a_warning() {
 }
 
 #[test]
+fn the_mesh_wide_collector_and_per_pod_access_log_and_sampling_reach_the_proxy() {
+    let env_of = |pod: &Pod| -> Vec<(String, String)> {
+        let spec = pod.spec.as_ref().expect("spec");
+        container(&spec.init_containers, "strait-proxy")
+            .env
+            .iter()
+            .flatten()
+            .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+            .collect()
+    };
+    let has =
+        |env: &[(String, String)], k: &str, v: &str| env.iter().any(|(n, x)| n == k && x == v);
+    let plain = config(SidecarMode::Native);
+    let (_, _, pod) = run(&fixture("pod-create-k8s-1.32.json"), true, &plain);
+    let env = env_of(&pod);
+    assert!(
+        !env.iter()
+            .any(|(n, _)| n.starts_with("STRAIT_TRACE") || n == "STRAIT_ACCESS_LOG"),
+        "off unless configured: {env:?}"
+    );
+
+    let cfg = InjectConfig {
+        trace_collector: Some("http://otel-collector.observability:4317".into()),
+        ..config(SidecarMode::Native)
+    };
+    let mut review = fixture("pod-create-k8s-1.32.json");
+    review["request"]["object"]["metadata"]["annotations"] = json!({
+        "strait.io/access-log": "json",
+        "strait.io/trace-sample-ratio": "0.25",
+    });
+    let (_, outcome, pod) = run(&review, true, &cfg);
+    assert_eq!(outcome, Outcome::Injected);
+    let env = env_of(&pod);
+    assert!(
+        has(
+            &env,
+            "STRAIT_TRACE_COLLECTOR",
+            "http://otel-collector.observability:4317"
+        ),
+        "{env:?}"
+    );
+    assert!(has(&env, "STRAIT_TRACE_SAMPLE_RATIO", "0.25"), "{env:?}");
+    assert!(has(&env, "STRAIT_ACCESS_LOG", "json"), "{env:?}");
+
+    for (annotation, bad) in [
+        ("strait.io/access-log", "xml"),
+        ("strait.io/trace-sample-ratio", "2"),
+    ] {
+        review["request"]["object"]["metadata"]["annotations"] = json!({annotation: bad});
+        let (answer, outcome, _) = run(&review, true, &cfg);
+        assert!(matches!(outcome, Outcome::Failed(_)), "{annotation}");
+        let warning = answer["response"]["warnings"][0]
+            .as_str()
+            .unwrap_or_default();
+        assert!(warning.contains(annotation), "{warning}");
+    }
+}
+
+#[test]
 fn unreadable_anchors_admit_with_a_warning_and_garbage_is_an_error() {
     let cfg = InjectConfig {
         trust_anchors: Some("/nonexistent/anchors.pem".into()),
