@@ -35,6 +35,10 @@ struct Cli {
     /// Proxy runtime threads.
     #[arg(long, default_value_t = 1)]
     threads: u16,
+    /// Tracing on in every proxy, sampling this share of requests, sending to a collector in
+    /// the bridge namespace (unset: tracing off, the default deployment).
+    #[arg(long)]
+    trace_sample_ratio: Option<f64>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -311,8 +315,32 @@ fn bench(cli: &Cli) -> Result<()> {
     std::fs::create_dir_all(net.dir.join("www"))?;
     std::fs::write(net.dir.join("www/index.html"), "x".repeat(1024))?;
     let threads = cli.threads.to_string();
+    let ratio = cli.trace_sample_ratio.map(|r| r.to_string());
+    let mut env = vec![("STRAIT_THREADS", threads.as_str())];
+    if let Some(ratio) = &ratio {
+        let testapp = strait_testbed::bin("strait-testapp")?;
+        let collector = net.spawn_in(
+            &net.bridge_ns,
+            "collector",
+            None,
+            &[
+                &testapp.to_string_lossy(),
+                "otlp-collector",
+                "--listen",
+                "10.88.0.1:4317",
+                "--quiet",
+            ],
+            &[],
+        )?;
+        net.wait_log(&collector, "listening on", Duration::from_secs(10))?;
+        env.extend([
+            ("STRAIT_TRACE_COLLECTOR", "http://10.88.0.1:4317"),
+            ("STRAIT_TRACE_SAMPLE_RATIO", ratio.as_str()),
+        ]);
+        println!("tracing on: sampling {ratio} of requests");
+    }
     let opts = SidecarOpts {
-        env: vec![("STRAIT_THREADS", threads.as_str())],
+        env,
         ..Default::default()
     };
 
@@ -470,6 +498,19 @@ fn bench(cli: &Cli) -> Result<()> {
     println!();
     for (f, path) in figures.iter().zip(&paths) {
         println!("raw {}: {}", path.name, f.errors);
+    }
+    if cli.trace_sample_ratio.is_some() {
+        // Whether export kept up: spans sent and dropped by each proxy of the mTLS path.
+        for (pod, name) in [(&paths[2].client, "client"), (&mserver, "server")] {
+            let text = net
+                .exec(pod, &["curl", "-s", "http://127.0.0.1:4191/metrics"])
+                .unwrap_or_default();
+            let spans: Vec<&str> = text
+                .lines()
+                .filter(|l| l.starts_with("strait_trace_spans"))
+                .collect();
+            println!("mTLS {name} proxy: {}", spans.join(", "));
+        }
     }
     Ok(())
 }

@@ -12,7 +12,9 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::common::v1::{any_value::Value, AnyValue, KeyValue};
 use tonic::{Request, Response, Status};
 
-struct Printer;
+struct Printer {
+    quiet: bool,
+}
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -42,6 +44,9 @@ impl TraceService for Printer {
         request: Request<ExportTraceServiceRequest>,
     ) -> Result<Response<ExportTraceServiceResponse>, Status> {
         use std::io::Write;
+        if self.quiet {
+            return Ok(Response::new(ExportTraceServiceResponse::default()));
+        }
         let mut out = std::io::stdout().lock();
         for rs in request.into_inner().resource_spans {
             let resource = attributes(rs.resource.as_ref().map_or(&[][..], |r| &r.attributes));
@@ -66,11 +71,11 @@ impl TraceService for Printer {
     }
 }
 
-pub async fn serve(listen: SocketAddr) -> anyhow::Result<()> {
+pub async fn serve(listen: SocketAddr, quiet: bool) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     println!("listening on {listen}");
     tonic::transport::Server::builder()
-        .add_service(TraceServiceServer::new(Printer))
+        .add_service(TraceServiceServer::new(Printer { quiet }))
         .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
         .await?;
     Ok(())

@@ -74,6 +74,9 @@ enum Cmd {
     OtlpCollector {
         #[arg(long)]
         listen: SocketAddr,
+        /// Accept spans without printing them (for benchmarks).
+        #[arg(long)]
+        quiet: bool,
     },
     /// Bounded HTTP load: `rps` requests per second spread over `urls` for `duration`.
     Load {
@@ -101,7 +104,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::GrpcClient { addr, call } => app::grpc::client(addr, call).await,
         Cmd::WsClient { url, messages } => app::http::ws_client(&url, messages).await,
         Cmd::TcpClient { addr, send } => app::tcp::client(addr, send).await,
-        Cmd::OtlpCollector { listen } => app::otlp::serve(listen).await,
+        Cmd::OtlpCollector { listen, quiet } => app::otlp::serve(listen, quiet).await,
         Cmd::Load {
             urls,
             rps,
