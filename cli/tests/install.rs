@@ -3,17 +3,14 @@
 //! Manifests are validated with `kubernetes-validate --strict` (PyPI; installed by
 //! scripts/setup.sh) against the schemas of Kubernetes 1.29 to 1.33.
 
+mod common;
+
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::Arc;
 
 use base64::Engine as _;
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use common::{fake_api, write_kubeconfig};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -354,47 +351,6 @@ fn inject_adds_a_valid_sidecar_offline_and_is_idempotent() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// A fake API server answering GETs with the objects `strait install` printed.
-async fn fake_api(objects: HashMap<String, Value>) -> std::net::SocketAddr {
-    let objects = Arc::new(objects);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let objects = objects.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(
-                    move |req: Request<hyper::body::Incoming>| {
-                        let body = objects.get(req.uri().path()).cloned();
-                        async move {
-                            let (status, body) = match body {
-                                Some(v) => (StatusCode::OK, v),
-                                None => (
-                                    StatusCode::NOT_FOUND,
-                                    json!({"kind": "Status", "apiVersion": "v1",
-                                "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
-                                ),
-                            };
-                            let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
-                            *r.status_mut() = status;
-                            Ok::<_, Infallible>(r)
-                        }
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    addr
-}
-
 fn path_of(doc: &Value) -> String {
     let name = doc["metadata"]["name"].as_str().unwrap_or("");
     let ns = doc["metadata"]["namespace"].as_str().unwrap_or("");
@@ -433,12 +389,13 @@ fn check_passes_on_an_installed_mesh_and_names_what_is_missing() {
     }
     let dir = tempdir("check");
     let run_check = |objects: HashMap<String, Value>| {
-        let addr = runtime.block_on(fake_api(objects));
+        let bodies = objects
+            .into_iter()
+            .map(|(path, v)| (path, vec![v.to_string()]))
+            .collect();
+        let (addr, _) = runtime.block_on(fake_api(bodies));
         let kubeconfig = dir.join("kubeconfig");
-        std::fs::write(&kubeconfig, format!(
-            "apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: 'http://{addr}'}}}}]\n\
-             users: [{{name: u, user: {{}}}}]\ncontexts: [{{name: c, context: {{cluster: fake, user: u}}}}]\ncurrent-context: c\n"
-        )).expect("kubeconfig");
+        write_kubeconfig(&kubeconfig, addr);
         Command::new(env!("CARGO_BIN_EXE_strait"))
             .arg("check")
             .env("KUBECONFIG", &kubeconfig)

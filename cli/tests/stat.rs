@@ -1,74 +1,14 @@
 //! `strait stat` against a Kubernetes API server (a fake one answering with captured shapes):
 //! it lists the meshed, running pods and reads each proxy through the API server's pod proxy.
 
+mod common;
+
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use common::{fake_api, write_kubeconfig};
 use serde_json::{json, Value};
-
-/// Answers each path with its bodies in turn (the last one repeated); counts the calls.
-async fn fake_api(
-    bodies: HashMap<String, Vec<String>>,
-) -> (std::net::SocketAddr, Arc<HashMap<String, AtomicUsize>>) {
-    let calls: Arc<HashMap<String, AtomicUsize>> = Arc::new(
-        bodies
-            .keys()
-            .map(|k| (k.clone(), AtomicUsize::new(0)))
-            .collect(),
-    );
-    let bodies = Arc::new(bodies);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let counts = calls.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let (bodies, calls) = (bodies.clone(), calls.clone());
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(
-                    move |req: Request<hyper::body::Incoming>| {
-                        let path = req.uri().path().to_string();
-                        let body = bodies.get(&path).map(|list| {
-                            let n = calls[&path].fetch_add(1, Ordering::SeqCst);
-                            list[n.min(list.len() - 1)].clone()
-                        });
-                        async move {
-                            let mut r = match body {
-                                Some(b) => Response::new(Full::new(Bytes::from(b))),
-                                None => {
-                                    let mut r = Response::new(Full::new(Bytes::from(
-                                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                                           "reason": "NotFound", "code": 404}).to_string(),
-                                )));
-                                    *r.status_mut() = StatusCode::NOT_FOUND;
-                                    r
-                                }
-                            };
-                            r.headers_mut()
-                                .insert("content-type", "application/json".parse().expect("value"));
-                            Ok::<_, Infallible>(r)
-                        }
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    (addr, counts)
-}
 
 fn pod(name: &str, phase: &str, sidecar: bool) -> Value {
     let mut containers = vec![json!({"name": "app", "image": "app"})];
@@ -116,10 +56,7 @@ fn stat_reads_every_running_meshed_pod_through_the_api_server() {
     let dir = std::env::temp_dir().join(format!("strait-cli-stat-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let kubeconfig = dir.join("kubeconfig");
-    std::fs::write(&kubeconfig, format!(
-        "apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: 'http://{addr}'}}}}]\n\
-         users: [{{name: u, user: {{}}}}]\ncontexts: [{{name: c, context: {{cluster: fake, user: u}}}}]\ncurrent-context: c\n"
-    )).expect("kubeconfig");
+    write_kubeconfig(&kubeconfig, addr);
     let out = Command::new(env!("CARGO_BIN_EXE_strait"))
         .args(["stat", "-n", "shop", "--interval", "1s", "-o", "json"])
         .env("KUBECONFIG", &kubeconfig)
@@ -150,10 +87,7 @@ fn stat_reads_every_running_meshed_pod_through_the_api_server() {
         "/api/v1/namespaces/shop/pods".to_string(),
         vec![json!({"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": [pod("legacy", "Running", false)]}).to_string()],
     )])));
-    std::fs::write(&kubeconfig, format!(
-        "apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: 'http://{addr}'}}}}]\n\
-         users: [{{name: u, user: {{}}}}]\ncontexts: [{{name: c, context: {{cluster: fake, user: u}}}}]\ncurrent-context: c\n"
-    )).expect("kubeconfig");
+    write_kubeconfig(&kubeconfig, addr);
     let out = Command::new(env!("CARGO_BIN_EXE_strait"))
         .args(["stat", "-n", "shop", "--interval", "1s"])
         .env("KUBECONFIG", &kubeconfig)

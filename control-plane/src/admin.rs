@@ -1,15 +1,8 @@
 //! The control plane's admin server: `/live`, `/ready` (the state is loaded: the directory was
 //! read, or the API's core kinds were listed) and `/metrics` (Prometheus).
 
-use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -161,55 +154,41 @@ impl Metrics {
     }
 }
 
-fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(body.into()));
-    *resp.status_mut() = status;
-    resp
+/// The control plane's state, as its admin port reports it.
+struct Health {
+    metrics: Arc<Metrics>,
+    index: watch::Receiver<Arc<MeshIndex>>,
+    ready: watch::Receiver<bool>,
 }
 
-/// Serves until the process ends.
+impl strait_admin::Health for Health {
+    fn ready(&self) -> Result<(), &'static str> {
+        if *self.ready.borrow() {
+            Ok(())
+        } else {
+            Err("mesh state not loaded yet")
+        }
+    }
+
+    fn metrics(&self) -> String {
+        self.metrics
+            .encode(&self.index.borrow(), *self.ready.borrow())
+    }
+}
+
+/// Serves `/live`, `/ready` and `/metrics` until the process ends.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
     index: watch::Receiver<Arc<MeshIndex>>,
     ready: watch::Receiver<bool>,
 ) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let (metrics, index, ready) = (metrics.clone(), index.clone(), ready.clone());
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let is_ready = *ready.borrow();
-                let resp = match req.uri().path() {
-                    "/live" => text(StatusCode::OK, "live\n"),
-                    "/ready" if is_ready => text(StatusCode::OK, "ready\n"),
-                    "/ready" => text(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "mesh state not loaded yet\n",
-                    ),
-                    "/metrics" => {
-                        let body = metrics.encode(&index.borrow(), is_ready);
-                        let mut r = text(StatusCode::OK, body);
-                        r.headers_mut().insert(
-                            hyper::header::CONTENT_TYPE,
-                            hyper::header::HeaderValue::from_static(
-                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                            ),
-                        );
-                        r
-                    }
-                    _ => text(StatusCode::NOT_FOUND, "not found\n"),
-                };
-                async move { Ok::<_, Infallible>(resp) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
+    let health = Health {
+        metrics,
+        index,
+        ready,
+    };
+    strait_admin::serve(listener, Arc::new(health)).await;
 }
 
 #[cfg(test)]

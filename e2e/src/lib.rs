@@ -47,6 +47,19 @@ impl Mesh {
         self.net.exec(pod, &cmd)
     }
 
+    /// Runs the HTTP test app (`hello from server`) in `pod` on 8080 and publishes it as the
+    /// service `web`, 10.96.0.10:80.
+    pub fn serve_web(&self, pod: &Pod) -> Result<()> {
+        self.net.start_app(
+            pod,
+            "http",
+            &["http", "--listen", "0.0.0.0:8080", "--name", "server"],
+        )?;
+        self.config
+            .service(&ServiceDef::new("web", "10.96.0.10", 80, 8080, &[pod]))?;
+        Ok(())
+    }
+
     /// The proxy's Prometheus text, read from inside the pod.
     pub fn metrics(&self, pod: &Pod) -> Result<String> {
         self.curl(pod, &["http://127.0.0.1:4191/metrics"])

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use serde_json::Value;
-use strait_e2e::{metric, Mesh, ServiceDef, IDENTITY_ADDR};
+use strait_e2e::{metric, Mesh, IDENTITY_ADDR};
 use strait_injector::config::InjectConfig;
 use strait_injector::inject::{plan, Decision};
 use strait_testbed::SidecarOpts;
@@ -189,13 +189,7 @@ fn a_proxy_with_the_injected_environment_gets_its_identity_and_speaks_mtls() -> 
          spec:\n  targetRef: {kind: ServiceAccount, name: web}\n  allow:\n  - namespaces: [shop]\n",
     )?;
     let server = mesh.pod_as("server", "web", &SidecarOpts::default())?;
-    mesh.net.start_app(
-        &server,
-        "http",
-        &["http", "--listen", "0.0.0.0:8080", "--name", "server"],
-    )?;
-    mesh.config
-        .service(&ServiceDef::new("web", "10.96.0.10", 80, 8080, &[&server]))?;
+    mesh.serve_web(&server)?;
 
     // The client pod as the API server would hand it to the kubelet after injection.
     let pod_json: Value = serde_json::json!({

@@ -116,18 +116,12 @@ fn dashboard_queries() -> Result<Vec<(String, String)>> {
 fn prometheus_scrapes_the_proxies_and_every_dashboard_query_returns_data() -> Result<()> {
     let mesh = Mesh::with_identity("prom", "24h")?;
     let server = mesh.pod_as("server", "web", &SidecarOpts::default())?;
-    mesh.net.start_app(
-        &server,
-        "http",
-        &["http", "--listen", "0.0.0.0:8080", "--name", "server"],
-    )?;
+    mesh.serve_web(&server)?;
     mesh.net.start_app(
         &server,
         "grpc",
         &["grpc", "--listen", "0.0.0.0:9000", "--name", "grpcserver"],
     )?;
-    mesh.config
-        .service(&ServiceDef::new("web", "10.96.0.10", 80, 8080, &[&server]))?;
     mesh.config.service(&ServiceDef::new(
         "echo",
         "10.96.0.20",

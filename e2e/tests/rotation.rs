@@ -2,19 +2,13 @@
 
 use std::time::Duration;
 
-use strait_e2e::{metric, Mesh, ServiceDef};
+use strait_e2e::{metric, Mesh};
 use strait_testbed::{Pod, SidecarOpts};
 
 fn mesh_with_server(tag: &str) -> anyhow::Result<(Mesh, Pod, Pod)> {
     let mesh = Mesh::with_identity(tag, "20s")?;
     let server = mesh.pod_as("server", "web", &SidecarOpts::default())?;
-    mesh.net.start_app(
-        &server,
-        "http",
-        &["http", "--listen", "0.0.0.0:8080", "--name", "server"],
-    )?;
-    mesh.config
-        .service(&ServiceDef::new("web", "10.96.0.10", 80, 8080, &[&server]))?;
+    mesh.serve_web(&server)?;
     let client = mesh.pod_as("client", "frontend", &SidecarOpts::default())?;
     Ok((mesh, server, client))
 }

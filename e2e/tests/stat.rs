@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use serde_json::Value;
-use strait_e2e::{Mesh, ServiceDef};
+use strait_e2e::Mesh;
 use strait_testbed::SidecarOpts;
 
 /// `strait stat` run in the bridge namespace (where every pod's admin port is reachable).
@@ -29,13 +29,7 @@ fn row<'a>(rows: &'a [Value], name: &str) -> &'a Value {
 fn stat_shows_each_services_rate_success_and_latency_from_the_proxies() -> Result<()> {
     let mesh = Mesh::with_identity("stat", "24h")?;
     let server = mesh.pod_as("server", "web", &SidecarOpts::default())?;
-    mesh.net.start_app(
-        &server,
-        "http",
-        &["http", "--listen", "0.0.0.0:8080", "--name", "server"],
-    )?;
-    mesh.config
-        .service(&ServiceDef::new("web", "10.96.0.10", 80, 8080, &[&server]))?;
+    mesh.serve_web(&server)?;
     let client = mesh.pod_in("client", "a", "client", &SidecarOpts::default())?;
     // Warm the destination up, then a steady 20 requests per second for 8 s.
     mesh.curl(&client, &["http://10.96.0.10/"])?;

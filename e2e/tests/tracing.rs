@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use serde_json::Value;
-use strait_e2e::{metric, Mesh, ServiceDef};
+use strait_e2e::{metric, Mesh};
 use strait_testbed::{Pod, Proc, SidecarOpts};
 
 const COLLECTOR: &str = "10.88.0.1:4317";
@@ -62,13 +62,7 @@ fn setup(tag: &str, collector: &str, extra: &[(&str, &str)]) -> Result<(Mesh, Po
         ..Default::default()
     };
     let server = mesh.pod_as("server", "web", &opts)?;
-    mesh.net.start_app(
-        &server,
-        "http",
-        &["http", "--listen", "0.0.0.0:8080", "--name", "server"],
-    )?;
-    mesh.config
-        .service(&ServiceDef::new("web", "10.96.0.10", 80, 8080, &[&server]))?;
+    mesh.serve_web(&server)?;
     let client = mesh.pod_in("client", "a", "client", &opts)?;
     Ok((mesh, client, server))
 }

@@ -68,22 +68,7 @@ async fn run(args: Args) -> Result<(), String> {
     tokio::spawn(server::serve_admin(admin, state.clone(), creds));
     tokio::select! {
         () = server::serve_webhook(webhook, tls, state) => {}
-        () = shutdown() => tracing::info!("shutting down"),
+        () = strait_admin::shutdown_signal() => tracing::info!("shutting down"),
     }
     Ok(())
-}
-
-async fn shutdown() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

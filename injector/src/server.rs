@@ -261,41 +261,31 @@ pub async fn serve_webhook(
     }
 }
 
+/// The injector's state, as its admin port reports it.
+struct Health {
+    state: Arc<State>,
+    ready: Arc<Credentials>,
+}
+
+impl strait_admin::Health for Health {
+    fn ready(&self) -> Result<(), &'static str> {
+        if self.ready.is_ready() {
+            Ok(())
+        } else {
+            Err("no serving certificate")
+        }
+    }
+
+    fn metrics(&self) -> String {
+        self.state.metrics.encode()
+    }
+}
+
 /// Serves `/live`, `/ready` and `/metrics` in plaintext (for probes and Prometheus).
 pub async fn serve_admin(
     listener: tokio::net::TcpListener,
     state: Arc<State>,
     ready: Arc<Credentials>,
 ) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let (state, ready) = (state.clone(), ready.clone());
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let resp = match req.uri().path() {
-                    "/live" => text(StatusCode::OK, "live\n"),
-                    "/ready" if ready.is_ready() => text(StatusCode::OK, "ready\n"),
-                    "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "no serving certificate\n"),
-                    "/metrics" => {
-                        let mut r = text(StatusCode::OK, state.metrics.encode());
-                        r.headers_mut().insert(
-                            hyper::header::CONTENT_TYPE,
-                            hyper::header::HeaderValue::from_static(
-                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                            ),
-                        );
-                        r
-                    }
-                    _ => text(StatusCode::NOT_FOUND, "not found\n"),
-                };
-                async move { Ok::<_, Infallible>(resp) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
+    strait_admin::serve(listener, Arc::new(Health { state, ready })).await;
 }

@@ -194,7 +194,7 @@ pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
                 _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {
                     tracing::warn!(id = %identity.id, "still waiting for a certificate from the identity API");
                 }
-                _ = termination() => return Ok(()),
+                _ = strait_admin::shutdown_signal() => return Ok(()),
             }
         }
     }
@@ -247,7 +247,7 @@ pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
     );
 
     tokio::select! {
-        _ = termination() => trigger.drain(),
+        _ = strait_admin::shutdown_signal() => trigger.drain(),
         _ = drain.clone().signaled() => {}
     }
     tracing::info!(grace = ?ctx.cfg.shutdown_grace_period, "draining: no new connections; in-flight requests may finish");
@@ -266,20 +266,4 @@ pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
     }
     ctx.telemetry.flush(std::time::Duration::from_secs(2)).await;
     Ok(())
-}
-
-async fn termination() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch SIGTERM; only SIGINT drains");
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

@@ -27,13 +27,19 @@ pub enum Direction {
     Outbound,
 }
 
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+}
+
 impl EncodeLabelValue for Direction {
     fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
         use std::fmt::Write;
-        encoder.write_str(match self {
-            Direction::Inbound => "inbound",
-            Direction::Outbound => "outbound",
-        })
+        encoder.write_str(self.as_str())
     }
 }
 

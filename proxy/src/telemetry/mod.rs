@@ -89,16 +89,18 @@ impl Telemetry {
             return None;
         }
         let direction = http.direction();
-        let span = self.tracing.as_ref().and_then(|t| t.start(req, direction));
+        let (parent, formats) = propagation::extract(req.headers());
+        // Not traced here: the log still names the trace the request belongs to, if any.
+        let carried = match (&parent, &self.access_log) {
+            (Parent::Span(cx), Some(_)) => Some(cx.span().span_context().clone()),
+            _ => None,
+        };
+        let span = self
+            .tracing
+            .as_ref()
+            .and_then(|t| t.start(req, direction, parent, formats));
         let log = self.access_log.as_ref().map(|log| {
-            let trace = match &span {
-                Some(_) => None,
-                // Not traced here: still name the trace the request belongs to, if any.
-                None => match propagation::extract(req.headers()).0 {
-                    Parent::Span(cx) => Some(cx.span().span_context().clone()),
-                    _ => None,
-                },
-            };
+            let trace = if span.is_some() { None } else { carried };
             (log.clone(), RequestInfo::of(req, trace))
         });
         Some(Box::new(Observation {
@@ -164,8 +166,13 @@ impl Tracing {
     }
 
     /// This hop's span, if sampled; the request's headers then name it as the parent.
-    fn start<B>(&self, req: &mut Request<B>, direction: Direction) -> Option<Span> {
-        let (parent, formats) = propagation::extract(req.headers());
+    fn start<B>(
+        &self,
+        req: &mut Request<B>,
+        direction: Direction,
+        parent: Parent,
+        formats: propagation::Formats,
+    ) -> Option<Span> {
         let cx = match parent {
             Parent::Unsampled => return None,
             Parent::Span(cx) => cx,
@@ -199,7 +206,7 @@ impl Tracing {
             KeyValue::new("network.protocol.name", "http"),
             KeyValue::new("network.protocol.version", protocol_version(req.version())),
             KeyValue::new("server.address", host.to_string()),
-            KeyValue::new("strait.direction", direction_name(direction)),
+            KeyValue::new("strait.direction", direction.as_str()),
         ];
         if let Some(port) = port {
             attributes.push(KeyValue::new("server.port", i64::from(port)));
@@ -292,10 +299,13 @@ impl Observation {
         let client_id = get(|l| l.client_id.as_str());
         let server_id = get(|l| l.server_id.as_str());
         let tls = labels.is_some_and(|l| l.tls);
+        // The span's ids, for the log line.
         let mut ids = None;
         if let Some(mut span) = span {
-            let sc = span.span_context();
-            ids = Some((sc.trace_id().to_string(), sc.span_id().to_string()));
+            if log.is_some() {
+                let sc = span.span_context();
+                ids = Some((sc.trace_id().to_string(), sc.span_id().to_string()));
+            }
             let mut attributes = vec![
                 KeyValue::new("http.response.status_code", i64::from(status)),
                 KeyValue::new("strait.tls", tls),
@@ -337,7 +347,7 @@ impl Observation {
             };
             log.log(&Entry {
                 timestamp: humantime::format_rfc3339_millis(wall).to_string(),
-                direction: direction_name(direction),
+                direction: direction.as_str(),
                 client_id,
                 server_id,
                 method: req.method.as_str(),
@@ -379,13 +389,6 @@ fn method_name(m: &http::Method) -> Cow<'static, str> {
         _ => "_OTHER",
     };
     Cow::Borrowed(name)
-}
-
-fn direction_name(d: Direction) -> &'static str {
-    match d {
-        Direction::Inbound => "inbound",
-        Direction::Outbound => "outbound",
-    }
 }
 
 fn protocol_version(v: http::Version) -> &'static str {
