@@ -71,9 +71,28 @@ pub fn reap(prefix: &str) -> Result<()> {
     Ok(())
 }
 
+/// How long to wait before the next table. A table covers at least half an interval: when a
+/// slow scrape has used up the time left, a last table over a few milliseconds would show rates
+/// of noise, or of nothing.
+fn next_wait(duration: Option<Duration>, elapsed: Duration, interval: Duration) -> Duration {
+    match duration {
+        Some(d) => d.saturating_sub(elapsed).clamp(interval / 2, interval),
+        None => interval,
+    }
+}
+
 pub async fn run(args: DemoArgs) -> Result<()> {
     if !strait_testbed::is_root() {
         bail!("strait demo creates network namespaces and iptables rules, which needs root: run it as root (e.g. with sudo)");
+    }
+    if args.interval < Duration::from_millis(200) {
+        bail!(
+            "--interval must be at least 200ms (got {:?}): each table scrapes the client's proxy",
+            args.interval
+        );
+    }
+    if args.rps == 0 {
+        bail!("--rps must be at least 1: the demo's tables show live traffic");
     }
     need("ip", "iproute2")?;
     need("iptables", "iptables")?;
@@ -158,10 +177,7 @@ async fn run_mesh(args: &DemoArgs) -> Result<()> {
     let mut previous = (stats::Scrape::new(), Instant::now());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
-        let wait = match args.duration {
-            Some(d) => d.saturating_sub(started.elapsed()).min(args.interval),
-            None => args.interval,
-        };
+        let wait = next_wait(args.duration, started.elapsed(), args.interval);
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
@@ -192,4 +208,21 @@ async fn run_mesh(args: &DemoArgs) -> Result<()> {
     println!("stopping: removing the demo's namespaces and processes");
     drop(net);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_cover_an_interval_and_the_last_one_at_least_half() {
+        let s = Duration::from_secs;
+        let ms = Duration::from_millis;
+        assert_eq!(next_wait(None, s(100), s(2)), s(2));
+        assert_eq!(next_wait(Some(s(5)), s(0), s(2)), s(2));
+        assert_eq!(next_wait(Some(s(5)), ms(4500), s(2)), s(1));
+        assert_eq!(next_wait(Some(s(5)), ms(3500), s(2)), ms(1500));
+        // A slow scrape ran past the end: one more table, over half an interval.
+        assert_eq!(next_wait(Some(s(5)), ms(5200), s(2)), s(1));
+    }
 }
