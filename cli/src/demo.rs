@@ -183,23 +183,29 @@ async fn run_mesh(args: &DemoArgs) -> Result<()> {
             _ = term.recv() => break,
             _ = tokio::time::sleep(wait) => {}
         }
-        let text = net
-            .exec(
-                &client,
-                &[
-                    "curl",
-                    "-s",
-                    "--max-time",
-                    "2",
-                    "http://127.0.0.1:4191/metrics",
-                ],
-            )
-            .unwrap_or_default();
-        let scrape = stats::parse(&text, "outbound");
-        let rows = stats::rows(&previous.0, &scrape, previous.1.elapsed().as_secs_f64());
-        previous = (scrape, Instant::now());
-        println!("--- {:>5.0}s ---", started.elapsed().as_secs_f64());
-        print!("{}", stats::render(&rows));
+        let text = net.exec(
+            &client,
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "2",
+                "http://127.0.0.1:4191/metrics",
+            ],
+        );
+        // A failed or cut scrape keeps the last good one as the base of the next table.
+        let at = started.elapsed().as_secs_f64();
+        match text {
+            Ok(text) if stats::is_complete(&text) => {
+                let scrape = stats::parse(&text, "outbound");
+                let rows = stats::rows(&previous.0, &scrape, previous.1.elapsed().as_secs_f64());
+                previous = (scrape, Instant::now());
+                println!("--- {at:>5.0}s ---");
+                print!("{}", stats::render(&rows));
+            }
+            Ok(_) => println!("--- {at:>5.0}s --- the client's proxy sent cut-short metrics"),
+            Err(e) => println!("--- {at:>5.0}s --- cannot read the client's proxy metrics: {e:#}"),
+        }
         std::io::stdout().flush().ok();
         if args.duration.is_some_and(|d| started.elapsed() >= d) {
             break;

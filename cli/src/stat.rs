@@ -190,6 +190,9 @@ async fn read(source: &Source, direction: &str, by: By) -> Result<Scrape> {
     let mut answered = 0;
     for (who, text) in texts {
         match text {
+            Ok(text) if !stats::is_complete(&text) => {
+                eprintln!("strait stat: the metrics of {who} were cut short (no `# EOF`)");
+            }
             Ok(text) => {
                 answered += 1;
                 stats::merge(&mut total, stats::parse_by(&text, direction, by.label()));

@@ -46,6 +46,12 @@ fn label<'a>(labels: &'a str, name: &str) -> Option<&'a str> {
 }
 
 /// Parses the `strait_response_total` and latency buckets of `direction`, by `target`.
+/// Whether `text` is a whole exposition: the proxies' ends with `# EOF`. A cut one (a timeout
+/// mid-body) would make counters seem to go back, and rates wrong.
+pub fn is_complete(text: &str) -> bool {
+    text.trim_end().ends_with("# EOF")
+}
+
 pub fn parse(text: &str, direction: &str) -> Scrape {
     parse_by(text, direction, "target")
 }
@@ -240,6 +246,13 @@ strait_response_latency_seconds_bucket{le="+Inf",direction="outbound",target="we
         let by_backend = parse_by(one, "outbound", "backend");
         assert_eq!(by_backend.keys().collect::<Vec<_>>(), ["v1", "v2"]);
         assert_eq!(by_backend["v2"].failure, 1.0);
+    }
+
+    #[test]
+    fn only_whole_expositions_are_complete() {
+        assert!(is_complete(&format!("{B}# EOF\n")));
+        assert!(!is_complete(B));
+        assert!(!is_complete(""));
     }
 
     #[test]

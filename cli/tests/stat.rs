@@ -28,12 +28,14 @@ const BEFORE: &str = r#"strait_response_total{direction="outbound",target="web:8
 strait_response_latency_seconds_bucket{le="0.001",direction="outbound",target="web:80"} 0
 strait_response_latency_seconds_bucket{le="0.002",direction="outbound",target="web:80"} 10
 strait_response_latency_seconds_bucket{le="+Inf",direction="outbound",target="web:80"} 10
+# EOF
 "#;
 const AFTER: &str = r#"strait_response_total{direction="outbound",target="web:80",classification="success"} 28
 strait_response_total{direction="outbound",target="web:80",classification="failure"} 2
 strait_response_latency_seconds_bucket{le="0.001",direction="outbound",target="web:80"} 10
 strait_response_latency_seconds_bucket{le="0.002",direction="outbound",target="web:80"} 30
 strait_response_latency_seconds_bucket{le="+Inf",direction="outbound",target="web:80"} 30
+# EOF
 "#;
 
 #[test]

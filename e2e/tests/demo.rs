@@ -39,10 +39,12 @@ fn demo_shows_live_signals_for_every_service_and_cleans_up() -> anyhow::Result<(
     );
     // The last table has both services with traffic; web never fails, api fails 1 call in 6.
     let last = stdout.rsplit("SERVICE").next().unwrap_or("");
+    // Failure messages end with the last table: what a truncated CI log still shows.
+    let why = |what: &str| format!("{stdout}\n{what}; the last table:\nSERVICE{last}");
     let row = |svc: &str| -> Vec<String> {
         last.lines()
             .find(|l| l.starts_with(svc))
-            .unwrap_or_else(|| panic!("no row for {svc} in:\n{stdout}"))
+            .unwrap_or_else(|| panic!("{}", why(&format!("no row for {svc}"))))
             .split_whitespace()
             .map(str::to_string)
             .collect()
@@ -50,11 +52,23 @@ fn demo_shows_live_signals_for_every_service_and_cleans_up() -> anyhow::Result<(
     let web = row("web.demo.svc.cluster.local:80");
     let api = row("api.demo.svc.cluster.local:80");
     let rps = |r: &[String]| r[1].parse::<f64>().unwrap_or(0.0);
-    assert!(rps(&web) > 5.0 && rps(&api) > 5.0, "{stdout}");
-    assert_eq!(web[2], "100.0%", "{stdout}");
+    assert!(
+        rps(&web) > 5.0 && rps(&api) > 5.0,
+        "{}",
+        why("too few requests per second")
+    );
+    assert_eq!(web[2], "100.0%", "{}", why("web must not fail"));
     let api_success: f64 = api[2].trim_end_matches('%').parse()?;
-    assert!((70.0..95.0).contains(&api_success), "{stdout}");
-    assert!(web[3].ends_with("ms") && web[4].ends_with("ms"), "{stdout}");
+    assert!(
+        (70.0..95.0).contains(&api_success),
+        "{}",
+        why("api fails 1 call in 6")
+    );
+    assert!(
+        web[3].ends_with("ms") && web[4].ends_with("ms"),
+        "{}",
+        why("latencies")
+    );
     assert_eq!(ours(&name), 0, "namespaces left behind");
     Ok(())
 }
