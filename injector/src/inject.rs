@@ -19,6 +19,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::{json, Value};
 
 use crate::config::{InjectConfig, SidecarMode};
+use crate::probes;
 
 /// Annotations (and the namespace label) the injector reads and writes.
 pub mod annotations {
@@ -43,6 +44,9 @@ pub mod annotations {
     pub const ACCESS_LOG: &str = "strait.io/access-log";
     /// Share (0 to 1) of this workload's requests without a parent's decision that are traced.
     pub const TRACE_SAMPLE_RATIO: &str = "strait.io/trace-sample-ratio";
+    /// `true` (default) / `false`: the application's HTTP and TCP probes go through the proxy's
+    /// admin port, so that they pass on strict ports.
+    pub const REWRITE_PROBES: &str = "strait.io/rewrite-probes";
 }
 
 pub const PROXY_CONTAINER: &str = "strait-proxy";
@@ -165,6 +169,7 @@ struct Options {
     memory_limit: String,
     access_log: String,
     trace_sample_ratio: String,
+    rewrite_probes: bool,
 }
 
 impl Options {
@@ -242,6 +247,17 @@ impl Options {
                 ))
             }
         };
+        let rewrite_probes = match a.get(annotations::REWRITE_PROBES).map(String::as_str) {
+            None | Some("true") => true,
+            Some("false") => false,
+            Some(v) => {
+                return Err(bad(
+                    annotations::REWRITE_PROBES,
+                    v,
+                    "expected `true` or `false`",
+                ))
+            }
+        };
         let mut skip_inbound = ALWAYS_SKIPPED_INBOUND.to_string();
         if let Some(extra) = ports(annotations::SKIP_INBOUND_PORTS)? {
             skip_inbound = format!("{skip_inbound},{extra}");
@@ -259,6 +275,7 @@ impl Options {
             memory_limit: quantity(annotations::MEMORY_LIMIT, &cfg.proxy_memory_limit)?,
             access_log,
             trace_sample_ratio,
+            rewrite_probes,
         })
     }
 }
@@ -324,7 +341,13 @@ fn patch(
     o: &Options,
     anchors: Option<&str>,
 ) -> Vec<Value> {
-    let mut ops = Vec::new();
+    // First: these operations use the containers' indices before the proxy is added.
+    let probes = if o.rewrite_probes {
+        probes::rewrite(spec)
+    } else {
+        probes::Rewrite::default()
+    };
+    let mut ops = probes.ops;
     let added = [
         (annotations::INJECTED, "true".to_string()),
         (annotations::PROXY_IMAGE, cfg.proxy_image.clone()),
@@ -350,7 +373,7 @@ fn patch(
     add_all(&mut ops, spec, "volumes", 0, volumes, true);
 
     let init = to_value(init_container(cfg, o));
-    let proxy = to_value(proxy_container(cfg, o, anchors));
+    let proxy = to_value(proxy_container(cfg, o, anchors, &probes.probes));
     match o.mode {
         SidecarMode::Native => add_all(
             &mut ops,
@@ -495,9 +518,15 @@ fn http_probe(path: &str, period: i32, failures: Option<i32>) -> Probe {
     }
 }
 
-fn proxy_container(cfg: &InjectConfig, o: &Options, anchors: Option<&str>) -> Container {
+fn proxy_container(
+    cfg: &InjectConfig,
+    o: &Options,
+    anchors: Option<&str>,
+    app_probes: &BTreeMap<String, Value>,
+) -> Container {
     let mut envs = vec![
         env_field("STRAIT_POD_NAME", "metadata.name"),
+        env_field("STRAIT_POD_IP", "status.podIP"),
         env_field("STRAIT_POD_NAMESPACE", "metadata.namespace"),
         env_field("STRAIT_SERVICE_ACCOUNT", "spec.serviceAccountName"),
         env(
@@ -536,6 +565,9 @@ fn proxy_container(cfg: &InjectConfig, o: &Options, anchors: Option<&str>) -> Co
             "STRAIT_TRACE_SAMPLE_RATIO",
             o.trace_sample_ratio.clone(),
         ));
+    }
+    if !app_probes.is_empty() {
+        envs.push(env("STRAIT_APP_PROBES", to_value(app_probes).to_string()));
     }
     if o.access_log != "off" {
         envs.push(env("STRAIT_ACCESS_LOG", o.access_log.clone()));

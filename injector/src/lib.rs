@@ -13,5 +13,6 @@
 pub mod config;
 pub mod inject;
 pub mod manifest;
+pub mod probes;
 pub mod review;
 pub mod server;

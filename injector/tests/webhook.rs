@@ -3,6 +3,7 @@
 
 use base64::Engine as _;
 use k8s_openapi::api::core::v1::{Container, Pod};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::{json, Value};
 use strait_injector::config::{InjectConfig, SidecarMode};
 use strait_injector::review::{review, Outcome};
@@ -268,10 +269,10 @@ fn a_pod_with_a_token_volume_keeps_it_and_its_containers() {
     assert_eq!(outcome, Outcome::Injected);
     assert_injected_native(&pod);
     let spec = pod.spec.as_ref().expect("spec");
-    assert_eq!(
-        spec.containers,
-        before.spec.as_ref().expect("spec").containers
-    );
+    // Only the application's probe moved to the proxy (see the probes test).
+    let mut expected = before.spec.as_ref().expect("spec").containers.clone();
+    expected[0].readiness_probe = spec.containers[0].readiness_probe.clone();
+    assert_eq!(spec.containers, expected);
     let volumes: Vec<&str> = spec
         .volumes
         .iter()
@@ -519,4 +520,107 @@ fn unreadable_anchors_admit_with_a_warning_and_garbage_is_an_error() {
         .is_some_and(|w| w.contains("/nonexistent/anchors.pem")));
     assert!(review(b"{not json", true, &cfg).is_err());
     assert!(review(b"{\"request\": {}}", true, &cfg).is_err());
+}
+
+/// The proxy, a native sidecar or (classic mode) the first container.
+fn proxy_of(pod: &Pod) -> &Container {
+    let spec = pod.spec.as_ref().expect("spec");
+    spec.init_containers
+        .iter()
+        .flatten()
+        .chain(spec.containers.iter())
+        .find(|c| c.name == "strait-proxy")
+        .expect("the proxy")
+}
+
+fn proxy_env(pod: &Pod) -> Vec<(String, String)> {
+    proxy_of(pod)
+        .env
+        .iter()
+        .flatten()
+        .map(|e| {
+            let v = e.value.clone().or_else(|| {
+                Some(
+                    e.value_from
+                        .as_ref()?
+                        .field_ref
+                        .as_ref()?
+                        .field_path
+                        .clone(),
+                )
+            });
+            (e.name.clone(), v.unwrap_or_default())
+        })
+        .collect()
+}
+
+#[test]
+fn application_probes_go_through_the_proxy_in_both_modes_unless_opted_out() {
+    let mut review = fixture("pod-create-apply-serviceaccount.json");
+    // The captured pod probes /healthz on the named port `http`; give the cache a TCP probe.
+    review["request"]["object"]["spec"]["containers"][1]["livenessProbe"] =
+        json!({"tcpSocket": {"port": 6379}, "timeoutSeconds": 3, "periodSeconds": 7});
+    for mode in [SidecarMode::Native, SidecarMode::Classic] {
+        let (_, outcome, pod) = run(&review, true, &config(mode));
+        assert_eq!(outcome, Outcome::Injected);
+        assert_valid(&pod);
+        let spec = pod.spec.as_ref().expect("spec");
+        let app = container(&Some(spec.containers.clone()), "app").clone();
+        let get = app
+            .readiness_probe
+            .as_ref()
+            .and_then(|p| p.http_get.clone())
+            .expect("httpGet");
+        assert_eq!(get.path.as_deref(), Some("/app-health/app/readiness"));
+        assert_eq!(get.port, IntOrString::Int(4191));
+        let probe = app.readiness_probe.as_ref().expect("probe");
+        assert_eq!(probe.period_seconds, Some(5), "timing is kept");
+        let cache = container(&Some(spec.containers.clone()), "cache").clone();
+        let live = cache.liveness_probe.as_ref().expect("liveness");
+        assert!(live.tcp_socket.is_none(), "one handler only");
+        assert_eq!(
+            live.http_get.as_ref().and_then(|g| g.path.as_deref()),
+            Some("/app-health/cache/liveness")
+        );
+        assert_eq!(live.period_seconds, Some(7));
+        let env = proxy_env(&pod);
+        let probes = env
+            .iter()
+            .find(|(n, _)| n == "STRAIT_APP_PROBES")
+            .map(|(_, v)| serde_json::from_str::<Value>(v).expect("JSON"))
+            .expect("STRAIT_APP_PROBES");
+        assert_eq!(
+            probes,
+            json!({
+                "app/readiness": {"kind": "http", "port": 8080, "path": "/healthz", "timeoutSeconds": 1},
+                "cache/liveness": {"kind": "tcp", "port": 6379, "timeoutSeconds": 3},
+            })
+        );
+        assert!(env.contains(&("STRAIT_POD_IP".into(), "status.podIP".into())));
+        // The proxy's own probes are untouched.
+        let ready = proxy_of(&pod)
+            .readiness_probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref());
+        assert_eq!(ready.and_then(|g| g.path.as_deref()), Some("/ready"));
+    }
+
+    review["request"]["object"]["metadata"]["annotations"] =
+        json!({"strait.io/rewrite-probes": "false"});
+    let before: Pod = serde_json::from_value(review["request"]["object"].clone()).expect("pod");
+    let (_, _, pod) = run(&review, true, &config(SidecarMode::Native));
+    assert_eq!(
+        pod.spec.as_ref().expect("spec").containers,
+        before.spec.as_ref().expect("spec").containers
+    );
+    assert!(!proxy_env(&pod)
+        .iter()
+        .any(|(n, _)| n == "STRAIT_APP_PROBES"));
+    review["request"]["object"]["metadata"]["annotations"] =
+        json!({"strait.io/rewrite-probes": "maybe"});
+    let (answer, outcome, _) = run(&review, true, &config(SidecarMode::Native));
+    assert!(matches!(outcome, Outcome::Failed(_)));
+    assert!(answer["response"]["warnings"][0]
+        .as_str()
+        .is_some_and(|w| w.contains("strait.io/rewrite-probes")));
 }

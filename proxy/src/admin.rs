@@ -1,4 +1,5 @@
-//! The admin server: `/live`, `/ready`, `/metrics`, and `POST /shutdown` (loopback clients only).
+//! The admin server: `/live`, `/ready`, `/metrics`, `POST /shutdown` (loopback clients only),
+//! and the application's probes rewritten by the injector (`/app-health/<container>/<kind>`).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -13,6 +14,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
+use crate::app_probe::{self, AppProbes};
 use crate::drain::{Drain, DrainTrigger};
 use crate::metrics::Metrics;
 
@@ -21,6 +23,7 @@ pub struct Admin {
     pub ready: Arc<AtomicBool>,
     pub trigger: Arc<DrainTrigger>,
     pub drain: Drain,
+    pub probes: AppProbes,
 }
 
 impl Admin {
@@ -38,7 +41,7 @@ impl Admin {
             tokio::spawn(async move {
                 let svc = service_fn(move |req| {
                     let admin = admin.clone();
-                    async move { Ok::<_, Infallible>(admin.handle(req, peer)) }
+                    async move { Ok::<_, Infallible>(admin.handle(req, peer).await) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), svc)
@@ -47,13 +50,24 @@ impl Admin {
         }
     }
 
-    fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
         let text = |status: StatusCode, body: &'static str| {
             let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
             *r.status_mut() = status;
             r
         };
-        match (req.method(), req.uri().path()) {
+        let path = req.uri().path();
+        if let Some(name) = path.strip_prefix(app_probe::PREFIX) {
+            if req.method() != Method::GET {
+                return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+            }
+            let agent = req
+                .headers()
+                .get(http::header::USER_AGENT)
+                .and_then(|v| v.to_str().ok());
+            return self.probes.check(name, agent).await;
+        }
+        match (req.method(), path) {
             (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
             (&Method::GET, "/ready") => {
                 if self.drain.is_draining() {
@@ -89,7 +103,7 @@ impl Admin {
             }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found: try /live /ready /metrics /shutdown\n",
+                "not found: try /live /ready /metrics /shutdown /app-health/<container>/<kind>\n",
             ),
         }
     }

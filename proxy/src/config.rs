@@ -113,9 +113,32 @@ pub struct ProxyConfig {
         default_value = "strait-proxy"
     )]
     pub trace_service_name: String,
+    /// The application's kubelet probes, which the admin server answers on
+    /// `/app-health/<container>/<kind>`: JSON `{"<container>/<kind>": {"kind": "http" | "tcp",
+    /// "port": 8080, "path": "/healthz", ...}}` (the injector writes it).
+    #[arg(long, env = "STRAIT_APP_PROBES", default_value = "", value_parser = crate::app_probe::parse, hide_env_values = true)]
+    pub app_probes: std::collections::BTreeMap<String, crate::app_probe::AppProbe>,
+    /// The pod's IP: where application probes connect unless they name a host. Unset or empty
+    /// (the downward API before the pod has an IP): loopback.
+    #[arg(long, env = "STRAIT_POD_IP", default_value = "", value_parser = parse_pod_ip)]
+    pub pod_ip: PodIp,
     /// Access log: `off`, or `json` for one JSON line per request on stdout.
     #[arg(long, env = "STRAIT_ACCESS_LOG", value_enum, default_value_t = AccessLogFormat::Off)]
     pub access_log: AccessLogFormat,
+}
+
+/// `--pod-ip`: an IP, or nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PodIp(pub Option<std::net::IpAddr>);
+
+fn parse_pod_ip(s: &str) -> Result<PodIp, String> {
+    if s.trim().is_empty() {
+        return Ok(PodIp(None));
+    }
+    s.trim()
+        .parse()
+        .map(|ip| PodIp(Some(ip)))
+        .map_err(|_| format!("{s:?} is not an IP address"))
 }
 
 /// The access log's format.
@@ -285,6 +308,39 @@ mod tests {
                 .expect(bad)
                 .to_string();
             assert!(err.contains(flag) && err.contains(bad), "{err}");
+        }
+    }
+
+    #[test]
+    fn probe_settings_are_checked_and_an_empty_pod_ip_is_unset() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            cfg: ProxyConfig,
+        }
+        let parse =
+            |args: &[&str]| Cli::try_parse_from(std::iter::once("p").chain(args.iter().copied()));
+        let cfg = parse(&[]).expect("defaults").cfg;
+        assert_eq!(cfg.pod_ip, PodIp(None));
+        assert!(cfg.app_probes.is_empty());
+        assert_eq!(
+            parse(&["--pod-ip", ""]).expect("empty").cfg.pod_ip,
+            PodIp(None)
+        );
+        let cfg = parse(&[
+            "--pod-ip",
+            "10.88.0.7",
+            "--app-probes",
+            r#"{"app/readiness": {"kind": "tcp", "port": 8080}}"#,
+        ])
+        .expect("valid")
+        .cfg;
+        assert_eq!(cfg.pod_ip, PodIp(Some([10, 88, 0, 7].into())));
+        assert_eq!(cfg.app_probes.len(), 1);
+        for (flag, bad) in [("--pod-ip", "10.88.0"), ("--app-probes", "{\"app\": 1}")] {
+            let err = parse(&[flag, bad]).err().expect(bad).to_string();
+            assert!(err.contains(flag), "{err}");
         }
     }
 }

@@ -6,6 +6,7 @@
 //! Beside it: [`admin`] (health, metrics, shutdown), [`metrics`], [`drain`], [`init`] (iptables).
 
 pub mod admin;
+pub mod app_probe;
 pub mod await_ready;
 pub mod balance;
 pub mod config;
@@ -178,6 +179,7 @@ pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
         ready: ready.clone(),
         trigger: trigger.clone(),
         drain: drain.clone(),
+        probes: app_probe::AppProbes::new(ctx.cfg.app_probes.clone(), ctx.cfg.pod_ip.0),
     });
     for listener in admin_listener {
         tokio::spawn(admin.clone().serve(listener));

@@ -192,8 +192,11 @@ impl Net {
         self.exec(pod, &init).context("strait-proxy init")?;
         let cp = format!("{BRIDGE_IP}:{DISCOVERY_PORT}");
         let workload = format!("default/{}", pod.name);
+        let pod_ip = pod.ip.to_string();
         let mut env = vec![
             ("STRAIT_CONTROL_PLANE_ADDR", cp.as_str()),
+            // As the injector sets it from status.podIP: where application probes connect.
+            ("STRAIT_POD_IP", pod_ip.as_str()),
             ("STRAIT_WORKLOAD", workload.as_str()),
             ("STRAIT_LOG", "info,strait_proxy::discovery=debug"),
             ("STRAIT_SHUTDOWN_GRACE_PERIOD", "5s"),
