@@ -135,39 +135,26 @@ fn a_strict_pods_probes_reach_the_app_through_the_proxy_and_report_its_health() 
         probe(&mesh, &kubelet, &format!("http://{}:8080/", web.ip))?,
         "000"
     );
-    assert_eq!(
-        probe(&mesh, &kubelet, &admin("/app-health/app/readiness"))?,
-        "200"
-    );
-    assert_eq!(
-        probe(&mesh, &kubelet, &admin("/app-health/app/liveness"))?,
-        "200"
-    );
-    // The application's own failure is kubelet's verdict.
-    assert_eq!(
-        probe(&mesh, &kubelet, &admin("/app-health/app/startup"))?,
-        "503"
-    );
-    // Nothing listens on the db port.
-    assert_eq!(
-        probe(&mesh, &kubelet, &admin("/app-health/db/readiness"))?,
-        "503"
-    );
-    assert_eq!(
-        probe(&mesh, &kubelet, &admin("/app-health/app/other"))?,
-        "404"
-    );
+    for (path, status) in [
+        ("/app-health/app/readiness", "200"),
+        ("/app-health/app/liveness", "200"),
+        // The application's own failure is kubelet's verdict.
+        ("/app-health/app/startup", "503"),
+        // Nothing listens on the db port.
+        ("/app-health/db/readiness", "503"),
+        ("/app-health/app/other", "404"),
+    ] {
+        assert_eq!(probe(&mesh, &kubelet, &admin(path))?, status, "{path}");
+    }
 
     // The application dies: its probes fail, the proxy's own stay healthy.
     mesh.net.kill(&app, nix::sys::signal::Signal::SIGKILL)?;
-    assert_eq!(
-        probe(&mesh, &kubelet, &admin("/app-health/app/liveness"))?,
-        "503"
-    );
-    assert_eq!(
-        probe(&mesh, &kubelet, &admin("/app-health/app/readiness"))?,
-        "503"
-    );
-    assert_eq!(probe(&mesh, &kubelet, &admin("/ready"))?, "200");
+    for (path, status) in [
+        ("/app-health/app/liveness", "503"),
+        ("/app-health/app/readiness", "503"),
+        ("/ready", "200"),
+    ] {
+        assert_eq!(probe(&mesh, &kubelet, &admin(path))?, status, "{path}");
+    }
     Ok(())
 }

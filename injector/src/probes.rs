@@ -108,7 +108,7 @@ fn original(container: &Value, probe: &Value) -> Option<(&'static str, Value)> {
         return None;
     };
     let port = port(container, action.get("port")?)?;
-    if port == ADMIN_PORT as u16 {
+    if i32::from(port) == ADMIN_PORT {
         return None; // already the admin port: nothing to take over
     }
     out.insert("port".into(), port.into());

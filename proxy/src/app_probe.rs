@@ -14,7 +14,9 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, Request, Response, StatusCode};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
+use http::{Request, Response, StatusCode};
 use http_body_util::{Empty, Full};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
@@ -23,11 +25,32 @@ use tokio::net::TcpStream;
 /// The URL prefix of the rewritten probes.
 pub const PREFIX: &str = "/app-health/";
 
-/// One of the application's probes, as it was written in the pod spec.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+/// One of the application's probes, checked once when the settings are read.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "Written")]
+pub struct AppProbe {
+    port: u16,
+    /// The probe's `host`: where to connect instead of the pod's IP.
+    host: Option<String>,
+    timeout: Duration,
+    check: Check,
+}
+
+#[derive(Debug, Clone)]
+enum Check {
+    /// `httpGet`: a GET of `path`, with the probe's own headers.
+    Http {
+        path: PathAndQuery,
+        headers: HeaderMap,
+    },
+    /// `tcpSocket`: a connection is accepted.
+    Tcp,
+}
+
+/// A probe as the injector writes it.
+#[derive(Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
-pub enum AppProbe {
-    /// `httpGet`: a GET of `path` on `port`, with the probe's own headers.
+enum Written {
     Http {
         port: u16,
         #[serde(default = "root")]
@@ -35,11 +58,10 @@ pub enum AppProbe {
         #[serde(default)]
         host: Option<String>,
         #[serde(default)]
-        headers: Vec<Header>,
+        headers: Vec<WrittenHeader>,
         #[serde(default = "one", rename = "timeoutSeconds")]
         timeout_seconds: u32,
     },
-    /// `tcpSocket`: a connection to `port` is accepted.
     Tcp {
         port: u16,
         #[serde(default)]
@@ -50,11 +72,11 @@ pub enum AppProbe {
 }
 
 /// A header the probe sends (`httpHeaders` in the pod spec).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Header {
-    pub name: String,
-    pub value: String,
+struct WrittenHeader {
+    name: String,
+    value: String,
 }
 
 fn root() -> String {
@@ -63,6 +85,59 @@ fn root() -> String {
 
 fn one() -> u32 {
     1
+}
+
+impl TryFrom<Written> for AppProbe {
+    type Error = String;
+
+    fn try_from(w: Written) -> Result<Self, String> {
+        let (port, host, timeout_seconds, check) = match w {
+            Written::Http {
+                port,
+                path,
+                host,
+                headers,
+                timeout_seconds,
+            } => {
+                let path = PathAndQuery::try_from(path.as_str())
+                    .ok()
+                    .filter(|p| p.as_str().starts_with('/'))
+                    .ok_or_else(|| format!("path {path:?} is not an absolute path"))?;
+                let mut map = HeaderMap::new();
+                for h in headers {
+                    let name = HeaderName::try_from(h.name.as_str());
+                    let value = HeaderValue::try_from(h.value.as_str());
+                    let (Ok(name), Ok(value)) = (name, value) else {
+                        return Err(format!("header {:?} is not valid", h.name));
+                    };
+                    map.insert(name, value);
+                }
+                (
+                    port,
+                    host,
+                    timeout_seconds,
+                    Check::Http { path, headers: map },
+                )
+            }
+            Written::Tcp {
+                port,
+                host,
+                timeout_seconds,
+            } => (port, host, timeout_seconds, Check::Tcp),
+        };
+        if port == 0 {
+            return Err("port 0".into());
+        }
+        if timeout_seconds == 0 {
+            return Err("timeoutSeconds must be at least 1".into());
+        }
+        Ok(Self {
+            port,
+            host: host.filter(|h| !h.is_empty()),
+            timeout: Duration::from_secs(u64::from(timeout_seconds)),
+            check,
+        })
+    }
 }
 
 /// The probes by `<container>/<kind>`, and where the application listens.
@@ -78,49 +153,21 @@ pub fn parse(s: &str) -> Result<BTreeMap<String, AppProbe>, String> {
     if s.trim().is_empty() {
         return Ok(BTreeMap::new());
     }
-    let probes: BTreeMap<String, AppProbe> = serde_json::from_str(s).map_err(|e| {
+    let written: BTreeMap<String, serde_json::Value> = serde_json::from_str(s).map_err(|e| {
         format!("not a JSON object of \"<container>/<kind>\": {{\"kind\": \"http\"|\"tcp\", \"port\": ...}}: {e}")
     })?;
-    for (name, probe) in &probes {
-        if name.split('/').count() != 2 {
-            return Err(format!("probe name {name:?} is not <container>/<kind>"));
-        }
-        let (port, timeout) = match probe {
-            AppProbe::Http {
-                port,
-                timeout_seconds,
-                path,
-                headers,
-                ..
-            } => {
-                if !path.starts_with('/') || path.parse::<http::Uri>().is_err() {
-                    return Err(format!(
-                        "probe {name:?}: path {path:?} is not an absolute path"
-                    ));
-                }
-                for h in headers {
-                    if header::HeaderName::try_from(h.name.as_str()).is_err()
-                        || header::HeaderValue::try_from(h.value.as_str()).is_err()
-                    {
-                        return Err(format!("probe {name:?}: header {:?} is not valid", h.name));
-                    }
-                }
-                (*port, *timeout_seconds)
+    written
+        .into_iter()
+        .map(|(name, probe)| {
+            if name.split('/').count() != 2 {
+                return Err(format!("probe name {name:?} is not <container>/<kind>"));
             }
-            AppProbe::Tcp {
-                port,
-                timeout_seconds,
-                ..
-            } => (*port, *timeout_seconds),
-        };
-        if port == 0 {
-            return Err(format!("probe {name:?}: port 0"));
-        }
-        if timeout == 0 {
-            return Err(format!("probe {name:?}: timeoutSeconds must be at least 1"));
-        }
-    }
-    Ok(probes)
+            match serde_json::from_value(probe) {
+                Ok(probe) => Ok((name, probe)),
+                Err(e) => Err(format!("probe {name:?}: {e}")),
+            }
+        })
+        .collect()
 }
 
 impl AppProbes {
@@ -136,35 +183,20 @@ impl AppProbes {
                 format!("no application probe {name:?}\n"),
             );
         };
-        let (port, host, timeout) = match probe {
-            AppProbe::Http {
-                port,
-                host,
-                timeout_seconds,
-                ..
-            }
-            | AppProbe::Tcp {
-                port,
-                host,
-                timeout_seconds,
-            } => (
-                *port,
-                host,
-                Duration::from_secs(u64::from(*timeout_seconds)),
-            ),
-        };
-        let addr = match self.address(host.as_deref(), port).await {
+        let addr = match self.address(probe.host.as_deref(), probe.port).await {
             Ok(a) => a,
             Err(e) => return text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
         };
+        let timeout = probe.timeout;
         let verdict = tokio::time::timeout(timeout, async {
             let stream = TcpStream::connect(addr)
                 .await
                 .map_err(|e| format!("cannot connect to the application at {addr}: {e}"))?;
-            match probe {
-                AppProbe::Tcp { .. } => Ok(StatusCode::OK),
-                AppProbe::Http { path, headers, .. } => {
-                    get(stream, addr, host.as_deref(), path, headers, user_agent).await
+            match &probe.check {
+                Check::Tcp => Ok(StatusCode::OK),
+                Check::Http { path, headers } => {
+                    let host = probe.host.as_deref();
+                    get(stream, addr, host, path, headers, user_agent).await
                 }
             }
         })
@@ -210,8 +242,8 @@ async fn get(
     stream: TcpStream,
     addr: SocketAddr,
     host: Option<&str>,
-    path: &str,
-    headers: &[Header],
+    path: &PathAndQuery,
+    headers: &HeaderMap,
     user_agent: Option<&str>,
 ) -> Result<StatusCode, String> {
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -222,20 +254,14 @@ async fn get(
         Some(h) => format!("{h}:{}", addr.port()),
         None => addr.to_string(),
     };
-    let mut req = Request::get(path)
+    let mut req = Request::get(path.as_str())
         .header(header::HOST, authority)
         .header(header::ACCEPT, "*/*")
         .header(header::USER_AGENT, user_agent.unwrap_or("kube-probe"))
         .body(Empty::<Bytes>::new())
         .map_err(|e| format!("bad probe request: {e}"))?;
-    for h in headers {
-        // Checked when the probes were parsed.
-        if let (Ok(n), Ok(v)) = (
-            header::HeaderName::try_from(h.name.as_str()),
-            header::HeaderValue::try_from(h.value.as_str()),
-        ) {
-            req.headers_mut().insert(n, v);
-        }
+    for (name, value) in headers {
+        req.headers_mut().insert(name, value.clone());
     }
     let resp = sender
         .send_request(req)
@@ -354,9 +380,10 @@ mod tests {
         assert!(parse("").expect("empty").is_empty());
         let err = |s: &str| parse(s).expect_err(s);
         assert!(err("[1]").contains("JSON object"));
-        assert!(err(r#"{"app/readiness": {"kind": "exec", "port": 1}}"#).contains("JSON object"));
+        assert!(err(r#"{"app/readiness": {"kind": "exec", "port": 1}}"#)
+            .contains("probe \"app/readiness\": unknown variant `exec`"));
         assert!(err(r#"{"app": {"kind": "tcp", "port": 1}}"#).contains("\"app\""));
-        assert!(err(r#"{"a/b": {"kind": "tcp", "port": 0}}"#).contains("port 0"));
+        assert!(err(r#"{"a/b": {"kind": "tcp", "port": 0}}"#).contains("probe \"a/b\": port 0"));
         assert!(err(r#"{"a/b": {"kind": "http", "port": 1, "path": "x"}}"#).contains("path"));
         assert!(
             err(r#"{"a/b": {"kind": "tcp", "port": 1, "timeoutSeconds": 0}}"#)
