@@ -40,7 +40,9 @@ impl Mesh {
         self.pod_as(name, name, opts)
     }
 
-    /// Runs curl in `pod` (silent, failing on transport errors, 10 s cap).
+    /// Runs curl in `pod` (silent, failing on transport errors): 10 s per transfer, and the
+    /// whole command (a glob of many transfers too) within the testbed's command limit
+    /// (`strait_testbed::netns::COMMAND_LIMIT`, or less near the test's deadline).
     pub fn curl(&self, pod: &Pod, args: &[&str]) -> Result<String> {
         let mut cmd = vec!["curl", "-sS", "--max-time", "10"];
         cmd.extend_from_slice(args);

@@ -121,3 +121,101 @@ fn a_destination_outside_the_mesh_is_reached_through_passthrough() -> anyhow::Re
     );
     Ok(())
 }
+
+/// One keep-alive HTTP/1.1 connection to 10.96.0.10:80, opened before the service exists: it
+/// sends a request at once (no service yet: passed through), logs `first <status>`, then one
+/// request every 100 ms on the same socket until one is served (`served <body>`). It fails if
+/// the connection is closed or replaced, and gives up after 30 s.
+const KEEP_ALIVE_CLIENT: &str = r#"
+import http.client, sys, time
+c = http.client.HTTPConnection("10.96.0.10", 80, timeout=10)
+c.auto_open = 0  # a closed socket raises instead of silently reconnecting
+c.connect()
+port = c.sock.getsockname()[1]
+def get():
+    c.request("GET", "/")
+    r = c.getresponse()
+    return r.status, r.read().decode(errors="replace").strip()
+status, body = get()
+print("first", status, body.splitlines()[0] if body else "", flush=True)
+deadline = time.time() + 30
+while time.time() < deadline:
+    time.sleep(0.1)
+    status, body = get()
+    if c.sock is None or c.sock.getsockname()[1] != port:
+        sys.exit("the connection was replaced")
+    if status == 200 and body.startswith("hello from"):
+        print("served", body, "on port", port, flush=True)
+        sys.exit(0)
+    print("still", status, flush=True)
+sys.exit("never served through the mesh")
+"#;
+
+#[test]
+fn a_keep_alive_connection_opened_before_the_service_exists_joins_the_mesh_when_it_appears(
+) -> anyhow::Result<()> {
+    let mesh = Mesh::new("latesvc")?;
+    let server = mesh.meshed_pod("server")?;
+    mesh.net.start_app(
+        &server,
+        "app",
+        &["http", "--listen", "0.0.0.0:8080", "--name", "server"],
+    )?;
+    let client = mesh.meshed_pod("client")?;
+    // The client connects while 10.96.0.10 is nobody's: discovery says "not in the mesh".
+    let script = mesh.net.dir.join("keepalive.py");
+    std::fs::write(&script, KEEP_ALIVE_CLIENT)?;
+    let py = mesh.net.spawn(
+        &client,
+        "keepalive",
+        &["python3", &script.to_string_lossy()],
+    )?;
+    mesh.net.wait_log(&py, "first ", Duration::from_secs(20))?;
+    let first = mesh.net.output(&py);
+    assert!(!first.contains("hello from"), "{first}");
+
+    // The service appears: the next requests on the same connection go through the mesh.
+    mesh.config
+        .service(&ServiceDef::new("web", "10.96.0.10", 80, 8080, &[&server]))?;
+    let ok = mesh.net.wait(&py, Duration::from_secs(40))?;
+    let out = mesh.net.output(&py);
+    assert!(
+        ok,
+        "the keep-alive connection never reached the mesh:\n{out}"
+    );
+    assert!(out.contains("served hello from server"), "{out}");
+
+    let client_metrics = mesh.metrics(&client)?;
+    let passthrough = metric(
+        &client_metrics,
+        "strait_request_total",
+        &["direction=\"outbound\"", "target=\"passthrough\""],
+    )
+    .unwrap_or(0.0);
+    let meshed = metric(
+        &client_metrics,
+        "strait_request_total",
+        &["direction=\"outbound\"", "target=\"web.default"],
+    )
+    .unwrap_or(0.0);
+    assert!(
+        passthrough >= 1.0,
+        "the first request was passed through:\n{client_metrics}"
+    );
+    assert!(
+        meshed >= 1.0,
+        "the last request went through the mesh:\n{client_metrics}"
+    );
+    let server_metrics = mesh.metrics(&server)?;
+    let inbound = metric(
+        &server_metrics,
+        "strait_response_total",
+        &["direction=\"inbound\"", "status_code=\"200\""],
+    )
+    .unwrap_or(0.0);
+    assert!(
+        inbound >= 1.0,
+        "the serving pod's proxy answered it:\n{server_metrics}"
+    );
+    Ok(())
+}

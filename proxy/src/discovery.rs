@@ -5,10 +5,16 @@
 //! reopened with jittered exponential backoff. A destination never answered within
 //! `first_answer_timeout` is passed through to its original address (a safe fallback: the
 //! platform's own networking still works without the mesh).
+//!
+//! A connection keeps its destination's [`Resolution`] for its whole life, and HTTP requests
+//! read its current state one by one ([`Resolution::state_for_request`]): a keep-alive
+//! connection accepted while the destination was unknown, or outside the mesh, is routed
+//! through the mesh as soon as discovery says so (and the reverse). Opaque TCP is decided
+//! once, when the connection is accepted: bytes already spliced cannot change path.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,12 +25,12 @@ use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint as GrpcEndpoint};
 
 use crate::balance::{Balancer, EndpointSpec};
-use crate::metrics::Metrics;
+use crate::metrics::{Direction, HttpMetrics, Metrics};
 use crate::router::Router;
 use arc_swap::ArcSwap;
 
 /// The discovery state of one destination.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum Resolved {
     /// No answer yet.
     Pending,
@@ -32,13 +38,28 @@ pub enum Resolved {
     Mesh {
         service: Arc<str>,
         hint: ProtocolHint,
+        /// The request metrics of this service (outbound), shared by every connection to it.
+        metrics: Arc<HttpMetrics>,
     },
+}
+
+impl Resolved {
+    pub fn is_pending(&self) -> bool {
+        matches!(self, Resolved::Pending)
+    }
 }
 
 /// One destination's live resolution. Connections hold it while they use its balancer.
 #[derive(Debug)]
 pub struct Resolution {
+    /// Waited on while the first answer is pending; its sender's task ends when every
+    /// `Resolution` is gone.
     state: watch::Receiver<Resolved>,
+    /// The same state, read without a lock by every request.
+    current: Arc<ArcSwap<Resolved>>,
+    target: SocketAddr,
+    /// Whether a request has already been passed through for want of an answer (logged once).
+    warned_pending: AtomicBool,
     pub balancer: Arc<Balancer>,
     /// HTTP routes (HTTPRoute, TrafficSplit); empty: everything goes to `balancer`.
     pub router: Arc<ArcSwap<Router>>,
@@ -48,23 +69,31 @@ pub struct Resolution {
 }
 
 impl Resolution {
-    pub fn current(&self) -> Resolved {
-        self.state.borrow().clone()
+    /// The state now (lock-free).
+    pub fn current(&self) -> Arc<Resolved> {
+        self.current.load_full()
     }
 
     /// The state once known, or `Pending` after `timeout`.
-    async fn ready(&self, timeout: Duration) -> Resolved {
-        let mut rx = self.state.clone();
-        let known = tokio::time::timeout(timeout, async {
-            rx.wait_for(|s| *s != Resolved::Pending)
-                .await
-                .map(|s| s.clone())
-        })
-        .await;
-        match known {
-            Ok(Ok(state)) => state,
-            _ => self.current(),
+    pub async fn ready(&self, timeout: Duration) -> Arc<Resolved> {
+        let now = self.current();
+        if !now.is_pending() {
+            return now;
         }
+        let mut rx = self.state.clone();
+        let _ = tokio::time::timeout(timeout, rx.wait_for(|s| !s.is_pending())).await;
+        self.current()
+    }
+
+    /// The state a request goes by: the current one, or (while the first answer is pending)
+    /// the answer once it comes, waited for up to `timeout`. Still pending then: logged once
+    /// per destination; the caller passes the request through.
+    pub async fn state_for_request(&self, timeout: Duration) -> Arc<Resolved> {
+        let state = self.ready(timeout).await;
+        if state.is_pending() && !self.warned_pending.swap(true, Ordering::Relaxed) {
+            tracing::warn!(target = %self.target, ?timeout, "no discovery answer in time; passing through");
+        }
+        state
     }
 }
 
@@ -76,17 +105,6 @@ pub struct AddrError {
     addr: String,
     #[source]
     source: tonic::transport::Error,
-}
-
-/// Where a new connection goes, decided by discovery.
-#[derive(Debug, Clone)]
-pub enum Lookup {
-    Mesh {
-        service: Arc<str>,
-        hint: ProtocolHint,
-        resolution: Arc<Resolution>,
-    },
-    Passthrough,
 }
 
 #[derive(Debug)]
@@ -157,21 +175,20 @@ impl Discovery {
         self.client.clone()
     }
 
-    /// Looks `target` up, starting its stream on first use.
-    pub async fn lookup(&self, target: SocketAddr) -> Lookup {
+    /// How long a connection or request waits for a destination's first answer.
+    pub fn first_answer_timeout(&self) -> Duration {
+        self.first_answer_timeout
+    }
+
+    /// Looks `target` up, starting its stream on first use: its live resolution (held by the
+    /// connection for its whole life) and its state once known, or still `Pending` after the
+    /// first-answer timeout.
+    pub async fn lookup(&self, target: SocketAddr) -> (Arc<Resolution>, Arc<Resolved>) {
         let resolution = self.resolution(target);
-        match resolution.ready(self.first_answer_timeout).await {
-            Resolved::Mesh { service, hint } => Lookup::Mesh {
-                service,
-                hint,
-                resolution,
-            },
-            Resolved::NotInMesh => Lookup::Passthrough,
-            Resolved::Pending => {
-                tracing::warn!(%target, "no discovery answer in time; passing through");
-                Lookup::Passthrough
-            }
-        }
+        let state = resolution
+            .state_for_request(self.first_answer_timeout)
+            .await;
+        (resolution, state)
     }
 
     fn resolution(&self, target: SocketAddr) -> Arc<Resolution> {
@@ -192,6 +209,7 @@ impl Discovery {
             return r.clone();
         }
         let (tx, rx) = watch::channel(Resolved::Pending);
+        let current = Arc::new(ArcSwap::from_pointee(Resolved::Pending));
         let balancer = Arc::new(
             Balancer::new(self.connect_timeout, self.identity.clone())
                 .with_ejection(self.eject_after),
@@ -199,6 +217,9 @@ impl Discovery {
         let router = Arc::new(ArcSwap::from_pointee(Router::default()));
         let resolution = Arc::new(Resolution {
             state: rx,
+            current: current.clone(),
+            target,
+            warned_pending: AtomicBool::new(false),
             balancer: balancer.clone(),
             router: router.clone(),
             retry_budget: crate::retry::RetryBudget::new(&self.retry_budget),
@@ -211,7 +232,7 @@ impl Discovery {
                 target: target.to_string(),
                 proxy: self.workload.clone(),
             },
-            tx,
+            State { tx, current },
             Targets {
                 balancer,
                 router,
@@ -233,10 +254,28 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
+/// Where a destination's stream publishes its state: the watch (for waiters) and the
+/// lock-free copy (for requests), always together.
+struct State {
+    tx: watch::Sender<Resolved>,
+    current: Arc<ArcSwap<Resolved>>,
+}
+
+impl State {
+    fn publish(&self, state: Resolved) {
+        self.current.store(Arc::new(state.clone()));
+        self.tx.send_replace(state);
+    }
+
+    async fn closed(&self) {
+        self.tx.closed().await
+    }
+}
+
 async fn watch_destination(
     mut client: DiscoveryClient<Channel>,
     request: WatchRequest,
-    tx: watch::Sender<Resolved>,
+    state: State,
     mut targets: Targets,
     metrics: Arc<Metrics>,
 ) {
@@ -252,7 +291,7 @@ async fn watch_destination(
             });
             while let Some(update) = stream.message().await? {
                 metrics.discovery_updates.inc();
-                apply(&request.target, update, &tx, &mut targets);
+                apply(&request.target, update, &state, &mut targets, &metrics);
                 backoff.reset();
             }
             Ok::<_, tonic::Status>(())
@@ -267,11 +306,11 @@ async fn watch_destination(
                     "discovery stream failed; serving the last known state"
                 ),
             },
-            _ = tx.closed() => return,
+            _ = state.closed() => return,
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff.next_delay()) => {}
-            _ = tx.closed() => return,
+            _ = state.closed() => return,
         }
     }
 }
@@ -306,8 +345,9 @@ fn endpoint_specs(endpoints: &[strait_api::discovery::Endpoint]) -> Vec<Endpoint
 fn apply(
     target: &str,
     update: DestinationUpdate,
-    tx: &watch::Sender<Resolved>,
+    state: &State,
     targets: &mut Targets,
+    metrics: &Arc<Metrics>,
 ) {
     let balancer = &targets.balancer;
     match update.update {
@@ -329,14 +369,22 @@ fn apply(
             tracing::debug!(%target, service = %d.service, endpoints = specs.len(), "discovery update");
             balancer.update(specs);
             let hint = ProtocolHint::try_from(d.protocol).unwrap_or(ProtocolHint::Unknown);
-            tx.send_replace(Resolved::Mesh {
+            // The same service keeps its metrics handles; a new one gets its own.
+            let http = match &**state.current.load() {
+                Resolved::Mesh {
+                    service, metrics, ..
+                } if **service == *d.service => metrics.clone(),
+                _ => Arc::new(metrics.http(Direction::Outbound, &d.service, None)),
+            };
+            state.publish(Resolved::Mesh {
                 service: d.service.into(),
                 hint,
+                metrics: http,
             });
         }
         Some(Update::NotInMesh(_)) | None => {
             balancer.update(Vec::new());
-            tx.send_replace(Resolved::NotInMesh);
+            state.publish(Resolved::NotInMesh);
         }
     }
 }
@@ -395,6 +443,11 @@ mod tests {
     fn updates_feed_the_balancer_and_state() {
         use strait_api::discovery::{Destination, Endpoint, NotInMesh};
         let (tx, rx) = watch::channel(Resolved::Pending);
+        let state = State {
+            tx,
+            current: Arc::new(ArcSwap::from_pointee(Resolved::Pending)),
+        };
+        let metrics = Arc::new(Metrics::new());
         let mut targets = Targets {
             balancer: Arc::new(Balancer::new(Duration::from_secs(1), None)),
             router: Arc::new(ArcSwap::from_pointee(Router::default())),
@@ -425,7 +478,7 @@ mod tests {
                 ..Default::default()
             })),
         };
-        apply("t", update, &tx, &mut targets);
+        apply("t", update, &state, &mut targets, &metrics);
         assert_eq!(balancer.len(), 1, "bad addresses skipped");
         assert!(matches!(
             &*rx.borrow(),
@@ -441,10 +494,99 @@ mod tests {
                     reason: String::new(),
                 })),
             },
-            &tx,
+            &state,
             &mut targets,
+            &metrics,
         );
         assert!(balancer.is_empty());
-        assert_eq!(*rx.borrow(), Resolved::NotInMesh);
+        assert!(matches!(*rx.borrow(), Resolved::NotInMesh));
+        assert!(matches!(**state.current.load(), Resolved::NotInMesh));
+    }
+
+    fn resolution_and_state() -> (Arc<Resolution>, State) {
+        let (tx, rx) = watch::channel(Resolved::Pending);
+        let current = Arc::new(ArcSwap::from_pointee(Resolved::Pending));
+        let resolution = Arc::new(Resolution {
+            state: rx,
+            current: current.clone(),
+            target: "10.96.0.10:80".parse().expect("addr"),
+            warned_pending: AtomicBool::new(false),
+            balancer: Arc::new(Balancer::new(Duration::from_secs(1), None)),
+            router: Arc::new(ArcSwap::from_pointee(Router::default())),
+            retry_budget: crate::retry::RetryBudget::new(&crate::retry::BudgetSettings {
+                ratio: 0.2,
+                min_per_second: 10,
+                window: Duration::from_secs(10),
+            }),
+            last_used: AtomicU64::new(0),
+        });
+        (resolution, State { tx, current })
+    }
+
+    fn mesh_update(service: &str) -> DestinationUpdate {
+        use strait_api::discovery::Destination;
+        DestinationUpdate {
+            update: Some(Update::Destination(Destination {
+                service: service.into(),
+                ..Default::default()
+            })),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_waits_for_a_pending_answer_and_later_requests_follow_changes() {
+        let (resolution, state) = resolution_and_state();
+        let metrics = Arc::new(Metrics::new());
+        let mut targets = Targets {
+            balancer: resolution.balancer.clone(),
+            router: resolution.router.clone(),
+            backends: HashMap::new(),
+            connect_timeout: Duration::from_secs(1),
+            identity: None,
+            eject_after: 7,
+        };
+        // Nothing comes: after the timeout the request goes by "pending" (passed through).
+        let s = resolution.state_for_request(Duration::from_secs(1)).await;
+        assert!(s.is_pending());
+        // An answer that comes while a request waits is the one it goes by.
+        let waiting = {
+            let r = resolution.clone();
+            tokio::spawn(async move { r.state_for_request(Duration::from_secs(5)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        apply("t", mesh_update("web:80"), &state, &mut targets, &metrics);
+        let got = waiting.await.expect("task");
+        let Resolved::Mesh { metrics: first, .. } = &*got else {
+            panic!("expected the mesh answer, got {got:?}");
+        };
+        // The next request of the same connection sees a later change at once...
+        apply(
+            "t",
+            DestinationUpdate {
+                update: Some(Update::NotInMesh(Default::default())),
+            },
+            &state,
+            &mut targets,
+            &metrics,
+        );
+        assert!(matches!(
+            *resolution.state_for_request(Duration::ZERO).await,
+            Resolved::NotInMesh
+        ));
+        // ... and the same service, announced again, keeps its metrics handles.
+        apply("t", mesh_update("web:80"), &state, &mut targets, &metrics);
+        let again = resolution.current();
+        apply("t", mesh_update("web:80"), &state, &mut targets, &metrics);
+        let third = resolution.current();
+        match (&*again, &*third) {
+            (Resolved::Mesh { metrics: a, .. }, Resolved::Mesh { metrics: b, .. }) => {
+                assert!(Arc::ptr_eq(a, b), "same service, same handles");
+                assert!(
+                    !Arc::ptr_eq(a, first),
+                    "a new answer after NotInMesh is fresh"
+                );
+            }
+            other => panic!("expected two mesh answers, got {other:?}"),
+        }
     }
 }

@@ -192,7 +192,11 @@ struct InboundHttp {
 }
 
 impl Handler for InboundHttp {
-    fn metrics(&self) -> &HttpMetrics {
+    type Target = ();
+
+    async fn target(&self, _req: &Request<Incoming>) {}
+
+    fn metrics<'a>(&'a self, _target: &'a ()) -> &'a HttpMetrics {
         &self.metrics
     }
 
@@ -204,7 +208,11 @@ impl Handler for InboundHttp {
         format!("app {} (client {:?})", self.app, self.client)
     }
 
-    async fn forward(&self, req: Request<Incoming>) -> Result<Response<Incoming>, ProxyError> {
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        _target: &(),
+    ) -> Result<Response<Incoming>, ProxyError> {
         let mut req = req.map(Either::Left);
         if let Err(denied) = self
             .ctx

@@ -44,6 +44,8 @@ use crate::metrics::Metrics;
 pub struct Context {
     pub cfg: ProxyConfig,
     pub metrics: Arc<Metrics>,
+    /// The request metrics of outbound requests passed through (not in the mesh).
+    pub passthrough_metrics: metrics::HttpMetrics,
     pub discovery: Option<Discovery>,
     pub clients: Clients,
     pub drain: Drain,
@@ -166,6 +168,7 @@ pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
         telemetry,
         clients: Clients::new(cfg.connect_timeout),
         cfg,
+        passthrough_metrics: metrics.http(metrics::Direction::Outbound, "passthrough", None),
         metrics: metrics.clone(),
         discovery,
         drain: drain.clone(),

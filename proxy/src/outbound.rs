@@ -5,10 +5,12 @@
 //!         proxy has an identity), or direct
 //!   TCP:  pick an endpoint -> splice (over mTLS to a meshed peer with an identity)
 //! A destination not in the mesh is passed through to its original address. TLS the
-//! application speaks itself is opaque here.
+//! application speaks itself is opaque here. HTTP requests follow the destination's discovery
+//! state one by one (a keep-alive connection opened before discovery answered joins the mesh
+//! with its next request); opaque TCP is routed once, when the connection is accepted.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -17,7 +19,7 @@ use tokio::net::TcpStream;
 
 use crate::balance::Balancer;
 use crate::detect::{self, Protocol};
-use crate::discovery::Lookup;
+use crate::discovery::{Resolution, Resolved};
 use crate::http::client::{send_upgrade, H2Conn};
 use crate::http::error::ProxyError;
 use crate::http::forward::{direct, to_peer};
@@ -35,21 +37,25 @@ use std::time::Duration;
 const PASSTHROUGH: &str = "passthrough";
 
 pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: SocketAddr) {
-    let lookup = match &ctx.discovery {
-        Some(d) => d.lookup(orig_dst).await,
-        None => Lookup::Passthrough,
+    let (resolution, state) = match &ctx.discovery {
+        Some(d) => {
+            let (r, s) = d.lookup(orig_dst).await;
+            (Some(r), s)
+        }
+        None => (None, Arc::new(Resolved::NotInMesh)),
     };
-    let label: &str = match &lookup {
-        Lookup::Mesh { service, .. } => service,
-        Lookup::Passthrough => PASSTHROUGH,
+    // TCP is labelled by the state at accept: a spliced stream cannot change path.
+    let label: &str = match &*state {
+        Resolved::Mesh { service, .. } => service,
+        _ => PASSTHROUGH,
     };
     let tcp = ctx.metrics.tcp(Direction::Outbound, label);
     let mut io = CountingIo::new(stream, tcp.read.clone(), tcp.written.clone());
 
     let opaque = ctx.cfg.opaque_ports.contains(orig_dst.port())
         || matches!(
-            lookup,
-            Lookup::Mesh {
+            &*state,
+            Resolved::Mesh {
                 hint: ProtocolHint::Opaque,
                 ..
             }
@@ -78,19 +84,17 @@ pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: So
 
     match protocol {
         Protocol::Opaque | Protocol::Tls => {
-            let (addr, tls) = match &lookup {
-                Lookup::Passthrough => (orig_dst, None),
-                Lookup::Mesh {
-                    resolution,
-                    service,
-                    ..
-                } => match resolution.balancer.pick() {
+            // Decided once, by the state now (detection may have taken a while).
+            let now = resolution.as_ref().map(|r| r.current());
+            let (addr, tls) = match (&resolution, now.as_deref()) {
+                (Some(r), Some(Resolved::Mesh { service, .. })) => match r.balancer.pick() {
                     Some(e) => (e.addr(), e.tls.as_ref().map(|t| t.tcp.clone())),
                     None => {
                         tracing::warn!(%service, "no endpoints; closing TCP connection");
                         return;
                     }
                 },
+                _ => (orig_dst, None),
             };
             if let Err(e) =
                 crate::tcp::forward(io, addr, ctx.cfg.connect_timeout, tls.as_ref()).await
@@ -99,16 +103,11 @@ pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: So
             }
         }
         Protocol::Http1 | Protocol::Http2 => {
-            let passthrough_h2 = match (&lookup, protocol) {
-                (Lookup::Passthrough, Protocol::Http2) => Some(ctx.clients.h2.get(orig_dst)),
-                _ => None,
-            };
             let handler = Arc::new(OutboundHttp {
-                metrics: ctx.metrics.http(Direction::Outbound, label, None),
                 ctx: ctx.clone(),
-                lookup,
+                resolution,
                 orig_dst,
-                passthrough_h2,
+                passthrough_h2: OnceLock::new(),
             });
             serve(io, protocol, ctx.drain.clone(), handler).await;
         }
@@ -116,18 +115,58 @@ pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: So
     drop(tcp);
 }
 
-/// The requests of one outbound HTTP connection.
+/// The requests of one outbound HTTP connection. Each request goes by its destination's
+/// discovery state when it arrives, not by the state when the connection was accepted.
 struct OutboundHttp {
     ctx: Arc<Context>,
-    lookup: Lookup,
+    /// None when the proxy runs without discovery.
+    resolution: Option<Arc<Resolution>>,
     orig_dst: SocketAddr,
-    passthrough_h2: Option<Arc<H2Conn>>,
-    metrics: HttpMetrics,
+    /// The pooled connection to `orig_dst`, for requests passed through.
+    passthrough_h2: OnceLock<Arc<H2Conn>>,
+}
+
+/// Where one outbound request goes, decided when it arrives.
+enum Target {
+    /// To its original destination, outside the mesh.
+    Passthrough,
+    /// Through the mesh, to the service's endpoints and routes.
+    Mesh {
+        service: Arc<str>,
+        resolution: Arc<Resolution>,
+        metrics: Arc<HttpMetrics>,
+    },
 }
 
 impl Handler for OutboundHttp {
-    fn metrics(&self) -> &HttpMetrics {
-        &self.metrics
+    type Target = Target;
+
+    async fn target(&self, _req: &Request<Incoming>) -> Target {
+        let Some(resolution) = &self.resolution else {
+            return Target::Passthrough;
+        };
+        let timeout = self
+            .ctx
+            .discovery
+            .as_ref()
+            .map_or(Duration::ZERO, |d| d.first_answer_timeout());
+        match &*resolution.state_for_request(timeout).await {
+            Resolved::Mesh {
+                service, metrics, ..
+            } => Target::Mesh {
+                service: service.clone(),
+                resolution: resolution.clone(),
+                metrics: metrics.clone(),
+            },
+            Resolved::NotInMesh | Resolved::Pending => Target::Passthrough,
+        }
+    }
+
+    fn metrics<'a>(&'a self, target: &'a Target) -> &'a HttpMetrics {
+        match target {
+            Target::Mesh { metrics, .. } => metrics,
+            Target::Passthrough => &self.ctx.passthrough_metrics,
+        }
     }
 
     fn telemetry(&self) -> &crate::telemetry::Telemetry {
@@ -138,96 +177,87 @@ impl Handler for OutboundHttp {
         self.orig_dst.to_string()
     }
 
-    async fn forward(&self, mut req: Request<Incoming>) -> Result<Response<Incoming>, ProxyError> {
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        target: &Target,
+    ) -> Result<Response<Incoming>, ProxyError> {
         let upgrade = is_upgrade(&req);
         strip_hop_by_hop(req.headers_mut(), upgrade);
-        match &self.lookup {
-            Lookup::Passthrough => {
-                let fallback;
-                let h2 = match &self.passthrough_h2 {
-                    Some(h2) => h2,
-                    None => {
-                        fallback = self.ctx.clients.h2.get(self.orig_dst);
-                        &fallback
-                    }
-                };
-                direct(&self.ctx.clients, self.orig_dst, h2, req.map(Either::Left)).await
+        let Target::Mesh {
+            service,
+            resolution,
+            metrics,
+        } = target
+        else {
+            let h2 = self
+                .passthrough_h2
+                .get_or_init(|| self.ctx.clients.h2.get(self.orig_dst));
+            return direct(&self.ctx.clients, self.orig_dst, h2, req.map(Either::Left)).await;
+        };
+        resolution.retry_budget.deposit();
+        let router = resolution.router.load();
+        let route = match router.route(&req) {
+            _ if router.is_empty() => None,
+            Some(route) => Some(route),
+            None if router.unmatched_to_service => None,
+            None => return Err(ProxyError::NoRoute(service.to_string())),
+        };
+        let Some(route) = route else {
+            let timeout = grpc_timeout(&req);
+            let req = req.map(Either::Left);
+            return with_timeout(
+                timeout,
+                self.send_to(&resolution.balancer, service, req, upgrade),
+            )
+            .await;
+        };
+        route.modify(&mut req);
+        let backend = route.pick_backend().ok_or_else(|| {
+            ProxyError::NoBackend(format!("{}: every backend weight is 0", route.name))
+        })?;
+        let Some(balancer) = &backend.balancer else {
+            return Err(ProxyError::NoBackend(format!(
+                "{}: backend {} does not exist",
+                route.name, backend.service
+            )));
+        };
+        // The request timeout bounds every attempt together; backendRequest each one.
+        let overall = [route.request_timeout, grpc_timeout(&req)]
+            .into_iter()
+            .flatten()
+            .min();
+        let per_attempt = route.backend_timeout;
+        let result = match route
+            .retry
+            .as_ref()
+            .filter(|_| !upgrade && retry::is_replayable(&req))
+        {
+            None => {
+                let attempt = with_timeout(
+                    per_attempt,
+                    self.send_to(balancer, &backend.service, req.map(Either::Left), upgrade),
+                );
+                with_timeout(overall, attempt).await
             }
-            Lookup::Mesh {
-                service,
-                resolution,
-                ..
-            } => {
-                resolution.retry_budget.deposit();
-                let router = resolution.router.load();
-                let route = match router.route(&req) {
-                    _ if router.is_empty() => None,
-                    Some(route) => Some(route),
-                    None if router.unmatched_to_service => None,
-                    None => return Err(ProxyError::NoRoute(service.to_string())),
-                };
-                let Some(route) = route else {
-                    let timeout = grpc_timeout(&req);
-                    let req = req.map(Either::Left);
-                    return with_timeout(
-                        timeout,
-                        self.send_to(&resolution.balancer, service, req, upgrade),
-                    )
-                    .await;
-                };
-                route.modify(&mut req);
-                let backend = route.pick_backend().ok_or_else(|| {
-                    ProxyError::NoBackend(format!("{}: every backend weight is 0", route.name))
-                })?;
-                let Some(balancer) = &backend.balancer else {
-                    return Err(ProxyError::NoBackend(format!(
-                        "{}: backend {} does not exist",
-                        route.name, backend.service
-                    )));
-                };
-                // The request timeout bounds every attempt together; backendRequest each one.
-                let overall = [route.request_timeout, grpc_timeout(&req)]
-                    .into_iter()
-                    .flatten()
-                    .min();
-                let per_attempt = route.backend_timeout;
-                let result = match route
-                    .retry
-                    .as_ref()
-                    .filter(|_| !upgrade && retry::is_replayable(&req))
-                {
-                    None => {
-                        let attempt = with_timeout(
-                            per_attempt,
-                            self.send_to(
-                                balancer,
-                                &backend.service,
-                                req.map(Either::Left),
-                                upgrade,
-                            ),
-                        );
-                        with_timeout(overall, attempt).await
-                    }
-                    Some(policy) => {
-                        let attempts = self.with_retries(
-                            balancer,
-                            &backend.service,
-                            req,
-                            policy,
-                            per_attempt,
-                            resolution,
-                        );
-                        with_timeout(overall, attempts).await
-                    }
-                };
-                result.map(|mut resp| {
-                    if let Some(dst) = resp.extensions_mut().get_mut::<Destination>() {
-                        dst.route = Label::from(route.name.clone());
-                    }
-                    resp
-                })
+            Some(policy) => {
+                let attempts = self.with_retries(
+                    (balancer, &backend.service),
+                    req,
+                    policy,
+                    per_attempt,
+                    &resolution.retry_budget,
+                    metrics,
+                );
+                with_timeout(overall, attempts).await
             }
-        }
+        };
+        result.map(|mut resp| {
+            if let Some(dst) = resp.extensions_mut().get_mut::<Destination>() {
+                dst.route = Label::from(route.name.clone());
+            }
+            resp
+        })
     }
 }
 
@@ -251,12 +281,12 @@ impl OutboundHttp {
     /// Sends a replayable request, retrying as `policy` says while the budget allows.
     async fn with_retries(
         &self,
-        balancer: &Balancer,
-        service: &Arc<str>,
+        (balancer, service): (&Balancer, &Arc<str>),
         req: Request<Incoming>,
         policy: &retry::RetryPolicy,
         per_attempt: Option<Duration>,
-        resolution: &crate::discovery::Resolution,
+        budget: &retry::RetryBudget,
+        metrics: &HttpMetrics,
     ) -> Result<Response<Incoming>, ProxyError> {
         let grpc = crate::http::headers::is_grpc(&req);
         let replay = retry::Replayable::buffer(req).await?;
@@ -270,11 +300,11 @@ impl OutboundHttp {
             if attempt >= policy.attempts || !retry::should_retry(&result, policy, grpc) {
                 return result;
             }
-            if !resolution.retry_budget.withdraw() {
-                self.metrics.retries_exhausted.inc();
+            if !budget.withdraw() {
+                metrics.retries_exhausted.inc();
                 return result;
             }
-            self.metrics.retries.inc();
+            metrics.retries.inc();
             attempt += 1;
             drop(result);
             if !policy.backoff.is_zero() {

@@ -47,6 +47,12 @@ pub struct Proc {
 }
 
 /// A private network of pods. Dropping it kills its processes and deletes its namespaces.
+///
+/// A Net made by [`Net::new`] (the tests') has a deadline ([`TEST_DEADLINE`]): when it passes,
+/// every process in its namespaces is killed, so whatever the test waits on ends and the test
+/// fails instead of hanging. Every command run in it is bounded as a whole. A guardian process
+/// outside the test's process group deletes the namespaces if the test process is killed
+/// before it can clean up (e.g. by the test runner's timeout).
 #[derive(Debug)]
 pub struct Net {
     pub prefix: String,
@@ -56,15 +62,85 @@ pub struct Net {
     children: Mutex<Vec<(Proc, Child)>>,
     next_host: AtomicU32,
     keep_logs: bool,
+    /// When the test's time is up (tests only).
+    deadline: Option<Instant>,
+    /// Dropped with the Net: stops the deadline watchdog.
+    _watchdog: Option<std::sync::mpsc::Sender<()>>,
+    guardian: Option<Child>,
 }
+
+/// How long a test's Net may live before its processes are killed: far below the test
+/// runner's own timeout (.config/nextest.toml), so that a stuck test fails with its logs and
+/// cleans up. `STRAIT_TEST_DEADLINE` (e.g. `300s`) overrides it.
+pub const TEST_DEADLINE: Duration = Duration::from_secs(120);
+
+/// The longest any single command run in a Net may take (a globbed curl included).
+pub const COMMAND_LIMIT: Duration = Duration::from_secs(60);
 
 /// Runs a command to completion, failing with its stderr.
 pub fn sh(program: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(program)
+    sh_within(program, args, COMMAND_LIMIT)
+}
+
+/// Runs `program` with `args`; kills it after `limit`, with stdout and stderr pipes read
+/// concurrently so a chatty command cannot block.
+pub fn run_within(program: &str, args: &[&str], limit: Duration) -> Result<std::process::Output> {
+    use std::io::Read;
+    let mut child = Command::new(program)
         .args(args)
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .with_context(|| format!("cannot run {program}"))?;
+    let reader = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out = reader(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let err = reader(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stdout = out.join().unwrap_or_default();
+            bail!(
+                "`{program} {}` did not finish within {limit:?} and was killed; its output:\n{}",
+                args.join(" "),
+                tail(&String::from_utf8_lossy(&stdout), 20)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    Ok(std::process::Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    })
+}
+
+/// [`sh`] with its own time limit.
+pub fn sh_within(program: &str, args: &[&str], limit: Duration) -> Result<String> {
+    let out = run_within(program, args, limit)?;
     if !out.status.success() {
         bail!(
             "`{program} {}` failed ({}): {}",
@@ -81,17 +157,27 @@ fn ip(args: &[&str]) -> Result<String> {
 }
 
 impl Net {
-    /// Creates the bridge namespace. `tag` is a short name for this network (test name).
+    /// Creates a test's Net: the bridge namespace, the deadline watchdog and the guardian.
+    /// `tag` is a short name for this network (test name).
     pub fn new(tag: &str) -> Result<Self> {
-        Self::with_prefix(format!(
+        let mut net = Self::with_prefix(format!(
             "stt{}x{}-{}",
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed),
             tag
-        ))
+        ))?;
+        let limit = match std::env::var("STRAIT_TEST_DEADLINE") {
+            Ok(v) => humantime::parse_duration(&v)
+                .with_context(|| format!("STRAIT_TEST_DEADLINE {v:?} is not a duration"))?,
+            Err(_) => TEST_DEADLINE,
+        };
+        net.deadline = Some(Instant::now() + limit);
+        net._watchdog = Some(watchdog(net.prefix.clone(), limit));
+        net.guardian = guardian(&net.prefix);
+        Ok(net)
     }
 
-    /// Creates a Net whose namespaces are named `<prefix>-*`.
+    /// Creates a Net whose namespaces are named `<prefix>-*` (no deadline: the demo's).
     pub fn with_prefix(prefix: String) -> Result<Self> {
         if !crate::is_root() {
             bail!("network namespaces need root: run as root (e.g. sudo)");
@@ -109,6 +195,9 @@ impl Net {
             children: Mutex::new(Vec::new()),
             next_host: AtomicU32::new(2),
             keep_logs: std::env::var_os("STRAIT_KEEP_LOGS").is_some(),
+            deadline: None,
+            _watchdog: None,
+            guardian: None,
         };
         ip(&["netns", "add", &bridge_ns])?;
         let b = bridge_ns.as_str();
@@ -257,11 +346,30 @@ impl Net {
         self.spawn_in(&pod.ns, &format!("{}-{name}", pod.name), None, cmd, &[])
     }
 
+    /// How long a command may still run: [`COMMAND_LIMIT`], or less when the Net's deadline
+    /// is nearer. Fails once the deadline has passed.
+    pub fn command_limit(&self) -> Result<Duration> {
+        match self.deadline {
+            None => Ok(COMMAND_LIMIT),
+            Some(d) => match d.checked_duration_since(Instant::now()) {
+                Some(left) if !left.is_zero() => Ok(left.min(COMMAND_LIMIT)),
+                _ => bail!(
+                    "the test's deadline ({TEST_DEADLINE:?}, STRAIT_TEST_DEADLINE) has passed"
+                ),
+            },
+        }
+    }
+
     /// Runs `cmd` in namespace `ns` to completion; returns stdout, fails with stderr.
     pub fn exec_in(&self, ns: &str, cmd: &[&str]) -> Result<String> {
+        self.exec_within(ns, cmd, self.command_limit()?)
+    }
+
+    /// Runs `cmd` in namespace `ns`, killed after `limit` (or the Net's deadline, if nearer).
+    pub fn exec_within(&self, ns: &str, cmd: &[&str], limit: Duration) -> Result<String> {
         let mut args = vec!["netns", "exec", ns];
         args.extend_from_slice(cmd);
-        sh("ip", &args)
+        sh_within("ip", &args, limit.min(self.command_limit()?))
     }
 
     /// Runs `cmd` in a pod to completion.
@@ -271,11 +379,9 @@ impl Net {
 
     /// Like [`Net::exec`] but returns (exit success, stdout, stderr) instead of failing.
     pub fn try_exec(&self, pod: &Pod, cmd: &[&str]) -> Result<(bool, String, String)> {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &pod.ns])
-            .args(cmd)
-            .stdin(Stdio::null())
-            .output()?;
+        let mut args = vec!["netns", "exec", pod.ns.as_str()];
+        args.extend_from_slice(cmd);
+        let out = run_within("ip", &args, self.command_limit()?)?;
         Ok((
             out.status.success(),
             String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -410,17 +516,7 @@ fn tail(s: &str, lines: usize) -> String {
 
 /// Kills every process in `ns` and deletes it.
 pub fn delete_namespace(ns: &str) {
-    if let Ok(pids) = sh("ip", &["netns", "pids", ns]) {
-        for pid in pids
-            .split_whitespace()
-            .filter_map(|p| p.parse::<i32>().ok())
-        {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
+    kill_all_in(ns);
     let _ = sh("ip", &["netns", "del", ns]);
 }
 
@@ -433,8 +529,68 @@ pub fn namespaces() -> Vec<String> {
         .collect()
 }
 
+/// Kills every process in the namespaces named `<prefix>-*` once `limit` has passed, unless
+/// the returned sender is dropped first (the Net went away).
+fn watchdog(prefix: String, limit: Duration) -> std::sync::mpsc::Sender<()> {
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
+            eprintln!(
+                "testbed: {prefix}: the test ran past its deadline of {limit:?}; killing its processes"
+            );
+            for ns in namespaces()
+                .iter()
+                .filter(|n| n.starts_with(&format!("{prefix}-")))
+            {
+                kill_all_in(ns);
+            }
+        }
+    });
+    tx
+}
+
+/// A process in a session of its own (so a runner that kills the test's process group leaves
+/// it alive) that waits for the test process to exit, then kills what is left in the Net's
+/// namespaces and deletes them. After a normal drop there is nothing left and it is killed.
+fn guardian(prefix: &str) -> Option<Child> {
+    let script = r#"while kill -0 "$0" 2>/dev/null; do sleep 1; done
+for ns in $(ip netns list | cut -d' ' -f1); do
+  case "$ns" in
+    "$1"-*) for p in $(ip netns pids "$ns"); do kill -9 "$p"; done; ip netns del "$ns";;
+  esac
+done"#;
+    let child = Command::new("setsid")
+        .args(["sh", "-c", script, &std::process::id().to_string(), prefix])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    match child {
+        Ok(c) => Some(c),
+        Err(e) => {
+            eprintln!("testbed: no guardian for {prefix} (setsid: {e}); a killed test may leave its namespaces until the next run");
+            None
+        }
+    }
+}
+
+/// Kills every process in namespace `ns`.
+fn kill_all_in(ns: &str) {
+    if let Ok(pids) = sh("ip", &["netns", "pids", ns]) {
+        for pid in pids
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
 /// Removes `stt<pid>x...` namespaces whose owner process is gone (a killed test run).
-fn remove_stale_namespaces() {
+pub fn remove_stale_namespaces() {
     for ns in namespaces() {
         let Some(rest) = ns.strip_prefix("stt") else {
             continue;
@@ -473,6 +629,10 @@ impl Drop for Net {
             delete_namespace(&pod.ns);
         }
         delete_namespace(&self.bridge_ns);
+        if let Some(mut g) = self.guardian.take() {
+            let _ = g.kill();
+            let _ = g.wait();
+        }
         if !self.keep_logs && !failing {
             let _ = std::fs::remove_dir_all(&self.dir);
         }

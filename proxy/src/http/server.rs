@@ -25,12 +25,18 @@ use crate::metrics::{Destination, HttpMetrics};
 /// Forwards one request of a connection; [`serve`] turns its result into the response and
 /// records the metrics, the same way for every side.
 pub trait Handler: Send + Sync + 'static {
+    /// Where one request goes, decided once when it arrives (outbound: the destination's
+    /// discovery state at that moment), so that forwarding and metrics agree.
+    type Target: Send + Sync;
+    /// Decides the request's target; may wait (bounded) for a first discovery answer.
+    fn target(&self, req: &Request<Incoming>) -> impl Future<Output = Self::Target> + Send;
     fn forward(
         &self,
         req: Request<Incoming>,
+        target: &Self::Target,
     ) -> impl Future<Output = Result<Response<Incoming>, ProxyError>> + Send;
-    /// The connection's request metrics.
-    fn metrics(&self) -> &HttpMetrics;
+    /// The metrics that count a request to `target`.
+    fn metrics<'a>(&'a self, target: &'a Self::Target) -> &'a HttpMetrics;
     /// Where requests go, for the log line of a failure.
     fn describe(&self) -> String;
     /// Tracing and the access log.
@@ -41,11 +47,13 @@ pub trait Handler: Send + Sync + 'static {
 /// response headers, answer in the client's HTTP version, and count it.
 async fn handle<H: Handler>(handler: &H, mut req: Request<Incoming>) -> Response<Metered<Body>> {
     let start = std::time::Instant::now();
-    handler.metrics().request();
+    let target = handler.target(&req).await;
+    let metrics = handler.metrics(&target);
+    metrics.request();
     let grpc = is_grpc(&req);
     let version = req.version();
-    let observation = handler.telemetry().observe(&mut req, handler.metrics());
-    let (mut resp, error) = match handler.forward(req).await {
+    let observation = handler.telemetry().observe(&mut req, metrics);
+    let (mut resp, error) = match handler.forward(req, &target).await {
         Ok(mut resp) => {
             if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
                 strip_hop_by_hop(resp.headers_mut(), false);
@@ -59,9 +67,7 @@ async fn handle<H: Handler>(handler: &H, mut req: Request<Incoming>) -> Response
         }
     };
     let dst = resp.extensions_mut().remove::<Destination>();
-    let recorder = handler
-        .metrics()
-        .response(resp.status().as_u16(), dst, error, start.elapsed());
+    let recorder = metrics.response(resp.status().as_u16(), dst, error, start.elapsed());
     let status = grpc_status(resp.headers());
     resp.map(|body| Metered::new(body, recorder, grpc, status).observed(observation))
 }
