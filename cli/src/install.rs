@@ -285,7 +285,7 @@ fn webhook_entry(
     args: &InstallArgs,
     name: &str,
     path: &str,
-    selector: Value,
+    (namespaces, pods): (Value, Value),
     ca_bundle: &str,
 ) -> Value {
     json!({
@@ -295,7 +295,8 @@ fn webhook_entry(
                          "caBundle": ca_bundle},
         "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
                    "resources": ["pods"], "scope": "Namespaced"}],
-        "namespaceSelector": selector,
+        "namespaceSelector": namespaces,
+        "objectSelector": pods,
         "failurePolicy": args.failure_policy,
         "sideEffects": "None",
         "admissionReviewVersions": ["v1"],
@@ -413,11 +414,21 @@ pub fn manifests(args: &InstallArgs) -> anyhow::Result<Vec<Value>> {
     docs.push(json!({
         "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
         "metadata": {"name": "strait-injector", "labels": labels("strait-injector")},
+        // The API server calls the webhook only for pods that asked for the mesh: with
+        // `--failure-policy Fail` and the injector down, every other pod is still admitted.
+        // In a labelled namespace: every pod but those labelled out. Elsewhere: only pods
+        // labelled `strait.io/inject=enabled` (a label, since selectors cannot read
+        // annotations).
         "webhooks": [
-            webhook_entry(args, "inject.strait.io", "/inject", json!({"matchExpressions": [
-                {"key": "strait.io/inject", "operator": "In", "values": ["enabled"]}, system.clone()]}), &ca_bundle),
-            webhook_entry(args, "opt-in.inject.strait.io", "/inject-opt-in", json!({"matchExpressions": [
-                {"key": "strait.io/inject", "operator": "NotIn", "values": ["enabled", "disabled"]}, system]}), &ca_bundle),
+            webhook_entry(args, "inject.strait.io", "/inject", (
+                json!({"matchExpressions": [
+                    {"key": "strait.io/inject", "operator": "In", "values": ["enabled"]}, system.clone()]}),
+                json!({"matchExpressions": [
+                    {"key": "strait.io/inject", "operator": "NotIn", "values": ["disabled"]}]})), &ca_bundle),
+            webhook_entry(args, "opt-in.inject.strait.io", "/inject-opt-in", (
+                json!({"matchExpressions": [
+                    {"key": "strait.io/inject", "operator": "NotIn", "values": ["enabled", "disabled"]}, system]}),
+                json!({"matchLabels": {"strait.io/inject": "enabled"}})), &ca_bundle),
         ]
     }));
     Ok(docs)

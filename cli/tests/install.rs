@@ -471,3 +471,101 @@ fn install_hands_tracing_and_access_logs_to_the_injector() {
         assert!(String::from_utf8_lossy(&bad.stderr).contains("--trace-collector"));
     }
 }
+
+/// Whether a Kubernetes label selector (matchLabels, matchExpressions with In, NotIn, Exists,
+/// DoesNotExist) selects an object with `labels`, as the API server evaluates it.
+fn selects(selector: &Value, labels: &Value) -> bool {
+    let label = |k: &str| labels.get(k).and_then(Value::as_str);
+    let by_labels = selector["matchLabels"]
+        .as_object()
+        .is_none_or(|m| m.iter().all(|(k, v)| label(k) == v.as_str()));
+    let by_expressions = selector["matchExpressions"].as_array().is_none_or(|exprs| {
+        exprs.iter().all(|e| {
+            let key = e["key"].as_str().unwrap_or("");
+            let values: Vec<&str> = e["values"]
+                .as_array()
+                .map(|v| v.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            match e["operator"].as_str() {
+                Some("In") => label(key).is_some_and(|v| values.contains(&v)),
+                Some("NotIn") => label(key).is_none_or(|v| !values.contains(&v)),
+                Some("Exists") => label(key).is_some(),
+                Some("DoesNotExist") => label(key).is_none(),
+                other => panic!("unknown operator {other:?}"),
+            }
+        })
+    });
+    by_labels && by_expressions
+}
+
+#[test]
+fn with_failure_policy_fail_only_pods_that_asked_for_the_mesh_reach_the_webhook() {
+    let out = strait(&["install", "--failure-policy", "Fail"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let docs = docs(&String::from_utf8_lossy(&out.stdout));
+    let webhook = find(&docs, "MutatingWebhookConfiguration", "strait-injector");
+    let entries = webhook["webhooks"].as_array().expect("webhooks");
+    assert!(entries.iter().all(|e| e["failurePolicy"] == "Fail"));
+    let calls = |ns_labels: &Value, pod_labels: &Value| {
+        entries
+            .iter()
+            .filter(|e| {
+                selects(&e["namespaceSelector"], ns_labels)
+                    && selects(&e["objectSelector"], pod_labels)
+            })
+            .count()
+    };
+    // The captured cluster: every pod, with its namespace's labels.
+    let read = |f: &str| -> Value {
+        let path = format!("{}/../testdata/k8s/cluster/{f}", env!("CARGO_MANIFEST_DIR"));
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("fixture")).expect("json")
+    };
+    let namespaces: HashMap<String, Value> = read("namespaces-list.json")["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|n| {
+            (
+                n["metadata"]["name"].as_str().unwrap_or("").to_string(),
+                n["metadata"]["labels"].clone(),
+            )
+        })
+        .collect();
+    let mut seen = 0;
+    for pod in read("pods-list-all-namespaces.json")["items"]
+        .as_array()
+        .expect("items")
+    {
+        let ns = pod["metadata"]["namespace"].as_str().unwrap_or("");
+        let ns_labels = &namespaces[ns];
+        let labels = &pod["metadata"]["labels"];
+        let n = calls(ns_labels, labels);
+        let ns_on = ns_labels["strait.io/inject"] == "enabled";
+        let pod_label = labels["strait.io/inject"].as_str();
+        let expected = match (ns_on, pod_label) {
+            (_, Some("disabled")) => 0,
+            (true, _) => 1,
+            (false, Some("enabled")) if !["kube-system", "strait-system"].contains(&ns) => 1,
+            (false, _) => 0,
+        };
+        assert_eq!(n, expected, "{ns}/{}: {labels}", pod["metadata"]["name"]);
+        seen += 1;
+    }
+    assert!(seen > 10);
+    // Pods that never opted in, in namespaces that never did: the webhook is never called,
+    // so an injector outage cannot block them.
+    let none = json!({});
+    for ns in ["default", "plain", "kube-system", "other"] {
+        assert_eq!(calls(&namespaces[ns], &none), 0, "{ns}");
+    }
+    assert_eq!(calls(&namespaces["demo"], &none), 1, "a labelled namespace");
+    let opted_out = json!({"strait.io/inject": "disabled"});
+    assert_eq!(calls(&namespaces["demo"], &opted_out), 0);
+    let opted_in = json!({"strait.io/inject": "enabled"});
+    assert_eq!(calls(&namespaces["plain"], &opted_in), 1);
+    assert_eq!(calls(&namespaces["kube-system"], &opted_in), 0);
+}

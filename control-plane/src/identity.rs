@@ -123,7 +123,7 @@ impl Identity for IdentityService {
         let token = String::from_utf8(req.token).unwrap_or_default();
         let (ns, sa) = match self.tokens.authenticate(token.trim()).await {
             Ok(account) => account,
-            Err(e @ TokenError::ReviewFailed(_)) => {
+            Err(e @ TokenError::ReviewFailed { .. }) => {
                 self.metrics.certificate("refused", "token_review");
                 tracing::warn!(asked = %req.identity, error = %e, "refused: cannot check the token");
                 return Err(Status::unavailable(e.to_string()));

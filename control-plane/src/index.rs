@@ -19,13 +19,15 @@ use crate::resources::{
 };
 use crate::routes::{routes_for, RouteSources};
 
-/// Naming settings of the cluster.
+/// Naming settings of the cluster, and what proves that an endpoint has a sidecar.
 #[derive(Debug, Clone)]
 pub struct Naming {
     /// The SPIFFE trust domain: `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`.
     pub trust_domain: String,
     /// The DNS suffix of services: `<svc>.<ns>.svc.<cluster-domain>`.
     pub cluster_domain: String,
+    /// Which endpoints are announced as meshed (mTLS, an identity).
+    pub sidecars: SidecarEvidence,
 }
 
 impl Default for Naming {
@@ -33,8 +35,23 @@ impl Default for Naming {
         Self {
             trust_domain: "cluster.local".into(),
             cluster_domain: "cluster.local".into(),
+            sidecars: SidecarEvidence::UnlessOptedOut,
         }
     }
+}
+
+/// What makes an endpoint meshed. In both modes a `hostNetwork` Pod, a Pod or slice annotated
+/// `strait.io/meshed: "false"` and a Pod annotated `strait.io/inject: disabled` are not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SidecarEvidence {
+    /// Local mode: every endpoint has a sidecar unless its Pod or slice says otherwise (the
+    /// config directory describes the mesh's own pods).
+    UnlessOptedOut,
+    /// Kubernetes mode: only an endpoint whose `targetRef` is a Pod that the injector marked
+    /// (`strait.io/injected: "true"`). Endpoints without a Pod (the API server, external IPs of
+    /// a selectorless Service) and Pods the injector skipped are reached in plaintext, as they
+    /// expect.
+    InjectedPodsOnly,
 }
 
 /// All answers of one version of the mesh state.
@@ -357,11 +374,23 @@ fn endpoints_for(
                 .and_then(|p| p.spec.service_account_name.as_deref())
                 .or(slice_sa.map(String::as_str))
                 .unwrap_or("default");
+            let pod_ok = |p: &Pod| {
+                !p.spec.host_network
+                    && !is_off(p.metadata.annotations.get(annotations::MESHED))
+                    && !is_off(p.metadata.annotations.get(annotations::INJECT))
+            };
             let meshed = slice_meshed
-                && pod.is_none_or(|p| {
-                    !is_off(p.metadata.annotations.get(annotations::MESHED))
-                        && !is_off(p.metadata.annotations.get(annotations::INJECT))
-                });
+                && match naming.sidecars {
+                    SidecarEvidence::UnlessOptedOut => pod.is_none_or(pod_ok),
+                    SidecarEvidence::InjectedPodsOnly => pod.is_some_and(|p| {
+                        pod_ok(p)
+                            && p.metadata
+                                .annotations
+                                .get(annotations::INJECTED)
+                                .map(String::as_str)
+                                == Some("true")
+                    }),
+                };
             let mut labels = BTreeMap::new();
             if let Some(name) = ep.target_ref.as_ref().and_then(|r| r.name.clone()) {
                 labels.insert("pod".to_string(), name);
@@ -381,7 +410,12 @@ fn endpoints_for(
                     ip: ip.to_string(),
                     port: u32::from(target_port),
                     weight: 1,
-                    identity: format!("spiffe://{}/ns/{ns}/sa/{sa}", naming.trust_domain),
+                    // An endpoint without a sidecar has no identity to check.
+                    identity: if meshed {
+                        format!("spiffe://{}/ns/{ns}/sa/{sa}", naming.trust_domain)
+                    } else {
+                        String::new()
+                    },
                     meshed,
                     labels: labels.clone().into_iter().collect(),
                 });
@@ -511,10 +545,7 @@ spec: {serviceAccountName: other}
             "spiffe://cluster.local/ns/shop/sa/web-sa"
         );
         assert!(d.endpoints[0].meshed);
-        assert_eq!(
-            d.endpoints[1].identity,
-            "spiffe://cluster.local/ns/shop/sa/other"
-        );
+        assert_eq!(d.endpoints[1].identity, "", "no sidecar, no identity");
         assert!(!d.endpoints[1].meshed, "pod opted out");
         assert_eq!(
             d.endpoints[1].labels.get("pod").map(String::as_str),

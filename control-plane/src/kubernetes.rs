@@ -211,9 +211,10 @@ async fn watch_kind(client: kube::Client, index: usize, tx: mpsc::Sender<Change>
     let kind = KINDS[index];
     let api: Api<DynamicObject> = Api::all_with(client, &kind.api_resource());
     let mut stream = watcher(api, watcher::Config::default())
-        .default_backoff()
+        .backoff(WatchBackoff::default())
         .boxed();
-    let mut failing = false;
+    // Since when this kind's watch has been failing (one warning per outage).
+    let mut failing: Option<std::time::Instant> = None;
     let convert = |object: DynamicObject| -> Option<(Key, Vec<Resource>)> {
         let value = serde_json::to_value(object).ok()?;
         let key = key_of(&value);
@@ -235,20 +236,21 @@ async fn watch_kind(client: kube::Client, index: usize, tx: mpsc::Sender<Change>
                 .ok()
                 .map(|v| Change::Delete(index, key_of(&v))),
             Ok(watcher::Event::InitDone) => {
-                if std::mem::take(&mut failing) {
-                    tracing::info!(kind = kind.kind, "watching again");
+                if let Some(since) = failing.take() {
+                    tracing::info!(kind = kind.kind, outage = ?since.elapsed(), "watching again");
                 }
                 Some(Change::Listed(index))
             }
             Err(error) => {
-                // Retried with backoff by the stream; logged once per outage.
-                if !std::mem::replace(&mut failing, true) {
-                    let hint = if kind.required {
-                        "serving the last known state"
-                    } else {
-                        "is the CRD installed? serving the last known state"
-                    };
-                    tracing::warn!(kind = kind.kind, %error, hint, "watch failed; retrying");
+                // Retried by the stream within WatchBackoff's cap; logged once per outage.
+                if failing.is_none() {
+                    failing = Some(std::time::Instant::now());
+                    tracing::warn!(
+                        kind = kind.kind,
+                        %error,
+                        cause = watch_failure_cause(&error, kind.required),
+                        "watch failed; serving the last known state and retrying"
+                    );
                 }
                 None
             }
@@ -258,6 +260,62 @@ async fn watch_kind(client: kube::Client, index: usize, tx: mpsc::Sender<Change>
                 return;
             }
         }
+    }
+}
+
+/// Delays between retries of a failing watch: 250 ms doubling to a cap of 3 s, each between
+/// half and all of that (jitter), back to the start after an event. A watch therefore resumes
+/// within about 3 s of the API server's return, however long the outage (kube-runtime's
+/// default grows to 30 s).
+#[derive(Debug, Default)]
+pub struct WatchBackoff {
+    attempt: u32,
+}
+
+impl WatchBackoff {
+    pub const CAP: Duration = Duration::from_secs(3);
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let base = Duration::from_millis(250)
+            .saturating_mul(1 << self.attempt.min(4))
+            .min(Self::CAP);
+        self.attempt = self.attempt.saturating_add(1);
+        let half = base / 2;
+        Some(half + half.mul_f64(fastrand::f64()))
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// What most likely broke a watch, in words an operator can act on.
+fn watch_failure_cause(error: &watcher::Error, required: bool) -> &'static str {
+    let api = match error {
+        watcher::Error::InitialListFailed(e)
+        | watcher::Error::WatchStartFailed(e)
+        | watcher::Error::WatchFailed(e) => match e {
+            kube::Error::Api(status) => Some(status.code),
+            _ => None,
+        },
+        watcher::Error::WatchError(status) => Some(status.code),
+        watcher::Error::NoResourceVersion => return "the API server sent no resourceVersion",
+    };
+    match api {
+        Some(404) if !required => "the CRD is not installed (this kind is optional)",
+        Some(404) => "the API server does not serve this kind",
+        Some(401) => "the API server refused the control plane's credentials",
+        Some(403) => "RBAC: the control plane's ClusterRole lacks list/watch on this kind",
+        Some(410) => "the watch expired; relisting",
+        Some(code) if code >= 500 => "the API server (or etcd) is failing",
+        Some(_) => "the API server refused the request",
+        None => "the API server is unreachable",
     }
 }
 
@@ -305,6 +363,40 @@ mod tests {
             "ports": [{"port": 8080}],
         });
         to_resources(&KINDS[1], object).expect("a slice")
+    }
+
+    #[test]
+    fn watch_retries_are_capped_at_3s_and_restart_after_a_success() {
+        use kube::runtime::utils::Backoff as _;
+        let mut b = WatchBackoff::default();
+        let first = b.next().expect("a delay");
+        assert!(first >= Duration::from_millis(125) && first <= Duration::from_millis(250));
+        let mut total = first;
+        for _ in 0..50 {
+            let d = b.next().expect("never gives up");
+            assert!(d <= WatchBackoff::CAP, "{d:?}");
+            total += d;
+        }
+        assert!(b.next().expect("a delay") >= WatchBackoff::CAP / 2);
+        assert!(total > Duration::from_secs(60), "it keeps trying");
+        b.reset();
+        assert!(b.next().expect("a delay") <= Duration::from_millis(250));
+    }
+
+    #[test]
+    fn watch_failures_name_their_cause() {
+        let api = |code: u16| {
+            watcher::Error::InitialListFailed(kube::Error::Api(
+                kube::core::Status::failure("x", "y")
+                    .with_code(code)
+                    .boxed(),
+            ))
+        };
+        assert!(watch_failure_cause(&api(404), false).contains("CRD is not installed"));
+        assert!(!watch_failure_cause(&api(404), true).contains("CRD"));
+        assert!(watch_failure_cause(&api(403), true).contains("RBAC"));
+        assert!(watch_failure_cause(&api(503), false).contains("etcd"));
+        assert!(!watch_failure_cause(&api(503), false).contains("CRD"));
     }
 
     #[test]

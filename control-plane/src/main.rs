@@ -13,7 +13,7 @@ use strait_control_plane::discovery::DiscoveryService;
 use strait_control_plane::identity::{
     install_server_certificate, keep_server_certificate, tls_incoming, IdentityService, Issuer,
 };
-use strait_control_plane::index::{MeshIndex, Naming};
+use strait_control_plane::index::{MeshIndex, Naming, SidecarEvidence};
 use strait_control_plane::local::LocalSource;
 use strait_control_plane::tokens::Authenticator;
 use strait_identity::tls::Credentials;
@@ -80,8 +80,11 @@ struct Args {
 async fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("STRAIT_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_from_env("STRAIT_LOG").unwrap_or_else(|_| {
+                // kube-client logs an ERROR for every failed request of a retrying watch; the
+                // watchers log each outage once, with its cause.
+                tracing_subscriber::EnvFilter::new("info,kube_client::client::builder=off")
+            }),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -96,6 +99,11 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let naming = Naming {
         trust_domain: args.trust_domain.clone(),
         cluster_domain: args.cluster_domain.clone(),
+        sidecars: if args.kubernetes {
+            SidecarEvidence::InjectedPodsOnly
+        } else {
+            SidecarEvidence::UnlessOptedOut
+        },
     };
     let (tx, rx) = watch::channel(Arc::new(MeshIndex::default()));
     let (ready_tx, ready) = watch::channel(false);
@@ -105,11 +113,13 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             source.scan()?; // fail fast on an unreadable directory
             let poll = args.poll_interval;
             let naming = naming.clone();
+            // Subscribed before the source runs, so the first publish cannot be missed (a
+            // receiver made later would wait for a second change that may never come).
+            let mut first_publish = tx.subscribe();
             let task = tokio::spawn(async move {
                 let ready = async {
                     // Ready once the first scan is published.
-                    let mut rx = tx.subscribe();
-                    let _ = rx.changed().await;
+                    let _ = first_publish.changed().await;
                     ready_tx.send_replace(true);
                     std::future::pending::<()>().await;
                 };

@@ -155,6 +155,9 @@ pub struct Pod {
 pub struct PodSpec {
     #[serde(default)]
     pub service_account_name: Option<String>,
+    /// A pod on the node's network has no sidecar of its own (never injected, never meshed).
+    #[serde(default)]
+    pub host_network: bool,
 }
 
 /// A `v1/Secret`: local mode reads ServiceAccount tokens from those of type
@@ -258,6 +261,9 @@ pub mod annotations {
     pub const MESHED: &str = "strait.io/meshed";
     /// On a Pod: `disabled` opts it out of the mesh.
     pub const INJECT: &str = "strait.io/inject";
+    /// On a Pod: set to `"true"` by the injector when it added the sidecar. In Kubernetes mode
+    /// only such Pods are meshed.
+    pub const INJECTED: &str = "strait.io/injected";
 }
 
 /// A weight: a number, or a Kubernetes quantity as SMI v1alpha1 wrote them (`500m`).

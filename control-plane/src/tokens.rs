@@ -21,8 +21,12 @@ pub enum TokenError {
     Rejected(String),
     #[error("the token belongs to {0:?}, not to a ServiceAccount")]
     NotServiceAccount(String),
-    #[error("TokenReview failed: {0} (does the control plane have `create tokenreviews`?)")]
-    ReviewFailed(String),
+    #[error("TokenReview failed: {message} ({hint})")]
+    ReviewFailed {
+        message: String,
+        /// What to check, from the kind of failure.
+        hint: &'static str,
+    },
 }
 
 /// Authenticates workload tokens.
@@ -78,8 +82,25 @@ async fn review(
     let answer = api
         .create(&PostParams::default(), &request)
         .await
-        .map_err(|e| TokenError::ReviewFailed(e.to_string()))?;
+        .map_err(review_failed)?;
     account_of(&answer, audience)
+}
+
+/// A failed TokenReview call, with a hint that fits its cause: only a refusal by the API
+/// server points at RBAC.
+fn review_failed(e: kube::Error) -> TokenError {
+    let hint = match &e {
+        kube::Error::Api(s) if s.code == 403 => {
+            "the control plane needs `create tokenreviews`, e.g. the system:auth-delegator ClusterRole"
+        }
+        kube::Error::Api(s) if s.code == 401 => "the API server refused the control plane's own credentials",
+        kube::Error::Api(_) => "the API server refused the review",
+        _ => "the API server is unreachable; certificates are issued again once it answers",
+    };
+    TokenError::ReviewFailed {
+        message: e.to_string(),
+        hint,
+    }
 }
 
 /// Reads a TokenReview answer: authenticated, for our audience, a ServiceAccount.
@@ -156,5 +177,25 @@ mod tests {
         }
         // A token accepted for another audience is not one of ours.
         assert!(account_of(&fixture("valid.response.json"), "other").is_err());
+    }
+
+    #[test]
+    fn only_a_refusal_hints_at_rbac() {
+        let api = |code: u16| {
+            review_failed(kube::Error::Api(
+                kube::core::Status::failure("no", "Forbidden")
+                    .with_code(code)
+                    .boxed(),
+            ))
+            .to_string()
+        };
+        assert!(api(403).contains("create tokenreviews"), "{}", api(403));
+        assert!(!api(500).contains("tokenreviews"));
+        let unreachable = review_failed(kube::Error::Service("connection refused".into()));
+        assert!(
+            unreachable.to_string().contains("unreachable"),
+            "{unreachable}"
+        );
+        assert!(!unreachable.to_string().contains("tokenreviews"));
     }
 }

@@ -423,6 +423,45 @@ async fn listed_endpoints_are_served_with_their_identity_and_kept_through_an_out
         );
     }
     assert!(*ready.borrow(), "still ready: serving the last known state");
+
+    // The outage goes on (8 s in all, long enough for any backoff to grow), then the API server
+    // returns with one endpoint fewer: the watchers resume within WatchBackoff's cap.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let mut fewer = listed.clone();
+    if let Some(eps) = fewer["items"][0]["endpoints"].as_array_mut() {
+        eps.pop();
+    }
+    {
+        let mut api = api.lock().expect("lock");
+        api.lists.insert(
+            "/apis/discovery.k8s.io/v1/endpointslices",
+            fewer.to_string(),
+        );
+        // As a real API server after a while: the watch's resourceVersion is too old (410).
+        api.watches.insert(
+            "/apis/discovery.k8s.io/v1/endpointslices",
+            vec![testdata("watch/endpointslices-watch-410.jsonl")],
+        );
+        api.down = false;
+    }
+    let back = std::time::Instant::now();
+    loop {
+        if endpoints(&rx.borrow(), "web.shop.svc.cluster.local:80").len() == 2 {
+            break;
+        }
+        // The backoff's cap plus room for a loaded machine.
+        let bound =
+            strait_control_plane::kubernetes::WatchBackoff::CAP + Duration::from_millis(1500);
+        assert!(
+            back.elapsed() < bound,
+            "watches did not resume within {bound:?} of the API server's return"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "after an 8 s outage the new state was served {:?} after the API server returned",
+        back.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -76,7 +76,7 @@ impl Skip {
         match self {
             Skip::HostNetwork => "hostNetwork pod",
             Skip::AlreadyInjected => "already injected",
-            Skip::OptedOut => "opted out (strait.io/inject: disabled)",
+            Skip::OptedOut => "opted out (strait.io/inject: disabled, label or annotation)",
             Skip::NotEnabled => "injection not enabled for this pod or its namespace",
         }
     }
@@ -99,12 +99,28 @@ pub enum InjectError {
         value: String,
         message: &'static str,
     },
+    #[error(transparent)]
+    RequestAboveLimit(Box<RequestAboveLimit>),
     #[error("the pod has no {0}")]
     Shape(&'static str),
     #[error(
         "cannot read the trust anchors {path}: {message} (--trust-anchors / STRAIT_TRUST_ANCHORS)"
     )]
     Anchors { path: PathBuf, message: String },
+}
+
+/// A proxy resource request above its limit, which the API server would reject.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "annotation {annotation}: the proxy's {resource} request {request} exceeds its limit {limit}{hint}: the API server would reject the pod"
+)]
+pub struct RequestAboveLimit {
+    annotation: &'static str,
+    resource: &'static str,
+    request: String,
+    limit: String,
+    /// Says where a limit that was not annotated came from.
+    hint: &'static str,
 }
 
 /// The pod's own opt-in/out, then the namespace's. `namespace_enabled`: the namespace carries
@@ -121,7 +137,12 @@ pub fn plan(
         .get("annotations")
         .and_then(|a| serde_json::from_value(a.clone()).ok())
         .unwrap_or_default();
-    match annotations.get(annotations::INJECT).map(String::as_str) {
+    // The pod's label (what the webhook's selectors see) or its annotation; the label wins.
+    let label = meta
+        .get("labels")
+        .and_then(|l| l.get(annotations::INJECT))
+        .and_then(Value::as_str);
+    match label.or(annotations.get(annotations::INJECT).map(String::as_str)) {
         Some("disabled") => return Ok(Decision::Skip(Skip::OptedOut)),
         Some("enabled") => {}
         _ if namespace_enabled => {}
@@ -262,6 +283,48 @@ impl Options {
         if let Some(extra) = ports(annotations::SKIP_INBOUND_PORTS)? {
             skip_inbound = format!("{skip_inbound},{extra}");
         }
+        let cpu_request = quantity(annotations::CPU_REQUEST, &cfg.proxy_cpu_request)?;
+        let cpu_limit = quantity(annotations::CPU_LIMIT, &cfg.proxy_cpu_limit)?;
+        let memory_request = quantity(annotations::MEMORY_REQUEST, &cfg.proxy_memory_request)?;
+        let memory_limit = quantity(annotations::MEMORY_LIMIT, &cfg.proxy_memory_limit)?;
+        // Checked together, as the API server does: a request above its limit rejects the pod.
+        for (resource, request, limit, req_name, limit_name) in [
+            (
+                "cpu",
+                &cpu_request,
+                &cpu_limit,
+                annotations::CPU_REQUEST,
+                annotations::CPU_LIMIT,
+            ),
+            (
+                "memory",
+                &memory_request,
+                &memory_limit,
+                annotations::MEMORY_REQUEST,
+                annotations::MEMORY_LIMIT,
+            ),
+        ] {
+            if quantity_value(request) > quantity_value(limit) {
+                let limit_set = a.contains_key(limit_name);
+                return Err(InjectError::RequestAboveLimit(Box::new(
+                    RequestAboveLimit {
+                        annotation: if a.contains_key(req_name) {
+                            req_name
+                        } else {
+                            limit_name
+                        },
+                        resource,
+                        request: request.clone(),
+                        limit: limit.clone(),
+                        hint: if limit_set {
+                            ""
+                        } else {
+                            " (the injector's default; annotate the limit too)"
+                        },
+                    },
+                )));
+            }
+        }
         Ok(Self {
             mode,
             skip_inbound,
@@ -269,10 +332,10 @@ impl Options {
             skip_cidrs,
             opaque: ports(annotations::OPAQUE_PORTS)?,
             inbound_mode,
-            cpu_request: quantity(annotations::CPU_REQUEST, &cfg.proxy_cpu_request)?,
-            cpu_limit: quantity(annotations::CPU_LIMIT, &cfg.proxy_cpu_limit)?,
-            memory_request: quantity(annotations::MEMORY_REQUEST, &cfg.proxy_memory_request)?,
-            memory_limit: quantity(annotations::MEMORY_LIMIT, &cfg.proxy_memory_limit)?,
+            cpu_request,
+            cpu_limit,
+            memory_request,
+            memory_limit,
             access_log,
             trace_sample_ratio,
             rewrite_probes,
@@ -308,6 +371,31 @@ fn valid_cidr_list(s: &str) -> bool {
             },
             None => false,
         })
+}
+
+/// The value of a valid quantity in base units (cores, bytes), for comparisons.
+pub fn quantity_value(s: &str) -> f64 {
+    const SCALES: [(&str, f64); 14] = [
+        ("Ki", 1024.0),
+        ("Mi", 1_048_576.0),
+        ("Gi", 1_073_741_824.0),
+        ("Ti", 1_099_511_627_776.0),
+        ("Pi", 1_125_899_906_842_624.0),
+        ("Ei", 1_152_921_504_606_846_976.0),
+        ("n", 1e-9),
+        ("u", 1e-6),
+        ("m", 1e-3),
+        ("k", 1e3),
+        ("M", 1e6),
+        ("G", 1e9),
+        ("T", 1e12),
+        ("P", 1e15),
+    ];
+    let (number, scale) = SCALES
+        .iter()
+        .find_map(|(suffix, scale)| s.strip_suffix(suffix).map(|n| (n, *scale)))
+        .unwrap_or((s, 1.0));
+    number.parse::<f64>().unwrap_or(0.0) * scale
 }
 
 /// A Kubernetes quantity: a decimal number with an optional SI or binary suffix.
@@ -690,6 +778,46 @@ mod tests {
             err.to_string().contains("strait.io/proxy-cpu-limit"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_request_above_its_limit_is_refused_naming_the_annotation() {
+        let plan_with = |annotations: Value| {
+            let pod = json!({"metadata": {"annotations": annotations},
+                "spec": {"containers": [{"name": "app"}]}});
+            plan(&pod, true, &InjectConfig::defaults(), None)
+        };
+        // The case: a request alone, above the default limit of 128Mi.
+        let err = plan_with(json!({"strait.io/proxy-memory-request": "256Mi"}))
+            .expect_err("256Mi > 128Mi");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("strait.io/proxy-memory-request")
+                && msg.contains("256Mi")
+                && msg.contains("128Mi")
+                && msg.contains("default"),
+            "{msg}"
+        );
+        let err = plan_with(json!({"strait.io/proxy-cpu-limit": "10m"})).expect_err("50m > 10m");
+        assert!(
+            err.to_string().contains("strait.io/proxy-cpu-limit"),
+            "{err}"
+        );
+        // Consistent pairs, and units that differ, are fine.
+        assert!(plan_with(json!({"strait.io/proxy-memory-request": "256Mi",
+            "strait.io/proxy-memory-limit": "1Gi"}))
+        .is_ok());
+        assert!(plan_with(json!({"strait.io/proxy-cpu-request": "1",
+            "strait.io/proxy-cpu-limit": "1000m"}))
+        .is_ok());
+    }
+
+    #[test]
+    fn quantities_compare_across_units() {
+        assert_eq!(quantity_value("1Gi"), 1024.0 * quantity_value("1Mi"));
+        assert!(quantity_value("500m") < quantity_value("1"));
+        assert!(quantity_value("0.5") == quantity_value("500m"));
+        assert!(quantity_value("129M") < quantity_value("128Mi") * 1.01);
     }
 
     #[test]

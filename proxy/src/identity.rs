@@ -275,12 +275,24 @@ impl Identity {
                         .min(Duration::from_secs(10));
                     let still_valid =
                         valid_until.and_then(|v| v.duration_since(SystemTime::now()).ok());
-                    tracing::warn!(
-                        error = %e,
-                        retry_in = ?backoff,
-                        current_valid_for = ?still_valid,
-                        "certificate renewal failed; the current certificate stays in use while valid"
-                    );
+                    match still_valid {
+                        Some(left) => tracing::warn!(
+                            error = %e,
+                            retry_in = ?backoff,
+                            current_valid_for = ?left,
+                            "certificate renewal failed; the current certificate stays in use while valid"
+                        ),
+                        None if valid_until.is_none() => tracing::warn!(
+                            error = %e,
+                            retry_in = ?backoff,
+                            "no certificate yet: the identity API refused or could not be reached; not ready until one is issued"
+                        ),
+                        None => tracing::warn!(
+                            error = %e,
+                            retry_in = ?backoff,
+                            "certificate renewal failed and the current certificate has expired"
+                        ),
+                    }
                     backoff
                 }
             };
