@@ -31,15 +31,16 @@ const DECAY: Duration = Duration::from_secs(10);
 const DEFAULT_RTT: Duration = Duration::from_millis(1);
 /// What a failed attempt counts as, so that a broken endpoint is avoided until it decays.
 pub const FAILURE_PENALTY: Duration = Duration::from_secs(1);
-/// Consecutive failures (connect errors, 5xx) that eject an endpoint (Linkerd's default).
+/// Consecutive failure events (connect errors, 5xx) that eject an endpoint (Linkerd's default).
 pub const EJECT_AFTER: u32 = 7;
-/// First ejection; each further one without a success in between doubles it, up to the max.
+/// First ejection; each failed probe after an ejection doubles it, up to the max.
 const EJECT_BASE: Duration = Duration::from_secs(1);
 const EJECT_MAX: Duration = Duration::from_secs(60);
 
+/// Nanoseconds since the first call, plus one (0 means "never").
 fn now_ns() -> u64 {
     static BASE: OnceLock<Instant> = OnceLock::new();
-    BASE.get_or_init(Instant::now).elapsed().as_nanos() as u64
+    BASE.get_or_init(Instant::now).elapsed().as_nanos() as u64 + 1
 }
 
 /// What discovery says of an endpoint.
@@ -63,14 +64,26 @@ pub struct Endpoint {
     breaker: Breaker,
 }
 
-/// Circuit breaking by consecutive failures. Ejected endpoints are skipped until their backoff
-/// ends; then the next request probes it (half-open): a success restores it, a failure ejects
-/// it again for twice as long.
+/// Circuit breaking by consecutive failure *events*, which cannot cascade:
+///
+/// - Failures of requests that were in flight together are one event: a failure counts only
+///   if its request was sent after the last failure counted (a burst of 40 concurrent 500s is
+///   one event, not 40).
+/// - `threshold` events in a row eject the endpoint for a backoff (1 s). When it ends the
+///   endpoint is half-open: a failure of a request sent after that (a probe) ejects it again
+///   for twice as long (up to 60 s); failures of requests sent earlier change nothing. Any
+///   success restores it fully.
+/// - The balancer never lets ejection take its endpoints below a healthy floor (see
+///   [`Balancer::pick`]): a single-endpoint service keeps sending, and recovers with its first
+///   success.
 #[derive(Debug, Default)]
 struct Breaker {
-    /// Consecutive failures that eject; 0: never.
+    /// Consecutive failure events that eject; 0: never.
     threshold: u32,
     consecutive: AtomicU32,
+    /// When the last failure event was counted (ns since [`now_ns`]'s base).
+    last_event: AtomicU64,
+    /// Ejections since the last success (the backoff's exponent).
     ejections: AtomicU32,
     ejected_until: AtomicU64,
 }
@@ -82,25 +95,50 @@ impl Breaker {
 
     fn success(&self) {
         self.consecutive.store(0, Ordering::Relaxed);
-        self.ejections.store(0, Ordering::Relaxed);
+        if self.ejections.load(Ordering::Relaxed) != 0 {
+            self.ejections.store(0, Ordering::Relaxed);
+            self.ejected_until.store(0, Ordering::Relaxed);
+        }
     }
 
-    /// Records a failure; returns the ejection it caused, if any.
-    fn failure(&self) -> Option<Duration> {
+    /// Records the failure of a request sent at `sent` (ns); returns the ejection it caused.
+    fn failure(&self, sent: u64) -> Option<Duration> {
         if self.threshold == 0 {
             return None;
         }
-        let probing = self.ejections.load(Ordering::Relaxed) > 0;
-        let consecutive = self.consecutive.fetch_add(1, Ordering::Relaxed) + 1;
-        if !probing && consecutive < self.threshold {
+        // Sent before the last event was counted: in flight together with it, the same event.
+        // Of two failures racing here, only the one that moves `last_event` counts.
+        let last = self.last_event.load(Ordering::Relaxed);
+        if sent <= last
+            || self
+                .last_event
+                .compare_exchange(last, now_ns(), Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
             return None;
         }
-        let n = self.ejections.fetch_add(1, Ordering::Relaxed);
-        let backoff = EJECT_BASE.saturating_mul(1 << n.min(6)).min(EJECT_MAX);
+        let ejections = self.ejections.load(Ordering::Relaxed);
+        if ejections > 0 {
+            // Half-open (or still ejected, reached in panic mode): only a probe sent after the
+            // backoff ended grows it.
+            if sent < self.ejected_until.load(Ordering::Relaxed) {
+                return None;
+            }
+            return Some(self.eject(ejections));
+        }
+        let consecutive = self.consecutive.fetch_add(1, Ordering::Relaxed) + 1;
+        (consecutive >= self.threshold).then(|| self.eject(0))
+    }
+
+    fn eject(&self, exponent: u32) -> Duration {
+        let backoff = EJECT_BASE
+            .saturating_mul(1 << exponent.min(6))
+            .min(EJECT_MAX);
+        self.ejections.store(exponent + 1, Ordering::Relaxed);
         self.ejected_until
             .store(now_ns() + backoff.as_nanos() as u64, Ordering::Relaxed);
         self.consecutive.store(0, Ordering::Relaxed);
-        Some(backoff)
+        backoff
     }
 }
 
@@ -144,8 +182,8 @@ impl Endpoint {
         self.spec.addr
     }
 
-    fn record_failure(&self) {
-        if let Some(backoff) = self.breaker.failure() {
+    fn record_failure(&self, sent: u64) {
+        if let Some(backoff) = self.breaker.failure(sent) {
             tracing::warn!(addr = %self.spec.addr, ?backoff, "endpoint ejected after consecutive failures");
         }
     }
@@ -155,6 +193,7 @@ impl Endpoint {
         self.load.pending.fetch_add(1, Ordering::Relaxed);
         InFlight {
             endpoint: self.clone(),
+            sent: now_ns(),
             start: Instant::now(),
             done: false,
         }
@@ -214,6 +253,8 @@ impl PeakEwma {
 #[derive(Debug)]
 pub struct InFlight {
     endpoint: Arc<Endpoint>,
+    /// When the request was sent (ns, for failure accrual).
+    sent: u64,
     start: Instant,
     done: bool,
 }
@@ -229,7 +270,7 @@ impl InFlight {
         self.endpoint.load.observe(self.start.elapsed());
         self.done = true;
         if status.is_server_error() {
-            self.endpoint.record_failure();
+            self.endpoint.record_failure(self.sent);
         } else {
             self.endpoint.breaker.success();
         }
@@ -241,7 +282,7 @@ impl InFlight {
             .load
             .observe(FAILURE_PENALTY.max(self.start.elapsed()));
         self.done = true;
-        self.endpoint.record_failure();
+        self.endpoint.record_failure(self.sent);
     }
 }
 
@@ -280,24 +321,22 @@ impl Balancer {
         self
     }
 
-    /// Replaces the endpoint set. Endpoints that stay keep their load and connection.
+    /// Replaces the endpoint set. Endpoints that stay keep their load and connection. O(n):
+    /// the current endpoints are found by address.
     pub fn update(&self, specs: Vec<EndpointSpec>) {
         let current = self.endpoints.load();
+        let by_addr: std::collections::HashMap<SocketAddr, &Arc<Endpoint>> =
+            current.iter().map(|e| (e.spec.addr, e)).collect();
         let next: Vec<Arc<Endpoint>> = specs
             .into_iter()
-            .map(|spec| {
-                current
-                    .iter()
-                    .find(|e| e.spec == spec)
-                    .cloned()
-                    .unwrap_or_else(|| {
-                        Arc::new(Endpoint::new(
-                            spec,
-                            self.connect_timeout,
-                            self.identity.as_deref(),
-                            self.eject_after,
-                        ))
-                    })
+            .map(|spec| match by_addr.get(&spec.addr) {
+                Some(e) if e.spec == spec => Arc::clone(e),
+                _ => Arc::new(Endpoint::new(
+                    spec,
+                    self.connect_timeout,
+                    self.identity.as_deref(),
+                    self.eject_after,
+                )),
             })
             .collect();
         self.endpoints.store(Arc::new(next));
@@ -311,8 +350,14 @@ impl Balancer {
         self.len() == 0
     }
 
-    /// Power of two choices among endpoints not ejected. `None` when there is none (see
-    /// [`Balancer::is_empty`] to tell "no endpoint" from "all ejected").
+    /// Power of two choices among endpoints not ejected; `None` only when there is none at
+    /// all.
+    ///
+    /// Healthy floor (Envoy's panic threshold): while fewer than half of the endpoints are
+    /// available, ejection is ignored and every endpoint is a candidate again (the failure
+    /// penalty in their cost still steers traffic to the healthier ones). A service whose every
+    /// endpoint fails keeps trying them, and recovers with the first success, instead of
+    /// failing fast for the whole backoff.
     pub fn pick(&self) -> Option<Arc<Endpoint>> {
         let endpoints = self.endpoints.load();
         let now = now_ns();
@@ -332,20 +377,34 @@ impl Balancer {
             a
         };
         let (ea, eb) = (&endpoints[a], &endpoints[b]);
+        let p2c = || {
+            let (ca, cb) = (ea.cost(now), eb.cost(now));
+            // P(a) = cb / (ca + cb): the cheaper one is likelier, in proportion.
+            let pick_a = fastrand::f64() * (ca + cb) < cb;
+            Some(if pick_a { ea.clone() } else { eb.clone() })
+        };
         match (ea.breaker.available(now), eb.breaker.available(now)) {
-            (true, true) if a != b => {
-                let (ca, cb) = (ea.cost(now), eb.cost(now));
-                // P(a) = cb / (ca + cb): the cheaper one is likelier, in proportion.
-                let pick_a = fastrand::f64() * (ca + cb) < cb;
-                Some(if pick_a { ea.clone() } else { eb.clone() })
+            (true, true) if a != b => p2c(),
+            (true, true) => Some(ea.clone()),
+            // A sampled endpoint is ejected: only then is the healthy share counted (O(n),
+            // while ejections last).
+            (avail_a, avail_b) => {
+                let available = endpoints
+                    .iter()
+                    .filter(|e| e.breaker.available(now))
+                    .count();
+                if available * 2 < n {
+                    return p2c(); // panic: below the healthy floor, all are candidates
+                }
+                match (avail_a, avail_b) {
+                    (true, _) => Some(ea.clone()),
+                    (false, true) => Some(eb.clone()),
+                    (false, false) => (0..n)
+                        .map(|i| &endpoints[(a + i) % n])
+                        .find(|e| e.breaker.available(now))
+                        .cloned(),
+                }
             }
-            (true, _) => Some(ea.clone()),
-            (false, true) => Some(eb.clone()),
-            // Both sampled are ejected: any other that is not.
-            (false, false) => (0..n)
-                .map(|i| &endpoints[(a + i) % n])
-                .find(|e| e.breaker.available(now))
-                .cloned(),
         }
     }
 }
@@ -363,42 +422,104 @@ mod tests {
         }
     }
 
+    /// One failure event: a request sent now, failing now.
+    fn fail(e: &Endpoint) -> Option<Duration> {
+        e.breaker.failure(now_ns())
+    }
+
+    fn eject(e: &Endpoint) {
+        for _ in 0..EJECT_AFTER {
+            fail(e);
+        }
+        assert!(!e.breaker.available(now_ns()));
+    }
+
     #[test]
-    fn consecutive_failures_eject_and_a_failed_probe_ejects_for_longer() {
+    fn consecutive_failure_events_eject_and_only_a_failed_probe_ejects_for_longer() {
         let b = Balancer::new(Duration::from_secs(1), None);
         b.update(vec![spec(1), spec(2)]);
         let bad = b.endpoints.load()[0].clone();
         for _ in 0..EJECT_AFTER - 1 {
-            assert_eq!(bad.breaker.failure(), None);
+            assert_eq!(fail(&bad), None);
         }
-        assert_eq!(
-            bad.breaker.failure(),
-            Some(Duration::from_secs(1)),
-            "ejected on the 7th"
-        );
+        assert_eq!(fail(&bad), Some(EJECT_BASE), "ejected on the 7th");
         for _ in 0..100 {
             assert_eq!(b.pick().expect("the other one").addr().port(), 2);
         }
-        // After the backoff the next failure is a failed probe: ejected again, twice as long.
-        bad.breaker.ejected_until.store(0, Ordering::Relaxed);
-        assert_eq!(bad.breaker.failure(), Some(Duration::from_secs(2)));
-        // A success restores it fully.
+        // Failures of requests sent while it was ejected do not grow the backoff.
+        let sent_during = now_ns();
+        bad.breaker.ejected_until.store(now_ns(), Ordering::Relaxed);
+        assert_eq!(bad.breaker.failure(sent_during), None);
+        // A probe sent after the backoff ended that fails: ejected again, twice as long.
+        assert_eq!(fail(&bad), Some(EJECT_BASE * 2));
+        // A success restores it fully, and the count starts over.
         bad.breaker.ejected_until.store(0, Ordering::Relaxed);
         bad.breaker.success();
-        assert_eq!(bad.breaker.failure(), None);
+        assert_eq!(fail(&bad), None);
+        assert!(bad.breaker.available(now_ns()));
     }
 
     #[test]
-    fn when_every_endpoint_is_ejected_nothing_is_picked() {
+    fn a_burst_of_concurrent_failures_is_one_event() {
         let b = Balancer::new(Duration::from_secs(1), None);
-        b.update(vec![spec(1), spec(2), spec(3)]);
-        for e in b.endpoints.load().iter() {
-            for _ in 0..EJECT_AFTER {
-                e.breaker.failure();
+        b.update(vec![spec(1), spec(2)]);
+        let e = b.endpoints.load()[0].clone();
+        // 40 requests in flight together (h2load -c4 -m10), all answered 500.
+        let burst: Vec<InFlight> = (0..40).map(|_| e.start()).collect();
+        for f in burst {
+            f.response(http::StatusCode::INTERNAL_SERVER_ERROR);
+        }
+        assert!(e.breaker.available(now_ns()), "one event, not 40");
+        assert_eq!(e.breaker.consecutive.load(Ordering::Relaxed), 1);
+        // Six more bursts, each sent after the previous one failed: now it is ejected, once.
+        for _ in 0..EJECT_AFTER - 1 {
+            let burst: Vec<InFlight> = (0..10).map(|_| e.start()).collect();
+            for f in burst {
+                f.response(http::StatusCode::INTERNAL_SERVER_ERROR);
             }
         }
-        assert!(b.pick().is_none());
-        assert!(!b.is_empty(), "ejected, not gone");
+        assert!(!e.breaker.available(now_ns()));
+        assert_eq!(
+            e.breaker.ejections.load(Ordering::Relaxed),
+            1,
+            "1 s, not 60"
+        );
+    }
+
+    #[test]
+    fn below_the_healthy_floor_every_endpoint_is_a_candidate() {
+        // A single endpoint, ejected: still picked, so its first success restores it.
+        let one = Balancer::new(Duration::from_secs(1), None);
+        one.update(vec![spec(1)]);
+        let only = one.endpoints.load()[0].clone();
+        eject(&only);
+        assert_eq!(one.pick().expect("never fail fast").addr().port(), 1);
+        only.start().response(http::StatusCode::OK);
+        assert!(
+            only.breaker.available(now_ns()),
+            "recovered on its first success"
+        );
+
+        // Two of three ejected: below half healthy, so all three are candidates.
+        let three = Balancer::new(Duration::from_secs(1), None);
+        three.update(vec![spec(1), spec(2), spec(3)]);
+        for e in three.endpoints.load().iter().take(2) {
+            eject(e);
+        }
+        let picked: std::collections::HashSet<u16> = (0..300)
+            .map(|_| three.pick().expect("endpoints").addr().port())
+            .collect();
+        assert_eq!(picked.len(), 3, "{picked:?}");
+
+        // Two of four ejected: half are healthy, so the ejected ones get nothing.
+        let four = Balancer::new(Duration::from_secs(1), None);
+        four.update(vec![spec(1), spec(2), spec(3), spec(4)]);
+        for e in four.endpoints.load().iter().take(2) {
+            eject(e);
+        }
+        for _ in 0..300 {
+            assert!(four.pick().expect("endpoints").addr().port() > 2);
+        }
     }
 
     #[test]

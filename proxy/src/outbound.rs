@@ -322,13 +322,9 @@ impl OutboundHttp {
         req: Request<ReqBody>,
         upgrade: bool,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let endpoint = balancer.pick().ok_or_else(|| {
-            if balancer.is_empty() {
-                ProxyError::NoEndpoints(service.to_string())
-            } else {
-                ProxyError::AllEjected(service.to_string())
-            }
-        })?;
+        let endpoint = balancer
+            .pick()
+            .ok_or_else(|| ProxyError::NoEndpoints(service.to_string()))?;
         let mut in_flight = endpoint.start();
         let result = match (&endpoint.tls, endpoint.spec.meshed, upgrade) {
             // An upgrade to a meshed peer: its own mTLS connection, HTTP/1.1 inside.

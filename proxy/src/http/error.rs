@@ -34,8 +34,6 @@ pub enum ProxyError {
     NoAuthority,
     #[error("reading the request body failed: {0}")]
     RequestBody(String),
-    #[error("every endpoint of {0} is failing and ejected; failing fast")]
-    AllEjected(String),
     #[error("no route of {0} matches the request")]
     NoRoute(String),
     #[error("no backend: {0}")]
@@ -65,7 +63,6 @@ impl ProxyError {
             ProxyError::NoAuthority => StatusCode::BAD_REQUEST,
             ProxyError::Unauthorized { .. } => StatusCode::FORBIDDEN,
             ProxyError::NoRoute(_) => StatusCode::NOT_FOUND,
-            ProxyError::AllEjected(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::RequestBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::NoBackend(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -83,7 +80,6 @@ impl ProxyError {
             ProxyError::Tls { .. } => "tls failed",
             ProxyError::Unauthorized { .. } => "unauthorized",
             ProxyError::NoRoute(_) => "no route",
-            ProxyError::AllEjected(_) => "all ejected",
             ProxyError::RequestBody(_) => "request body",
             ProxyError::NoBackend(_) => "no backend",
             ProxyError::Timeout { .. } => "timeout",
