@@ -1,6 +1,8 @@
 //! What every Strait server shares: the admin endpoints kubelet probes and Prometheus read
 //! (`/live`, `/ready`, `/metrics`, plaintext HTTP/1), and the signal that stops a server.
 
+pub mod log;
+
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;

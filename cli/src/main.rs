@@ -43,13 +43,7 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("STRAIT_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    strait_admin::log::init("warn");
     let result = match Cli::parse().command {
         Cmd::Demo(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()

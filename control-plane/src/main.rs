@@ -78,16 +78,9 @@ struct Args {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("STRAIT_LOG").unwrap_or_else(|_| {
-                // kube-client logs an ERROR for every failed request of a retrying watch; the
-                // watchers log each outage once, with its cause.
-                tracing_subscriber::EnvFilter::new("info,kube_client::client::builder=off")
-            }),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // kube-client logs an ERROR for every failed request of a retrying watch; the watchers log
+    // each outage once, with its cause.
+    strait_admin::log::init("info,kube_client::client::builder=off");
     let args = Args::parse();
     if let Err(e) = run(args).await {
         eprintln!("strait-control-plane: {e}");

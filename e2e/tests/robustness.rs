@@ -150,3 +150,83 @@ fn init_is_idempotent_and_cleanup_removes_every_rule() -> anyhow::Result<()> {
     assert!(!ok && err.contains("--skip-outbound-cidrs"), "{err}");
     Ok(())
 }
+
+#[test]
+fn a_failure_storm_costs_a_few_plain_log_lines() -> anyhow::Result<()> {
+    let mesh = Mesh::new("logflood")?;
+    // A meshed pod whose application is not running: every request fails (502).
+    let server = mesh.meshed_pod("server")?;
+    mesh.config
+        .service(&ServiceDef::new("web", "10.96.0.10", 80, 8080, &[&server]))?;
+    let client = mesh.meshed_pod("client")?;
+    let out = mesh.net.exec(
+        &client,
+        &[
+            "h2load",
+            "-n",
+            "3000",
+            "-c",
+            "4",
+            "-m",
+            "10",
+            "http://10.96.0.10/",
+        ],
+    )?;
+    assert!(out.contains("3000 total"), "{out}");
+    let logs = mesh.net.logs();
+    let failed_lines = logs
+        .lines()
+        .filter(|l| l.contains("request failed"))
+        .count();
+    eprintln!("3000 failed requests wrote {failed_lines} 'request failed' lines");
+    assert!(
+        (1..=4).contains(&failed_lines),
+        "one line per cause per 10 s, not one per request:\n{logs}"
+    );
+    // Not a terminal: no colour codes in the files.
+    assert!(!logs.contains('\u{1b}'), "ANSI escapes in a log file");
+    // And the count of what was left out reaches the log once the interval has passed.
+    std::thread::sleep(Duration::from_millis(10_500));
+    let _ = mesh.curl(&client, &["-s", "http://10.96.0.10/"]);
+    let logs = mesh.net.logs();
+    let suppressed = logs
+        .lines()
+        .filter(|l| l.contains("request failed"))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("suppressed="))
+                .and_then(|n| n.parse::<u64>().ok())
+        })
+        .max()
+        .unwrap_or(0);
+    assert!(suppressed > 1000, "suppressed={suppressed}:\n{logs}");
+    Ok(())
+}
+
+#[test]
+fn strait_log_format_json_writes_one_object_per_line() -> anyhow::Result<()> {
+    let mesh = Mesh::new("jsonlog")?;
+    let opts = strait_testbed::SidecarOpts {
+        env: vec![("STRAIT_LOG_FORMAT", "json")],
+        ..Default::default()
+    };
+    let pod = mesh.meshed_pod_with("json", &opts)?;
+    let log = std::fs::read_to_string(mesh.net.dir.join(format!("{}-proxy.log", pod.name)))?;
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty());
+    for line in &lines {
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| anyhow::anyhow!("not JSON ({e}): {line}"))?;
+        assert!(
+            v["level"].is_string() && v["timestamp"].is_string(),
+            "{line}"
+        );
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("\"message\":\"proxy ready\"")),
+        "{log}"
+    );
+    Ok(())
+}

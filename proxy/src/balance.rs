@@ -184,7 +184,7 @@ impl Endpoint {
 
     fn record_failure(&self, sent: u64) {
         if let Some(backoff) = self.breaker.failure(sent) {
-            tracing::warn!(addr = %self.spec.addr, ?backoff, "endpoint ejected after consecutive failures");
+            strait_admin::log_limited!(tracing::Level::WARN, "endpoint ejected", "", addr = %self.spec.addr, ?backoff, "endpoint ejected after consecutive failures");
         }
     }
 

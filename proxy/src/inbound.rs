@@ -84,14 +84,14 @@ pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: So
         return;
     }
     if ctx.identity.is_some() && ctx.cfg.is_strict(port) {
-        tracing::info!(%orig_dst, "refused a plaintext connection on a strict port");
+        strait_admin::log_limited!(tracing::Level::INFO, "refused", "plaintext", %orig_dst, "refused a plaintext connection on a strict port");
         ctx.metrics.refused("plaintext", port, None);
         return;
     }
     match protocol {
         Protocol::Opaque | Protocol::Tls => {
             if let Err(denied) = ctx.authz.authorize(port, None) {
-                tracing::info!(%orig_dst, policy = %denied.0, "refused an unauthenticated TCP connection");
+                strait_admin::log_limited!(tracing::Level::INFO, "refused", "unauthenticated", %orig_dst, policy = %denied.0, "refused an unauthenticated TCP connection");
                 ctx.metrics.refused("unauthorized", port, None);
                 return;
             }
@@ -121,12 +121,12 @@ where
     let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(io)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            tracing::info!(%orig_dst, error = %e, "refused a mesh TLS connection");
+            strait_admin::log_limited!(tracing::Level::INFO, "refused", "tls handshake", %orig_dst, error = %e, "refused a mesh TLS connection");
             ctx.metrics.refused("tls handshake", orig_dst.port(), None);
             return;
         }
         Err(_) => {
-            tracing::info!(%orig_dst, "mesh TLS handshake timed out");
+            strait_admin::log_limited!(tracing::Level::INFO, "refused", "tls timeout", %orig_dst, "mesh TLS handshake timed out");
             return;
         }
     };
@@ -136,7 +136,7 @@ where
     if alpn.is_none() {
         // Opaque TCP over mTLS: authorized once, for the connection.
         if let Err(denied) = ctx.authz.authorize(orig_dst.port(), client.as_ref()) {
-            tracing::info!(%orig_dst, client = ?client, policy = %denied.0, "refused an unauthorized TCP connection");
+            strait_admin::log_limited!(tracing::Level::INFO, "refused", "unauthorized", %orig_dst, client = ?client, policy = %denied.0, "refused an unauthorized TCP connection");
             ctx.metrics
                 .refused("unauthorized", orig_dst.port(), client.as_ref());
             return;
@@ -155,7 +155,7 @@ where
 
 async fn forward_tcp<I: AsyncRead + AsyncWrite + Unpin>(ctx: &Context, io: I, app: SocketAddr) {
     if let Err(e) = crate::tcp::forward(io, app, ctx.cfg.connect_timeout, None).await {
-        tracing::warn!(%app, error = %e, "inbound TCP forward failed");
+        strait_admin::log_limited!(tracing::Level::WARN, "tcp forward failed", "inbound", %app, error = %e, "inbound TCP forward failed");
     }
 }
 

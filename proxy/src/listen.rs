@@ -51,7 +51,7 @@ pub async fn accept_loop<F, Fut>(
             Ok(a) => a,
             Err(e) => {
                 // EMFILE and friends: back off briefly rather than spin.
-                tracing::warn!(listener = name, error = %e, "accept failed");
+                strait_admin::log_limited!(tracing::Level::WARN, "accept failed", name, error = %e, "accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             }
@@ -60,14 +60,14 @@ pub async fn accept_loop<F, Fut>(
         let orig_dst = match original_dst(&stream) {
             Ok(a) => a,
             Err(e) => {
-                tracing::warn!(listener = name, %peer, error = %e, "no original destination (not redirected by iptables?); closing");
+                strait_admin::log_limited!(tracing::Level::WARN, "no original destination", name, %peer, error = %e, "no original destination (not redirected by iptables?); closing");
                 continue;
             }
         };
         if Some(orig_dst.port()) == local.map(|l| l.port())
             && stream.local_addr().ok() == Some(orig_dst)
         {
-            tracing::warn!(listener = name, %peer, "connection addressed to the proxy itself; closing to avoid a loop");
+            strait_admin::log_limited!(tracing::Level::WARN, "loop", name, %peer, "connection addressed to the proxy itself; closing to avoid a loop");
             continue;
         }
         tracker.spawn(handle(stream, orig_dst));

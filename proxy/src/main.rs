@@ -24,13 +24,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("STRAIT_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    strait_admin::log::init("info");
     match Cli::parse().command {
         Command::Init(cfg) => match strait_proxy::init::apply(&cfg) {
             Ok(()) => ExitCode::SUCCESS,

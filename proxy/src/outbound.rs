@@ -90,7 +90,7 @@ pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: So
                 (Some(r), Some(Resolved::Mesh { service, .. })) => match r.balancer.pick() {
                     Some(e) => (e.addr(), e.tls.as_ref().map(|t| t.tcp.clone())),
                     None => {
-                        tracing::warn!(%service, "no endpoints; closing TCP connection");
+                        strait_admin::log_limited!(tracing::Level::WARN, "no endpoints", "tcp", %service, "no endpoints; closing TCP connection");
                         return;
                     }
                 },
@@ -99,7 +99,7 @@ pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: So
             if let Err(e) =
                 crate::tcp::forward(io, addr, ctx.cfg.connect_timeout, tls.as_ref()).await
             {
-                tracing::warn!(%orig_dst, error = %e, "outbound TCP forward failed");
+                strait_admin::log_limited!(tracing::Level::WARN, "tcp forward failed", "outbound", %orig_dst, error = %e, "outbound TCP forward failed");
             }
         }
         Protocol::Http1 | Protocol::Http2 => {

@@ -62,7 +62,14 @@ async fn handle<H: Handler>(handler: &H, mut req: Request<Incoming>) -> Response
             (resp.map(Either::Left), "")
         }
         Err(e) => {
-            tracing::warn!(to = %handler.describe(), error = %e, "request failed");
+            strait_admin::log_limited!(
+                tracing::Level::WARN,
+                "request failed",
+                e.kind(),
+                to = %handler.describe(),
+                error = %e,
+                "request failed"
+            );
             (e.to_response(grpc), e.kind())
         }
     };
