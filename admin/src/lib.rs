@@ -1,6 +1,7 @@
 //! What every Strait server shares: the admin endpoints kubelet probes and Prometheus read
 //! (`/live`, `/ready`, `/metrics`, plaintext HTTP/1), and the signal that stops a server.
 
+pub mod listen;
 pub mod log;
 
 use std::convert::Infallible;

@@ -145,9 +145,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             (task, tokens, "kubernetes".to_string())
         }
     };
-    let admin = tokio::net::TcpListener::bind(args.admin_addr)
-        .await
-        .map_err(|e| format!("cannot listen on --admin-addr {}: {e}", args.admin_addr))?;
+    let admin = strait_admin::listen::listen("--admin-addr", args.admin_addr)?;
     let metrics = Arc::new(Metrics::default());
     tokio::spawn(strait_control_plane::admin::serve(
         admin,
@@ -178,14 +176,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             trust_domain: naming.trust_domain.clone(),
             leaf_lifetime: args.leaf_lifetime,
         };
-        let listener = tokio::net::TcpListener::bind(args.identity_addr)
-            .await
-            .map_err(|e| {
-                format!(
-                    "cannot listen on --identity-addr {}: {e}",
-                    args.identity_addr
-                )
-            })?;
+        let listener = strait_admin::listen::listen("--identity-addr", args.identity_addr)?;
         let config = Arc::new(strait_identity::tls::plain_server_config(creds)?);
         tracing::info!(addr = %args.identity_addr, lifetime = ?args.leaf_lifetime, "serving identity");
         tokio::spawn(async move {
@@ -200,14 +191,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         tracing::info!("no --issuer-cert/--issuer-key: the identity API is off (plaintext mesh)");
     }
 
-    let listener = tokio::net::TcpListener::bind(args.discovery_addr)
-        .await
-        .map_err(|e| {
-            format!(
-                "cannot listen on --discovery-addr {}: {e}",
-                args.discovery_addr
-            )
-        })?;
+    let listener = strait_admin::listen::listen("--discovery-addr", args.discovery_addr)?;
     tracing::info!(addr = %args.discovery_addr, source = %source_name, "serving discovery");
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let server = tonic::transport::Server::builder()

@@ -230,3 +230,29 @@ fn strait_log_format_json_writes_one_object_per_line() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn every_listener_has_a_backlog_of_1024_in_both_families() -> anyhow::Result<()> {
+    let mesh = Mesh::new("backlog")?;
+    let pod = mesh.meshed_pod("pod")?;
+    // `ss -ltn`: for a listening socket, Send-Q is the accept backlog.
+    let backlog_of = |ns: &str, port: u16| -> anyhow::Result<Vec<String>> {
+        let out = mesh.net.exec_in(ns, &["ss", "-Hltn"])?;
+        Ok(out
+            .lines()
+            .filter(|l| {
+                l.split_whitespace()
+                    .nth(3)
+                    .is_some_and(|a| a.ends_with(&format!(":{port}")))
+            })
+            .filter_map(|l| l.split_whitespace().nth(2).map(str::to_string))
+            .collect())
+    };
+    for port in [4140, 4143, 4191] {
+        let queues = backlog_of(&pod.ns, port)?;
+        assert_eq!(queues, ["1024", "1024"], "proxy :{port}, IPv4 and IPv6");
+    }
+    let queues = backlog_of(&mesh.net.bridge_ns, 8086)?;
+    assert_eq!(queues, ["1024"], "control plane discovery");
+    Ok(())
+}

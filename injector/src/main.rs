@@ -52,12 +52,8 @@ async fn run(args: Args) -> Result<(), String> {
         config: args.inject,
         metrics: Metrics::default(),
     });
-    let webhook = tokio::net::TcpListener::bind(args.webhook_addr)
-        .await
-        .map_err(|e| format!("cannot listen on --webhook-addr {}: {e}", args.webhook_addr))?;
-    let admin = tokio::net::TcpListener::bind(args.admin_addr)
-        .await
-        .map_err(|e| format!("cannot listen on --admin-addr {}: {e}", args.admin_addr))?;
+    let webhook = strait_admin::listen::listen("--webhook-addr", args.webhook_addr)?;
+    let admin = strait_admin::listen::listen("--admin-addr", args.admin_addr)?;
     tracing::info!(webhook = %args.webhook_addr, admin = %args.admin_addr, "serving");
     tokio::spawn(server::serve_admin(admin, state.clone(), creds));
     tokio::select! {

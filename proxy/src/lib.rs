@@ -85,26 +85,17 @@ async fn bind(
         addr,
         source,
     };
-    let mut listeners = vec![TcpListener::bind(addr).await.map_err(err)?];
+    let backlog = strait_admin::listen::backlog()
+        .map_err(|e| err(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+    let mut listeners = vec![strait_admin::listen::bind(addr, backlog, false).map_err(err)?];
     if addr.ip() == std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED) {
         let v6 = std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, addr.port()));
-        match bind_v6_only(v6) {
+        match strait_admin::listen::bind(v6, backlog, true) {
             Ok(l) => listeners.push(l),
             Err(e) => tracing::debug!(%v6, error = %e, "no IPv6 listener (IPv6 unavailable?)"),
         }
     }
     Ok(listeners)
-}
-
-fn bind_v6_only(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_only_v6(true)?;
-    socket.set_reuse_address(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(1024)?;
-    TcpListener::from_std(socket.into())
 }
 
 /// Runs the proxy until SIGTERM, SIGINT or `POST /shutdown`, then drains.

@@ -47,6 +47,11 @@ pub async fn serve(
                         tokio::time::sleep(delay).await;
                     }
                     if fail_ratio > 0.0 && rand_unit() < fail_ratio {
+                        // Read the body first, as a well-behaved server (nginx's lingering
+                        // close) does: closing with unread data makes the kernel send a reset
+                        // that can overtake the 503 itself, and the client would see a reset
+                        // instead of the answer.
+                        let _ = http_body_util::BodyExt::collect(req.into_body()).await;
                         let mut r = Response::new(full(format!("failed on purpose by {name}\n")));
                         *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
                         return Ok::<_, Infallible>(r);
