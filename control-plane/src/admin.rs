@@ -159,11 +159,15 @@ struct Health {
     metrics: Arc<Metrics>,
     index: watch::Receiver<Arc<MeshIndex>>,
     ready: watch::Receiver<bool>,
+    /// True once the process is shutting down.
+    stopping: watch::Receiver<bool>,
 }
 
 impl strait_admin::Health for Health {
     fn ready(&self) -> Result<(), &'static str> {
-        if *self.ready.borrow() {
+        if *self.stopping.borrow() {
+            Err("shutting down")
+        } else if *self.ready.borrow() {
             Ok(())
         } else {
             Err("mesh state not loaded yet")
@@ -176,17 +180,18 @@ impl strait_admin::Health for Health {
     }
 }
 
-/// Serves `/live`, `/ready` and `/metrics` until the process ends.
+/// Serves `/live`, `/ready` and `/metrics` until the process ends; not ready once `stopping`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
     index: watch::Receiver<Arc<MeshIndex>>,
-    ready: watch::Receiver<bool>,
+    (ready, stopping): (watch::Receiver<bool>, watch::Receiver<bool>),
 ) {
     let health = Health {
         metrics,
         index,
         ready,
+        stopping,
     };
     strait_admin::serve(listener, Arc::new(health)).await;
 }

@@ -17,11 +17,22 @@ use crate::index::{normalize_target, MeshIndex};
 pub struct DiscoveryService {
     index: watch::Receiver<Arc<MeshIndex>>,
     metrics: Arc<Metrics>,
+    /// Turns true on shutdown: every stream ends, so proxies reconnect to another replica and
+    /// the server's graceful shutdown is not held open by streams that never end.
+    stopping: watch::Receiver<bool>,
 }
 
 impl DiscoveryService {
-    pub fn new(index: watch::Receiver<Arc<MeshIndex>>, metrics: Arc<Metrics>) -> Self {
-        Self { index, metrics }
+    pub fn new(
+        index: watch::Receiver<Arc<MeshIndex>>,
+        metrics: Arc<Metrics>,
+        stopping: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            index,
+            metrics,
+            stopping,
+        }
     }
 }
 
@@ -41,6 +52,7 @@ impl Discovery for DiscoveryService {
         tracing::debug!(%id, %proxy, "watch inbound");
         let (tx, rx) = mpsc::channel(2);
         let mut index = self.index.clone();
+        let mut stopping = self.stopping.clone();
         let metrics = self.metrics.clone();
         let guard = metrics.stream_opened("inbound", &proxy);
         tokio::spawn(async move {
@@ -60,6 +72,7 @@ impl Discovery for DiscoveryService {
                 tokio::select! {
                     changed = index.changed() => if changed.is_err() { return },
                     _ = tx.closed() => return,
+                    _ = stopping.wait_for(|s| *s) => return,
                 }
             }
         });
@@ -79,6 +92,7 @@ impl Discovery for DiscoveryService {
         tracing::debug!(%target, %proxy, "watch");
         let (tx, rx) = mpsc::channel(2);
         let mut index = self.index.clone();
+        let mut stopping = self.stopping.clone();
         let metrics = self.metrics.clone();
         let guard = metrics.stream_opened("destination", &proxy);
         tokio::spawn(async move {
@@ -96,6 +110,7 @@ impl Discovery for DiscoveryService {
                 tokio::select! {
                     changed = index.changed() => if changed.is_err() { return },
                     _ = tx.closed() => return,
+                    _ = stopping.wait_for(|s| *s) => return,
                 }
             }
         });

@@ -74,6 +74,10 @@ struct Args {
     /// How often the config directory is rescanned (e.g. 250ms, 1s).
     #[arg(long, env = "STRAIT_POLL_INTERVAL", default_value = "250ms", value_parser = humantime::parse_duration)]
     poll_interval: Duration,
+    /// On SIGTERM: how long in-flight calls may take to finish before the process exits
+    /// (discovery streams are closed at once; proxies reconnect to another replica).
+    #[arg(long, env = "STRAIT_SHUTDOWN_GRACE_PERIOD", default_value = "10s", value_parser = humantime::parse_duration)]
+    shutdown_grace_period: Duration,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -147,11 +151,13 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     };
     let admin = strait_admin::listen::listen("--admin-addr", args.admin_addr)?;
     let metrics = Arc::new(Metrics::default());
+    // True from SIGTERM on: not ready, servers stop accepting, discovery streams end.
+    let (stop_tx, stopping) = watch::channel(false);
     tokio::spawn(strait_control_plane::admin::serve(
         admin,
         metrics.clone(),
         rx.clone(),
-        ready,
+        (ready, stopping.clone()),
     ));
 
     if let (Some(cert), Some(key)) = (args.issuer_cert.clone(), args.issuer_key.clone()) {
@@ -179,10 +185,11 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let listener = strait_admin::listen::listen("--identity-addr", args.identity_addr)?;
         let config = Arc::new(strait_identity::tls::plain_server_config(creds)?);
         tracing::info!(addr = %args.identity_addr, lifetime = ?args.leaf_lifetime, "serving identity");
+        let stopped = stopped(stopping.clone());
         tokio::spawn(async move {
             let server = tonic::transport::Server::builder()
                 .add_service(IdentityServer::new(service))
-                .serve_with_incoming(tls_incoming(listener, config));
+                .serve_with_incoming_shutdown(tls_incoming(listener, config), stopped);
             if let Err(e) = server.await {
                 tracing::error!(error = %e, "identity server failed");
             }
@@ -198,16 +205,26 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .add_service(DiscoveryServer::new(DiscoveryService::new(
             rx,
             metrics.clone(),
+            stopping.clone(),
         )))
-        .serve_with_incoming_shutdown(incoming, shutdown_signal());
+        .serve_with_incoming_shutdown(incoming, stopped(stopping));
+    tokio::pin!(server);
     tokio::select! {
-        r = server => r?,
+        r = &mut server => r?,
         r = sourcing => r??,
+        () = strait_admin::shutdown_signal() => {
+            tracing::info!(grace = ?args.shutdown_grace_period, "shutting down: not ready, closing discovery streams");
+            stop_tx.send_replace(true);
+            match tokio::time::timeout(args.shutdown_grace_period, server).await {
+                Ok(r) => r?,
+                Err(_) => tracing::warn!("calls still open after the grace period; exiting anyway"),
+            }
+        }
     }
     Ok(())
 }
 
-async fn shutdown_signal() {
-    strait_admin::shutdown_signal().await;
-    tracing::info!("shutting down");
+/// Resolves once `stopping` turns true.
+async fn stopped(mut stopping: watch::Receiver<bool>) {
+    let _ = stopping.wait_for(|s| *s).await;
 }

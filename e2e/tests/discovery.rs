@@ -219,3 +219,42 @@ fn a_keep_alive_connection_opened_before_the_service_exists_joins_the_mesh_when_
     );
     Ok(())
 }
+
+#[test]
+fn the_control_plane_exits_on_sigterm_with_proxies_connected() -> anyhow::Result<()> {
+    let mesh = Mesh::new("cpterm")?;
+    let server = mesh.meshed_pod("server")?;
+    mesh.serve_web(&server)?;
+    let client = mesh.meshed_pod("client")?;
+    assert_eq!(
+        served_by(&requests(&mesh, &client, 3)?).get("server"),
+        Some(&3)
+    );
+    // Both proxies hold streams (destination and inbound policy) open.
+    let m = mesh.metrics(&client)?;
+    assert_eq!(
+        metric(&m, "strait_discovery_connected", &[]),
+        Some(1.0),
+        "{m}"
+    );
+
+    let start = std::time::Instant::now();
+    mesh.net
+        .kill_nowait(&mesh.control_plane, nix::sys::signal::Signal::SIGTERM)?;
+    let clean = mesh.net.wait(&mesh.control_plane, Duration::from_secs(8))?;
+    let took = start.elapsed();
+    eprintln!("the control plane exited {took:?} after SIGTERM");
+    let log = mesh.net.output(&mesh.control_plane);
+    assert!(clean, "a clean exit:\n{log}");
+    assert!(log.contains("shutting down"), "{log}");
+    assert!(
+        took < Duration::from_secs(5),
+        "exited after {took:?}:\n{log}"
+    );
+    // The proxies serve on from the last state.
+    assert_eq!(
+        served_by(&requests(&mesh, &client, 3)?).get("server"),
+        Some(&3)
+    );
+    Ok(())
+}

@@ -209,15 +209,14 @@ fn an_endpoint_50ms_slower_receives_clearly_less_traffic() -> anyhow::Result<()>
     let client = mesh.meshed_pod("client")?;
     let counts = requests(&mesh, &client, "10.96.0.10", 300, &[])?;
     let slow = counts.get("slow").copied().unwrap_or(0);
-    let fast = counts
-        .get("fast1")
-        .copied()
-        .unwrap_or(0)
-        .min(counts.get("fast2").copied().unwrap_or(0));
+    // The two fast endpoints are equal, so how they split their share is noise (on a loaded
+    // machine one can get 170 and the other 100): the slow one is compared with their mean.
+    let fast =
+        (counts.get("fast1").copied().unwrap_or(0) + counts.get("fast2").copied().unwrap_or(0)) / 2;
     assert_eq!(counts.values().sum::<usize>(), 300, "{counts:?}");
     assert!(
         slow * 5 < fast,
-        "the slow endpoint must get clearly less than each fast one: {counts:?}"
+        "the slow endpoint must get clearly less than a fast one: {counts:?}"
     );
     Ok(())
 }
