@@ -53,6 +53,10 @@ pub struct InstallArgs {
     /// Lifetime of workload certificates.
     #[arg(long, default_value = "24h")]
     pub leaf_lifetime: String,
+    /// What a port no AuthorizationPolicy selects allows, cluster-wide (namespaces override it
+    /// with the annotation `strait.io/default-inbound-policy`, pods with the same annotation).
+    #[arg(long, default_value = "all-unauthenticated", value_parser = ["all-unauthenticated", "all-authenticated", "cluster-authenticated", "deny"])]
+    pub default_inbound_policy: String,
     /// `Fail` blocks pod creation while the injector is down; the default admits pods without
     /// the sidecar.
     #[arg(long, default_value = "Ignore", value_parser = ["Ignore", "Fail"])]
@@ -213,7 +217,8 @@ fn control_plane(args: &InstallArgs) -> Value {
                  "--issuer-cert=/var/run/strait/issuer/tls.crt",
                  "--issuer-key=/var/run/strait/issuer/tls.key",
                  format!("--identity-server-name=identity.{}.svc.{}", args.namespace, args.cluster_domain),
-                 format!("--leaf-lifetime={}", args.leaf_lifetime)],
+                 format!("--leaf-lifetime={}", args.leaf_lifetime),
+                 format!("--default-inbound-policy={}", args.default_inbound_policy)],
         "ports": [{"name": "discovery", "containerPort": 8086, "protocol": "TCP"},
                   {"name": "identity", "containerPort": 8080, "protocol": "TCP"},
                   {"name": "admin", "containerPort": 9990, "protocol": "TCP"}],
@@ -362,7 +367,7 @@ pub fn manifests(args: &InstallArgs) -> anyhow::Result<Vec<Value>> {
         docs.push(serde_yaml_ng::from_str(crd).context("an embedded CRD")?);
     }
     let mesh_kinds = json!([
-        {"apiGroups": [""], "resources": ["services", "pods"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["services", "pods", "namespaces"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": ["split.smi-spec.io"], "resources": ["trafficsplits"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": ["specs.smi-spec.io"], "resources": ["httproutegroups"], "verbs": ["get", "list", "watch"]},

@@ -32,6 +32,7 @@ pub struct Metrics {
     registry: Registry,
     services: Gauge,
     ready: Gauge,
+    unmatched_policy_ports: Gauge,
     /// Open discovery streams, by kind.
     pub streams: Family<KindLabels, Gauge>,
     /// Answers pushed to proxies, by kind.
@@ -48,6 +49,7 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("strait_control_plane");
         let services = Gauge::default();
         let ready = Gauge::default();
+        let unmatched_policy_ports = Gauge::default();
         let streams = Family::<KindLabels, Gauge>::default();
         let pushes = Family::<KindLabels, Counter>::default();
         let connected = Gauge::default();
@@ -74,10 +76,16 @@ impl Default for Metrics {
             services.clone(),
         );
         registry.register("ready", "1 once the mesh state is loaded", ready.clone());
+        registry.register(
+            "policy_unmatched_ports",
+            "AuthorizationPolicies whose port no endpoint of their workload serves (they select nothing; see the log)",
+            unmatched_policy_ports.clone(),
+        );
         Self {
             registry,
             services,
             ready,
+            unmatched_policy_ports,
             streams,
             pushes,
             connected,
@@ -147,6 +155,8 @@ impl Metrics {
     pub fn encode(&self, index: &MeshIndex, ready: bool) -> String {
         self.services.set(index.service_count() as i64);
         self.ready.set(i64::from(ready));
+        self.unmatched_policy_ports
+            .set(index.unmatched_policy_ports() as i64);
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -9,8 +9,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use strait_api::discovery::{
-    allowed_client, destination_update::Update, AllowedClient, Destination, DestinationUpdate,
-    Endpoint, InboundPolicy, NotInMesh, PortAuthorization, ProtocolHint, Route,
+    allowed_client, destination_update::Update, AllowedClient, DefaultPolicy, Destination,
+    DestinationUpdate, Endpoint, InboundPolicy, NotInMesh, PortAuthorization, ProtocolHint, Route,
 };
 
 use crate::resources::{
@@ -28,6 +28,8 @@ pub struct Naming {
     pub cluster_domain: String,
     /// Which endpoints are announced as meshed (mTLS, an identity).
     pub sidecars: SidecarEvidence,
+    /// What a port no AuthorizationPolicy selects allows, unless its namespace says otherwise.
+    pub default_inbound_policy: DefaultPolicy,
 }
 
 impl Default for Naming {
@@ -36,6 +38,7 @@ impl Default for Naming {
             trust_domain: "cluster.local".into(),
             cluster_domain: "cluster.local".into(),
             sidecars: SidecarEvidence::UnlessOptedOut,
+            default_inbound_policy: DefaultPolicy::AllUnauthenticated,
         }
     }
 }
@@ -63,6 +66,12 @@ pub struct MeshIndex {
     tokens: HashMap<String, (String, String)>,
     /// (namespace, service account) -> inbound authorization of that workload.
     inbound: HashMap<(String, String), Arc<InboundPolicy>>,
+    /// Namespaces whose annotation sets their default inbound policy.
+    namespace_defaults: HashMap<String, DefaultPolicy>,
+    /// The cluster-wide default inbound policy.
+    default_inbound_policy: DefaultPolicy,
+    /// AuthorizationPolicies whose `port` no endpoint of their workload serves.
+    unmatched_policy_ports: usize,
 }
 
 impl MeshIndex {
@@ -73,6 +82,7 @@ impl MeshIndex {
         let mut slices: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
         let mut pods: HashMap<(&str, &str), &Pod> = HashMap::new();
         let mut tokens = HashMap::new();
+        let mut namespace_defaults = HashMap::new();
         let mut policies = Vec::new();
         let mut route_sources = RouteSources::default();
         for r in resources {
@@ -98,6 +108,20 @@ impl MeshIndex {
                     route_sources
                         .groups
                         .insert((g.metadata.namespace.clone(), g.metadata.name.clone()), g);
+                }
+                Resource::Namespace(ns) => {
+                    if let Some(v) = ns
+                        .metadata
+                        .annotations
+                        .get(annotations::DEFAULT_INBOUND_POLICY)
+                    {
+                        let policy = parse_default_policy(v).unwrap_or_else(|e| {
+                            // A typo never widens access.
+                            tracing::warn!(namespace = %ns.metadata.name, annotation = annotations::DEFAULT_INBOUND_POLICY, error = %e, "using deny for this namespace");
+                            DefaultPolicy::Deny
+                        });
+                        namespace_defaults.insert(ns.metadata.name.clone(), policy);
+                    }
                 }
                 Resource::Secret(secret) => {
                     if let Some((sa, token)) = secret.service_account_token() {
@@ -134,11 +158,15 @@ impl MeshIndex {
                 .cloned()
         };
 
+        let unmatched_policy_ports = unmatched_policy_ports(&policies, &port_endpoints, naming);
         let mut index = MeshIndex {
             answers: HashMap::new(),
             services: services.len(),
             tokens,
             inbound: inbound_policies(&policies),
+            namespace_defaults,
+            default_inbound_policy: naming.default_inbound_policy,
+            unmatched_policy_ports,
         };
         for svc in services {
             let ns = svc.metadata.namespace.as_str();
@@ -216,12 +244,27 @@ impl MeshIndex {
         }
     }
 
-    /// The inbound authorization of the workload `(namespace, service account)`.
+    /// The inbound authorization of the workload `(namespace, service account)`: its
+    /// policies, and the default for ports none selects (the namespace's, else the cluster's).
     pub fn inbound(&self, namespace: &str, service_account: &str) -> Arc<InboundPolicy> {
-        self.inbound
+        let default = self
+            .namespace_defaults
+            .get(namespace)
+            .copied()
+            .unwrap_or(self.default_inbound_policy);
+        let mut policy = self
+            .inbound
             .get(&(namespace.to_string(), service_account.to_string()))
-            .cloned()
-            .unwrap_or_default()
+            .map(|p| (**p).clone())
+            .unwrap_or_default();
+        policy.set_default_policy(default);
+        Arc::new(policy)
+    }
+
+    /// How many AuthorizationPolicies name a `port` that no endpoint of their workload serves
+    /// (each is logged when the index is built).
+    pub fn unmatched_policy_ports(&self) -> usize {
+        self.unmatched_policy_ports
     }
 
     /// The `(namespace, service account)` a token proves, if any.
@@ -282,6 +325,62 @@ fn inbound_policies(
             });
     }
     out.into_iter().map(|(k, v)| (k, Arc::new(v))).collect()
+}
+
+/// Parses a default inbound policy (the flag, the namespace annotation).
+pub fn parse_default_policy(s: &str) -> Result<DefaultPolicy, String> {
+    match s.trim() {
+        "all-unauthenticated" => Ok(DefaultPolicy::AllUnauthenticated),
+        "all-authenticated" => Ok(DefaultPolicy::AllAuthenticated),
+        "cluster-authenticated" => Ok(DefaultPolicy::ClusterAuthenticated),
+        "deny" => Ok(DefaultPolicy::Deny),
+        other => Err(format!(
+            "{other:?} is not a default inbound policy: all-unauthenticated, all-authenticated, cluster-authenticated or deny"
+        )),
+    }
+}
+
+/// Policies whose `port` (the container port the proxy sees) no meshed endpoint of their
+/// workload serves, while the workload does serve others: almost always a Service port written
+/// where the container port was meant. Logged, and counted for the admin metrics.
+fn unmatched_policy_ports(
+    policies: &[&AuthorizationPolicy],
+    port_endpoints: &HashMap<(String, String, u16), (String, Vec<Endpoint>)>,
+    naming: &Naming,
+) -> usize {
+    let mut unmatched = 0;
+    for p in policies {
+        let Some(port) = p.spec.port else { continue };
+        let ns = &p.metadata.namespace;
+        let identity = format!(
+            "spiffe://{}/ns/{ns}/sa/{}",
+            naming.trust_domain, p.spec.target_ref.name
+        );
+        let mut served: Vec<u32> = port_endpoints
+            .values()
+            .flat_map(|(_, eps)| eps.iter())
+            .filter(|e| e.identity == identity)
+            .map(|e| e.port)
+            .collect();
+        served.sort_unstable();
+        served.dedup();
+        if !served.is_empty() && !served.contains(&u32::from(port)) {
+            unmatched += 1;
+            let service_ports: Vec<u16> = port_endpoints
+                .iter()
+                .filter(|(_, (_, eps))| eps.iter().any(|e| e.identity == identity))
+                .map(|((_, _, service_port), _)| *service_port)
+                .collect();
+            tracing::warn!(
+                policy = %format!("{ns}/{}", p.metadata.name),
+                port,
+                workload_ports = ?served,
+                service_ports = ?service_ports,
+                "the policy's port is served by no endpoint of its workload: it selects nothing, so those ports follow the default policy (`port` is the container port the pod listens on, not the Service port)"
+            );
+        }
+    }
+    unmatched
 }
 
 fn not_in_mesh(reason: String) -> Arc<DestinationUpdate> {
@@ -633,6 +732,57 @@ stringData: {token: not-a-token}
         assert_eq!(
             normalize_target("[fd00:0::1]:80").as_deref(),
             Some("[fd00::1]:80")
+        );
+    }
+
+    #[test]
+    fn the_default_inbound_policy_comes_from_the_namespace_else_the_cluster() {
+        let docs = format!(
+            "{MESH}---\nkind: Namespace\nmetadata: {{name: shop, annotations: {{strait.io/default-inbound-policy: deny}}}}\n\
+             ---\nkind: Namespace\nmetadata: {{name: typo, annotations: {{strait.io/default-inbound-policy: allow-all}}}}\n"
+        );
+        let naming = Naming {
+            default_inbound_policy: DefaultPolicy::AllAuthenticated,
+            ..Naming::default()
+        };
+        let index = MeshIndex::build(&parse_documents(&docs).expect("valid"), &naming);
+        assert_eq!(
+            index.inbound("shop", "web-sa").default_policy(),
+            DefaultPolicy::Deny
+        );
+        assert_eq!(
+            index.inbound("elsewhere", "x").default_policy(),
+            DefaultPolicy::AllAuthenticated,
+            "no annotation: the cluster's"
+        );
+        assert_eq!(
+            index.inbound("typo", "x").default_policy(),
+            DefaultPolicy::Deny,
+            "a typo never widens access"
+        );
+    }
+
+    #[test]
+    fn a_policy_on_the_service_port_instead_of_the_container_port_is_reported() {
+        let policy = |port: u16| {
+            format!(
+                "{MESH}---\napiVersion: policy.strait.io/v1alpha1\nkind: AuthorizationPolicy\n\
+                 metadata: {{name: p, namespace: shop}}\n\
+                 spec: {{targetRef: {{kind: ServiceAccount, name: web-sa}}, port: {port}, allow: [{{authenticated: true}}]}}\n"
+            )
+        };
+        let build = |text: &str| {
+            MeshIndex::build(&parse_documents(text).expect("valid"), &Naming::default())
+        };
+        assert_eq!(
+            build(&policy(80)).unmatched_policy_ports(),
+            1,
+            "80 is the Service port"
+        );
+        assert_eq!(
+            build(&policy(8080)).unmatched_policy_ports(),
+            0,
+            "8080 is served"
         );
     }
 }

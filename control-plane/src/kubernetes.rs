@@ -54,7 +54,7 @@ impl Kind {
 /// Everything watched. The issuer Secret is not among them: it is mounted into the control
 /// plane's pod (the kubelet keeps the files current), so the control plane needs no right to
 /// read Secrets.
-pub const KINDS: [Kind; 7] = [
+pub const KINDS: [Kind; 8] = [
     Kind {
         group: "",
         version: "v1",
@@ -75,6 +75,14 @@ pub const KINDS: [Kind; 7] = [
         kind: "Pod",
         plural: "pods",
         required: true,
+    },
+    Kind {
+        group: "",
+        version: "v1",
+        kind: "Namespace",
+        plural: "namespaces",
+        // Only annotations are read (the default inbound policy): readiness does not wait.
+        required: false,
     },
     Kind {
         group: "split.smi-spec.io",

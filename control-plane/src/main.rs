@@ -74,6 +74,11 @@ struct Args {
     /// How often the config directory is rescanned (e.g. 250ms, 1s).
     #[arg(long, env = "STRAIT_POLL_INTERVAL", default_value = "250ms", value_parser = humantime::parse_duration)]
     poll_interval: Duration,
+    /// What a port no AuthorizationPolicy selects allows, for namespaces without the
+    /// `strait.io/default-inbound-policy` annotation: all-unauthenticated,
+    /// all-authenticated, cluster-authenticated or deny.
+    #[arg(long, env = "STRAIT_DEFAULT_INBOUND_POLICY", default_value = "all-unauthenticated", value_parser = strait_control_plane::index::parse_default_policy)]
+    default_inbound_policy: strait_api::discovery::DefaultPolicy,
     /// On SIGTERM: how long in-flight calls may take to finish before the process exits
     /// (discovery streams are closed at once; proxies reconnect to another replica).
     #[arg(long, env = "STRAIT_SHUTDOWN_GRACE_PERIOD", default_value = "10s", value_parser = humantime::parse_duration)]
@@ -101,6 +106,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         } else {
             SidecarEvidence::UnlessOptedOut
         },
+        default_inbound_policy: args.default_inbound_policy,
     };
     let (tx, rx) = watch::channel(Arc::new(MeshIndex::default()));
     let (ready_tx, ready) = watch::channel(false);

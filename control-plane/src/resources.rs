@@ -160,6 +160,12 @@ pub struct PodSpec {
     pub host_network: bool,
 }
 
+/// A `v1/Namespace`: its annotations (the default inbound policy of its workloads).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Namespace {
+    pub metadata: ObjectMeta,
+}
+
 /// A `v1/Secret`: local mode reads ServiceAccount tokens from those of type
 /// `kubernetes.io/service-account-token` (annotation `kubernetes.io/service-account.name`,
 /// key `token`, in `data` as base64 or in `stringData`).
@@ -244,6 +250,7 @@ pub enum Resource {
     Service(Service),
     EndpointSlice(EndpointSlice),
     Pod(Pod),
+    Namespace(Namespace),
     Secret(Secret),
     AuthorizationPolicy(AuthorizationPolicy),
     TrafficSplit(TrafficSplit),
@@ -264,6 +271,10 @@ pub mod annotations {
     /// On a Pod: set to `"true"` by the injector when it added the sidecar. In Kubernetes mode
     /// only such Pods are meshed.
     pub const INJECTED: &str = "strait.io/injected";
+    /// On a Namespace (control plane) or a Pod (injector): what a port no AuthorizationPolicy
+    /// selects allows: `all-unauthenticated`, `all-authenticated`, `cluster-authenticated`,
+    /// `deny`.
+    pub const DEFAULT_INBOUND_POLICY: &str = "strait.io/default-inbound-policy";
 }
 
 /// A weight: a number, or a Kubernetes quantity as SMI v1alpha1 wrote them (`500m`).

@@ -294,8 +294,14 @@ impl CertificateAuthority {
         caller: &SpiffeId,
         lifetime: Duration,
     ) -> Result<Signed, CsrError> {
-        let (_, csr) = X509CertificationRequest::from_der(csr_der)
+        let (rest, csr) = X509CertificationRequest::from_der(csr_der)
             .map_err(|e| CsrError::Malformed(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(CsrError::Malformed(format!(
+                "{} bytes after the CSR; send exactly one DER CertificationRequest",
+                rest.len()
+            )));
+        }
         csr.verify_signature().map_err(|_| CsrError::BadSignature)?;
         let info = &csr.certification_request_info;
         let spki = &info.subject_pki;
@@ -477,6 +483,17 @@ mod tests {
             .sign_csr(&csr, &id("web"), Duration::from_secs(3600 * 24 * 3650))
             .expect("signed");
         assert!(long.not_after <= ca.issuer_not_after());
+    }
+
+    #[test]
+    fn a_csr_with_trailing_data_is_refused() {
+        let (_, ca) = ca();
+        let (_, mut csr) = new_csr(&id("web")).expect("csr");
+        csr.extend(std::iter::repeat_n(0x41, 1024 * 1024));
+        let err = ca
+            .sign_csr(&csr, &id("web"), Duration::from_secs(60))
+            .expect_err("1 MB of junk after the DER");
+        assert!(err.to_string().contains("bytes after the CSR"), "{err}");
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub mod annotations {
     pub const SKIP_OUTBOUND_CIDRS: &str = "strait.io/skip-outbound-cidrs";
     pub const OPAQUE_PORTS: &str = "strait.io/opaque-ports";
     pub const INBOUND_MODE: &str = "strait.io/inbound-mode";
+    /// This pod's default inbound policy (wins over its namespace's and the cluster's).
+    pub const DEFAULT_INBOUND_POLICY: &str = "strait.io/default-inbound-policy";
     pub const SIDECAR_MODE: &str = "strait.io/sidecar-mode";
     pub const CPU_REQUEST: &str = "strait.io/proxy-cpu-request";
     pub const CPU_LIMIT: &str = "strait.io/proxy-cpu-limit";
@@ -184,6 +186,7 @@ struct Options {
     skip_cidrs: Option<String>,
     opaque: Option<String>,
     inbound_mode: Option<String>,
+    default_inbound_policy: Option<String>,
     cpu_request: String,
     cpu_limit: String,
     memory_request: String,
@@ -240,6 +243,21 @@ impl Options {
                     "expected comma-separated CIDRs like 10.0.0.0/8",
                 ))
             }
+        };
+        let default_inbound_policy = match a
+            .get(annotations::DEFAULT_INBOUND_POLICY)
+            .map(String::as_str)
+        {
+            None => None,
+            Some(
+                v
+                @ ("all-unauthenticated" | "all-authenticated" | "cluster-authenticated" | "deny"),
+            ) => Some(v.to_string()),
+            Some(v) => return Err(bad(
+                annotations::DEFAULT_INBOUND_POLICY,
+                v,
+                "expected all-unauthenticated, all-authenticated, cluster-authenticated or deny",
+            )),
         };
         let inbound_mode = match a.get(annotations::INBOUND_MODE).map(String::as_str) {
             None => None,
@@ -332,6 +350,7 @@ impl Options {
             skip_cidrs,
             opaque: ports(annotations::OPAQUE_PORTS)?,
             inbound_mode,
+            default_inbound_policy,
             cpu_request,
             cpu_limit,
             memory_request,
@@ -644,6 +663,9 @@ fn proxy_container(
     if let Some(p) = &o.opaque {
         envs.push(env("STRAIT_OPAQUE_PORTS", p.clone()));
     }
+    if let Some(p) = &o.default_inbound_policy {
+        envs.push(env("STRAIT_DEFAULT_INBOUND_POLICY", p.clone()));
+    }
     if let Some(m) = &o.inbound_mode {
         envs.push(env("STRAIT_INBOUND_MODE", m.clone()));
     }
@@ -824,5 +846,32 @@ mod tests {
     fn pointer_escaping() {
         assert_eq!(escape("strait.io/injected"), "strait.io~1injected");
         assert_eq!(escape("a~b"), "a~0b");
+    }
+
+    #[test]
+    fn a_pods_default_inbound_policy_reaches_its_proxy() {
+        let pod = json!({"metadata": {"annotations": {"strait.io/default-inbound-policy": "deny"}},
+            "spec": {"containers": [{"name": "app"}]}});
+        let Decision::Inject(patch) =
+            plan(&pod, true, &InjectConfig::defaults(), None).expect("plan")
+        else {
+            panic!("injected")
+        };
+        let text = serde_json::to_string(&patch).expect("json");
+        assert!(
+            text.contains(r#"{"name":"STRAIT_DEFAULT_INBOUND_POLICY","value":"deny"}"#),
+            "{text}"
+        );
+        let bad = json!({"metadata": {"annotations": {"strait.io/default-inbound-policy": "allow"}},
+            "spec": {"containers": [{"name": "app"}]}});
+        let err = plan_err(&bad);
+        assert!(err.contains("strait.io/default-inbound-policy"), "{err}");
+    }
+
+    fn plan_err(pod: &Value) -> String {
+        plan(pod, true, &InjectConfig::defaults(), None)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
     }
 }

@@ -125,6 +125,73 @@ pub struct ProxyConfig {
     /// Access log: `off`, or `json` for one JSON line per request on stdout.
     #[arg(long, env = "STRAIT_ACCESS_LOG", value_enum, default_value_t = AccessLogFormat::Off)]
     pub access_log: AccessLogFormat,
+    /// This pod's default inbound policy for ports no AuthorizationPolicy selects
+    /// (`all-unauthenticated`, `all-authenticated`, `cluster-authenticated`, `deny`); wins over
+    /// the namespace's and the cluster's, which the control plane sends. The injector sets it
+    /// from the pod annotation `strait.io/default-inbound-policy`.
+    #[arg(long, env = "STRAIT_DEFAULT_INBOUND_POLICY", value_parser = crate::policy::parse_default)]
+    pub default_inbound_policy: Option<strait_api::discovery::DefaultPolicy>,
+    /// Networks of the cluster's pods and services. A destination inside them that discovery
+    /// has not answered for is refused rather than sent in plaintext (it may be a meshed pod);
+    /// outside them it is passed through.
+    #[arg(
+        long,
+        env = "STRAIT_CLUSTER_NETWORKS",
+        default_value = DEFAULT_CLUSTER_NETWORKS,
+        value_parser = Networks::parse
+    )]
+    pub cluster_networks: Networks,
+}
+
+/// Linkerd's default `clusterNetworks`: the private ranges pods and services live in.
+pub const DEFAULT_CLUSTER_NETWORKS: &str =
+    "10.0.0.0/8,100.64.0.0/10,172.16.0.0/12,192.168.0.0/16,fd00::/8";
+
+/// A list of CIDRs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Networks(Vec<(std::net::IpAddr, u8)>);
+
+impl Networks {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut out = Vec::new();
+        for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let (ip, len) = item
+                .split_once('/')
+                .ok_or_else(|| format!("{item:?} is not a CIDR like 10.0.0.0/8"))?;
+            let ip: std::net::IpAddr = ip
+                .parse()
+                .map_err(|_| format!("{item:?}: {ip:?} is not an IP address"))?;
+            let max = if ip.is_ipv4() { 32 } else { 128 };
+            let len: u8 = len
+                .parse()
+                .ok()
+                .filter(|l| *l <= max)
+                .ok_or_else(|| format!("{item:?}: the prefix length must be 0 to {max}"))?;
+            out.push((ip, len));
+        }
+        Ok(Self(out))
+    }
+
+    /// Whether `ip` is inside one of the networks.
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        self.0.iter().any(|(net, len)| match (net, ip) {
+            (std::net::IpAddr::V4(n), std::net::IpAddr::V4(a)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(*len)).unwrap_or(0);
+                u32::from(*n) & mask == u32::from(a) & mask
+            }
+            (std::net::IpAddr::V6(n), std::net::IpAddr::V6(a)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(*len)).unwrap_or(0);
+                u128::from(*n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        })
+    }
 }
 
 /// `--pod-ip`: an IP, or nothing.
@@ -342,5 +409,28 @@ mod tests {
             let err = parse(&[flag, bad]).err().expect(bad).to_string();
             assert!(err.contains(flag), "{err}");
         }
+    }
+
+    #[test]
+    fn cluster_networks_parse_and_match() {
+        let n = Networks::parse(DEFAULT_CLUSTER_NETWORKS).expect("default parses");
+        for inside in [
+            "10.96.0.10",
+            "10.88.0.5",
+            "192.168.1.1",
+            "fd00::1",
+            "::ffff:10.1.2.3",
+        ] {
+            assert!(n.contains(inside.parse().expect("ip")), "{inside}");
+        }
+        for outside in ["8.8.8.8", "127.0.0.1", "2001:db8::1", "11.0.0.1"] {
+            assert!(!n.contains(outside.parse().expect("ip")), "{outside}");
+        }
+        assert!(Networks::parse("").expect("empty").0.is_empty());
+        assert!(Networks::parse("10.0.0.0/33").is_err());
+        assert!(Networks::parse("10.0.0.0").is_err());
+        assert!(Networks::parse("0.0.0.0/0")
+            .expect("all")
+            .contains("1.2.3.4".parse().expect("ip")));
     }
 }

@@ -89,14 +89,7 @@ pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: So
         return;
     }
     match protocol {
-        Protocol::Opaque | Protocol::Tls => {
-            if let Err(denied) = ctx.authz.authorize(port, None) {
-                strait_admin::log_limited!(tracing::Level::INFO, "refused", "unauthenticated", %orig_dst, policy = %denied.0, "refused an unauthenticated TCP connection");
-                ctx.metrics.refused("unauthorized", port, None);
-                return;
-            }
-            forward_tcp(&ctx, io, orig_dst).await
-        }
+        Protocol::Opaque | Protocol::Tls => forward_tcp(&ctx, io, orig_dst, None).await,
         Protocol::Http1 | Protocol::Http2 => serve_http(&ctx, io, protocol, orig_dst, None).await,
     }
     drop(tcp);
@@ -133,15 +126,6 @@ where
     let (_, session) = tls.get_ref();
     let client = strait_identity::tls::peer_identity(session.peer_certificates());
     let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
-    if alpn.is_none() {
-        // Opaque TCP over mTLS: authorized once, for the connection.
-        if let Err(denied) = ctx.authz.authorize(orig_dst.port(), client.as_ref()) {
-            strait_admin::log_limited!(tracing::Level::INFO, "refused", "unauthorized", %orig_dst, client = ?client, policy = %denied.0, "refused an unauthorized TCP connection");
-            ctx.metrics
-                .refused("unauthorized", orig_dst.port(), client.as_ref());
-            return;
-        }
-    }
     match alpn.as_deref() {
         Some(strait_identity::tls::ALPN_H2) => {
             serve_http(&ctx, tls, Protocol::Http2, orig_dst, client).await
@@ -149,14 +133,43 @@ where
         Some(strait_identity::tls::ALPN_HTTP1) => {
             serve_http(&ctx, tls, Protocol::Http1, orig_dst, client).await
         }
-        _ => forward_tcp(&ctx, tls, orig_dst).await,
+        _ => forward_tcp(&ctx, tls, orig_dst, client).await,
     }
 }
 
-async fn forward_tcp<I: AsyncRead + AsyncWrite + Unpin>(ctx: &Context, io: I, app: SocketAddr) {
-    if let Err(e) = crate::tcp::forward(io, app, ctx.cfg.connect_timeout, None).await {
-        strait_admin::log_limited!(tracing::Level::WARN, "tcp forward failed", "inbound", %app, error = %e, "inbound TCP forward failed");
+/// Splices an inbound TCP connection to the application, if the policy allows `client` on its
+/// port, for as long as it does: a policy change that revokes it closes the connection at once.
+async fn forward_tcp<I: AsyncRead + AsyncWrite + Unpin>(
+    ctx: &Context,
+    io: I,
+    app: SocketAddr,
+    client: Option<SpiffeId>,
+) {
+    let port = app.port();
+    if let Err(denied) = ctx.authz.authorize(port, client.as_ref()) {
+        strait_admin::log_limited!(tracing::Level::INFO, "refused", denied.reason(), %app, client = %display_client(client.as_ref()), %denied, "refused a TCP connection");
+        ctx.metrics.refused(denied.reason(), port, client.as_ref());
+        return;
     }
+    tokio::select! {
+        result = crate::tcp::forward(io, app, ctx.cfg.connect_timeout, None) => {
+            if let Err(e) = result {
+                strait_admin::log_limited!(tracing::Level::WARN, "tcp forward failed", "inbound", %app, error = %e, "inbound TCP forward failed");
+            }
+        }
+        denied = ctx.authz.revoked(port, client.as_ref()) => {
+            strait_admin::log_limited!(tracing::Level::INFO, "revoked", denied.reason(), %app, client = %display_client(client.as_ref()), %denied, "closed a TCP connection the policy no longer allows");
+            ctx.metrics.refused("revoked", port, client.as_ref());
+        }
+    }
+}
+
+/// A client's SPIFFE ID as a URI, or who it is without one.
+fn display_client(client: Option<&SpiffeId>) -> String {
+    client.map_or_else(
+        || "an unauthenticated client".to_string(),
+        ToString::to_string,
+    )
 }
 
 async fn serve_http<I>(
@@ -221,13 +234,13 @@ impl Handler for InboundHttp {
         {
             self.ctx
                 .metrics
-                .refused("unauthorized", self.app.port(), self.client.as_ref());
+                .refused(denied.reason(), self.app.port(), self.client.as_ref());
             return Err(ProxyError::Unauthorized {
                 client: self.client.as_ref().map_or_else(
                     || "an unauthenticated client".to_string(),
                     ToString::to_string,
                 ),
-                policy: denied.0,
+                denied,
             });
         }
         if restore_orig_proto(&mut req) {

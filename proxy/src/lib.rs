@@ -51,7 +51,7 @@ pub struct Context {
     pub drain: Drain,
     /// This proxy's identity, when mTLS is on.
     pub identity: Option<Arc<identity::Identity>>,
-    /// Inbound authorization (allows everyone until a policy arrives).
+    /// Inbound authorization (refuses every client until the first policy arrives).
     pub authz: Arc<policy::Authorizer>,
     /// Tracing and the access log.
     pub telemetry: telemetry::Telemetry,
@@ -155,6 +155,8 @@ pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
     let telemetry = telemetry::Telemetry::new(&cfg, &metrics)?;
     let (trigger, drain) = drain::channel();
     let trigger = Arc::new(trigger);
+    let discovery_configured = discovery.is_some();
+    let cfg_default_policy = cfg.default_inbound_policy;
     let ctx = Arc::new(Context {
         telemetry,
         clients: Clients::new(cfg.connect_timeout),
@@ -164,7 +166,15 @@ pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
         discovery,
         drain: drain.clone(),
         identity: identity.clone(),
-        authz: Arc::new(policy::Authorizer::default()),
+        authz: Arc::new(match (&identity, &discovery_configured) {
+            (Some(id), true) => {
+                policy::Authorizer::pending(id.id.trust_domain(), cfg_default_policy)
+            }
+            _ => {
+                tracing::info!("no identity or no control plane: no inbound policy to enforce; every client is allowed");
+                policy::Authorizer::allow_all()
+            }
+        }),
     });
 
     let ready = Arc::new(AtomicBool::new(false));
@@ -196,7 +206,7 @@ pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
     }
 
     if let (Some(identity), Some(discovery)) = (&identity, &ctx.discovery) {
-        // Wait briefly for the workload's policy, so a protected port is never open at start.
+        // Wait briefly for the workload's policy; until it comes, inbound is refused.
         let (first_tx, first_rx) = tokio::sync::oneshot::channel();
         tokio::spawn(ctx.authz.clone().watch(
             discovery.client(),
@@ -208,7 +218,9 @@ pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
             .await
             .is_err()
         {
-            tracing::warn!("no inbound policy yet; starting with none (every client allowed)");
+            tracing::warn!(
+                "no inbound policy yet: inbound connections are refused until it arrives"
+            );
         }
     }
 

@@ -190,6 +190,9 @@ pub struct Metrics {
     detect: Family<DetectLabels, Counter>,
     pub discovery_connected: Gauge,
     pub discovery_updates: Counter,
+    /// Connections and requests refused: discovery had not answered for a destination inside
+    /// the cluster networks.
+    pub discovery_unavailable: Counter,
     /// NotAfter of the current certificate, Unix seconds.
     pub cert_expiry: Gauge,
     retries: Family<TargetLabels, Counter>,
@@ -253,6 +256,7 @@ impl Metrics {
             detect: Family::default(),
             discovery_connected: Gauge::default(),
             discovery_updates: Counter::default(),
+            discovery_unavailable: Counter::default(),
             cert_expiry: Gauge::default(),
             retries: Family::default(),
             retries_exhausted: Family::default(),
@@ -325,6 +329,11 @@ impl Metrics {
             "discovery_update",
             "Discovery answers received",
             m.discovery_updates.clone(),
+        );
+        registry.register(
+            "discovery_unavailable",
+            "Outbound connections and requests refused because discovery had not answered for a destination inside the cluster networks",
+            m.discovery_unavailable.clone(),
         );
         registry.register(
             "identity_cert_expiry_timestamp_seconds",

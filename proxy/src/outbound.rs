@@ -44,6 +44,8 @@ pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: So
         }
         None => (None, Arc::new(Resolved::NotInMesh)),
     };
+    // Unanswered and inside the cluster: it may be a meshed pod, so no plaintext.
+    let fail_closed = state.is_pending() && ctx.cfg.cluster_networks.contains(orig_dst.ip());
     // TCP is labelled by the state at accept: a spliced stream cannot change path.
     let label: &str = match &*state {
         Resolved::Mesh { service, .. } => service,
@@ -86,6 +88,11 @@ pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: So
         Protocol::Opaque | Protocol::Tls => {
             // Decided once, by the state now (detection may have taken a while).
             let now = resolution.as_ref().map(|r| r.current());
+            if fail_closed && now.as_deref().is_none_or(Resolved::is_pending) {
+                strait_admin::log_limited!(tracing::Level::WARN, "discovery unavailable", "tcp", %orig_dst, "{}", ProxyError::DiscoveryUnavailable(orig_dst));
+                ctx.metrics.discovery_unavailable.inc();
+                return;
+            }
             let (addr, tls) = match (&resolution, now.as_deref()) {
                 (Some(r), Some(Resolved::Mesh { service, .. })) => match r.balancer.pick() {
                     Some(e) => (e.addr(), e.tls.as_ref().map(|t| t.tcp.clone())),
@@ -130,6 +137,8 @@ struct OutboundHttp {
 enum Target {
     /// To its original destination, outside the mesh.
     Passthrough,
+    /// Nowhere: discovery has not answered for a destination inside the cluster networks.
+    Unavailable,
     /// Through the mesh, to the service's endpoints and routes.
     Mesh {
         service: Arc<str>,
@@ -158,14 +167,18 @@ impl Handler for OutboundHttp {
                 resolution: resolution.clone(),
                 metrics: metrics.clone(),
             },
-            Resolved::NotInMesh | Resolved::Pending => Target::Passthrough,
+            Resolved::NotInMesh => Target::Passthrough,
+            Resolved::Pending if self.ctx.cfg.cluster_networks.contains(self.orig_dst.ip()) => {
+                Target::Unavailable
+            }
+            Resolved::Pending => Target::Passthrough,
         }
     }
 
     fn metrics<'a>(&'a self, target: &'a Target) -> &'a HttpMetrics {
         match target {
             Target::Mesh { metrics, .. } => metrics,
-            Target::Passthrough => &self.ctx.passthrough_metrics,
+            Target::Passthrough | Target::Unavailable => &self.ctx.passthrough_metrics,
         }
     }
 
@@ -184,6 +197,10 @@ impl Handler for OutboundHttp {
     ) -> Result<Response<Incoming>, ProxyError> {
         let upgrade = is_upgrade(&req);
         strip_hop_by_hop(req.headers_mut(), upgrade);
+        if let Target::Unavailable = target {
+            self.ctx.metrics.discovery_unavailable.inc();
+            return Err(ProxyError::DiscoveryUnavailable(self.orig_dst));
+        }
         let Target::Mesh {
             service,
             resolution,

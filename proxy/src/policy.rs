@@ -1,34 +1,123 @@
 //! Inbound authorization: which clients may reach this workload, per port, as the control plane
-//! pushes it (AuthorizationPolicy documents).
+//! pushes it (AuthorizationPolicy documents), failing closed.
 //!
-//! A port no policy selects allows every client. A selected port allows only clients that
-//! some rule of some selecting policy allows; a plaintext client has no identity and is denied.
-//! The last policy received keeps being enforced while the control plane is away.
+//! - Until the first policy arrives, every inbound connection is refused ("no inbound policy
+//!   yet"); waiting never turns into allow-all. A proxy without a policy source (no control
+//!   plane, or no identity to check clients by) has nothing to enforce and allows everyone,
+//!   as it says at start.
+//! - A selected port allows only clients that some rule of some selecting policy allows; a
+//!   plaintext client has no identity and is denied.
+//! - A port no policy selects follows the default policy: the pod's own setting, else the one
+//!   the control plane sends (the namespace's annotation, else the cluster-wide flag).
+//! - `namespace` rules match the namespace in this trust domain only.
+//! - Every change is announced ([`Authorizer::revoked`]): open TCP connections re-check and
+//!   close when they are no longer allowed.
+//! - The last policy received keeps being enforced while the control plane is away.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::ArcSwapOption;
 use strait_api::discovery::allowed_client::Client;
 use strait_api::discovery::discovery_client::DiscoveryClient;
-use strait_api::discovery::{InboundPolicy, InboundRequest};
+use strait_api::discovery::{DefaultPolicy, InboundPolicy, InboundRequest};
 use strait_identity::SpiffeId;
+use tokio::sync::watch;
 use tonic::transport::Channel;
 
 /// The policy in force.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Authorizer {
-    current: ArcSwap<InboundPolicy>,
+    /// None until the first policy arrives.
+    current: ArcSwapOption<InboundPolicy>,
+    /// The pod's own default policy, which wins over the control plane's.
+    pod_default: Option<DefaultPolicy>,
+    /// This workload's trust domain (for `namespace` rules and `cluster-authenticated`).
+    trust_domain: String,
+    /// Bumped on every change.
+    version: watch::Sender<u64>,
 }
 
-/// Why a client was refused: the policies that select the port.
+/// Why a client was refused, for logs and metrics. Callers get a generic answer: policy names
+/// stay in the proxy's log.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Denied(pub String);
+pub enum Denied {
+    /// No policy has arrived yet.
+    Pending,
+    /// The policies that select the port allow none of the client's identities.
+    Policies(String),
+    /// No policy selects the port, and the default policy refuses the client.
+    Default(DefaultPolicy),
+}
+
+impl Denied {
+    /// A bounded label for the `refused` metric.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Denied::Pending => "policy pending",
+            Denied::Policies(_) => "unauthorized",
+            Denied::Default(_) => "default policy",
+        }
+    }
+}
+
+impl std::fmt::Display for Denied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Denied::Pending => f.write_str("no inbound policy yet"),
+            Denied::Policies(p) => write!(f, "policies {p}"),
+            Denied::Default(d) => write!(f, "default policy {}", default_name(*d)),
+        }
+    }
+}
+
+/// The setting's spelling of a default policy.
+pub fn default_name(d: DefaultPolicy) -> &'static str {
+    match d {
+        DefaultPolicy::AllUnauthenticated => "all-unauthenticated",
+        DefaultPolicy::AllAuthenticated => "all-authenticated",
+        DefaultPolicy::ClusterAuthenticated => "cluster-authenticated",
+        DefaultPolicy::Deny => "deny",
+    }
+}
+
+/// Parses a default policy setting (`--default-inbound-policy`, the annotations).
+pub fn parse_default(s: &str) -> Result<DefaultPolicy, String> {
+    match s {
+        "all-unauthenticated" => Ok(DefaultPolicy::AllUnauthenticated),
+        "all-authenticated" => Ok(DefaultPolicy::AllAuthenticated),
+        "cluster-authenticated" => Ok(DefaultPolicy::ClusterAuthenticated),
+        "deny" => Ok(DefaultPolicy::Deny),
+        other => Err(format!(
+            "{other:?} is not a default policy: all-unauthenticated, all-authenticated, cluster-authenticated or deny"
+        )),
+    }
+}
 
 impl Authorizer {
+    /// An authorizer that waits for the control plane's policy (refusing until it comes).
+    pub fn pending(trust_domain: &str, pod_default: Option<DefaultPolicy>) -> Self {
+        Self {
+            current: ArcSwapOption::empty(),
+            pod_default,
+            trust_domain: trust_domain.to_string(),
+            version: watch::Sender::new(0),
+        }
+    }
+
+    /// An authorizer with no policy source: every client is allowed on every port.
+    pub fn allow_all() -> Self {
+        let a = Self::pending("", None);
+        a.current.store(Some(Arc::new(InboundPolicy::default())));
+        a
+    }
+
     /// Whether `client` may reach `port`.
     pub fn authorize(&self, port: u16, client: Option<&SpiffeId>) -> Result<(), Denied> {
-        let policy = self.current.load();
+        let guard = self.current.load();
+        let Some(policy) = guard.as_deref() else {
+            return Err(Denied::Pending);
+        };
         let mut selecting = Vec::new();
         for entry in &policy.ports {
             if entry.port != 0 && entry.port != u32::from(port) {
@@ -38,22 +127,49 @@ impl Authorizer {
                 if entry
                     .allow
                     .iter()
-                    .any(|a| allows(a.client.as_ref(), client))
+                    .any(|a| allows(a.client.as_ref(), client, &self.trust_domain))
                 {
                     return Ok(());
                 }
             }
             selecting.push(entry.policy.as_str());
         }
-        if selecting.is_empty() {
+        if !selecting.is_empty() {
+            return Err(Denied::Policies(selecting.join(", ")));
+        }
+        let default = self.pod_default.unwrap_or(policy.default_policy());
+        let allowed = match default {
+            DefaultPolicy::AllUnauthenticated => true,
+            DefaultPolicy::AllAuthenticated => client.is_some(),
+            DefaultPolicy::ClusterAuthenticated => {
+                client.is_some_and(|c| c.trust_domain() == self.trust_domain)
+            }
+            DefaultPolicy::Deny => false,
+        };
+        if allowed {
             Ok(())
         } else {
-            Err(Denied(selecting.join(", ")))
+            Err(Denied::Default(default))
         }
     }
 
     pub fn replace(&self, policy: InboundPolicy) {
-        self.current.store(Arc::new(policy));
+        self.current.store(Some(Arc::new(policy)));
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    /// Resolves once a change of policy no longer allows `client` on `port` (never, while it
+    /// does): what an open TCP connection waits on.
+    pub async fn revoked(&self, port: u16, client: Option<&SpiffeId>) -> Denied {
+        let mut changes = self.version.subscribe();
+        loop {
+            if changes.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            if let Err(denied) = self.authorize(port, client) {
+                return denied;
+            }
+        }
     }
 
     /// Keeps the policy of `identity` current, reconnecting with backoff. `first` is told when
@@ -75,7 +191,11 @@ impl Authorizer {
             let result = async {
                 let mut stream = client.watch_inbound(request).await?.into_inner();
                 while let Some(policy) = stream.message().await? {
-                    tracing::info!(ports = policy.ports.len(), "inbound policy updated");
+                    tracing::info!(
+                        ports = policy.ports.len(),
+                        default = default_name(self.pod_default.unwrap_or(policy.default_policy())),
+                        "inbound policy updated"
+                    );
                     self.replace(policy);
                     failures = 0;
                     if let Some(tx) = first.take() {
@@ -97,10 +217,12 @@ impl Authorizer {
     }
 }
 
-fn allows(rule: Option<&Client>, client: &SpiffeId) -> bool {
+fn allows(rule: Option<&Client>, client: &SpiffeId, trust_domain: &str) -> bool {
     match rule {
         Some(Client::Identity(id)) => id.parse::<SpiffeId>().is_ok_and(|id| &id == client),
-        Some(Client::Namespace(ns)) => client.namespace() == ns,
+        Some(Client::Namespace(ns)) => {
+            client.namespace() == ns && client.trust_domain() == trust_domain
+        }
         Some(Client::Authenticated(true)) => true,
         _ => false,
     }
@@ -128,15 +250,20 @@ mod tests {
 
     #[test]
     fn unselected_ports_allow_everyone_selected_ports_only_what_rules_allow() {
-        let a = Authorizer::default();
-        assert_eq!(a.authorize(8080, None), Ok(()), "no policy: open");
+        let a = Authorizer::pending("cluster.local", None);
+        assert_eq!(
+            a.authorize(8080, Some(&id("a", "client"))),
+            Err(Denied::Pending),
+            "no policy yet: refused, never allow-all"
+        );
         a.replace(InboundPolicy {
             ports: vec![entry(8080, vec![Client::Namespace("a".into())])],
+            ..Default::default()
         });
         assert_eq!(a.authorize(8080, Some(&id("a", "client"))), Ok(()));
         assert_eq!(
             a.authorize(8080, Some(&id("b", "client"))),
-            Err(Denied("default/p8080".into()))
+            Err(Denied::Policies("default/p8080".into()))
         );
         assert!(
             a.authorize(8080, None).is_err(),
@@ -151,8 +278,9 @@ mod tests {
 
     #[test]
     fn exact_ids_authenticated_and_all_port_entries() {
-        let a = Authorizer::default();
+        let a = Authorizer::pending("cluster.local", None);
         a.replace(InboundPolicy {
+            default_policy: DefaultPolicy::AllUnauthenticated as i32,
             ports: vec![
                 entry(
                     0,
@@ -172,10 +300,111 @@ mod tests {
         assert!(a.authorize(7000, None).is_err());
         a.replace(InboundPolicy {
             ports: vec![entry(8080, vec![])],
+            ..Default::default()
         });
         assert!(
             a.authorize(8080, Some(&id("x", "admin"))).is_err(),
             "an empty allow list denies all"
         );
+    }
+
+    #[test]
+    fn each_default_policy_decides_unselected_ports() {
+        let ours = id("a", "client");
+        let foreign = SpiffeId::new("other.example", "a", "client").expect("id");
+        let cases = [
+            (DefaultPolicy::AllUnauthenticated, [true, true, true]),
+            (DefaultPolicy::AllAuthenticated, [false, true, true]),
+            (DefaultPolicy::ClusterAuthenticated, [false, true, false]),
+            (DefaultPolicy::Deny, [false, false, false]),
+        ];
+        for (default, [plain, same, other]) in cases {
+            // From the control plane...
+            let a = Authorizer::pending("cluster.local", None);
+            a.replace(InboundPolicy {
+                default_policy: default as i32,
+                ..Default::default()
+            });
+            assert_eq!(
+                a.authorize(8080, None).is_ok(),
+                plain,
+                "{default:?} plaintext"
+            );
+            assert_eq!(
+                a.authorize(8080, Some(&ours)).is_ok(),
+                same,
+                "{default:?} same domain"
+            );
+            assert_eq!(
+                a.authorize(8080, Some(&foreign)).is_ok(),
+                other,
+                "{default:?} other domain"
+            );
+            // ... or the pod's own, which wins.
+            let a = Authorizer::pending("cluster.local", Some(default));
+            a.replace(InboundPolicy {
+                default_policy: DefaultPolicy::Deny as i32,
+                ..Default::default()
+            });
+            assert_eq!(
+                a.authorize(8080, Some(&ours)).is_ok(),
+                same,
+                "pod {default:?}"
+            );
+        }
+        assert_eq!(
+            parse_default("cluster-authenticated"),
+            Ok(DefaultPolicy::ClusterAuthenticated)
+        );
+        assert!(parse_default("allow").is_err());
+    }
+
+    #[test]
+    fn namespace_rules_match_this_trust_domain_only() {
+        let a = Authorizer::pending("cluster.local", None);
+        a.replace(InboundPolicy {
+            ports: vec![entry(8080, vec![Client::Namespace("a".into())])],
+            ..Default::default()
+        });
+        let foreign = SpiffeId::new("evil.example", "a", "client").expect("id");
+        assert!(a.authorize(8080, Some(&foreign)).is_err());
+        assert!(a.authorize(8080, Some(&id("a", "client"))).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_policy_change_that_denies_a_client_is_announced() {
+        let a = Arc::new(Authorizer::pending("cluster.local", None));
+        let client = id("a", "client");
+        a.replace(InboundPolicy {
+            ports: vec![entry(8080, vec![Client::Namespace("a".into())])],
+            ..Default::default()
+        });
+        let watcher = {
+            let (a, client) = (a.clone(), client.clone());
+            tokio::spawn(async move { a.revoked(8080, Some(&client)).await })
+        };
+        tokio::task::yield_now().await;
+        // A change that still allows it: nothing happens.
+        a.replace(InboundPolicy {
+            ports: vec![entry(8080, vec![Client::Authenticated(true)])],
+            ..Default::default()
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!watcher.is_finished());
+        // One that does not: announced at once.
+        a.replace(InboundPolicy {
+            ports: vec![entry(8080, vec![Client::Namespace("b".into())])],
+            ..Default::default()
+        });
+        let denied = tokio::time::timeout(Duration::from_secs(1), watcher)
+            .await
+            .expect("announced")
+            .expect("task");
+        assert_eq!(denied, Denied::Policies("default/p8080".into()));
+    }
+
+    #[test]
+    fn allow_all_is_for_proxies_without_a_policy_source() {
+        assert!(Authorizer::allow_all().authorize(1, None).is_ok());
     }
 }

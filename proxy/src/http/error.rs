@@ -40,8 +40,16 @@ pub enum ProxyError {
     NoBackend(String),
     #[error("no response within the timeout of {after:?}")]
     Timeout { after: Duration },
-    #[error("{client} is not authorized by {policy}")]
-    Unauthorized { client: String, policy: String },
+    /// Logged in full; the caller only learns that it was refused (see [`ProxyError::public`]).
+    #[error("{client} is not authorized: {denied}")]
+    Unauthorized {
+        client: String,
+        denied: crate::policy::Denied,
+    },
+    /// Discovery has not answered for a destination inside the cluster networks: plaintext
+    /// could reach a meshed pod, so nothing is sent.
+    #[error("discovery has not answered for {0}, inside the cluster networks; not sending it in plaintext (is the control plane up?)")]
+    DiscoveryUnavailable(SocketAddr),
     #[error(
         "mTLS with {addr} failed: {source} (is the peer's identity the one discovery announced?)"
     )]
@@ -62,6 +70,7 @@ impl ProxyError {
             ProxyError::ConnectTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::NoAuthority => StatusCode::BAD_REQUEST,
             ProxyError::Unauthorized { .. } => StatusCode::FORBIDDEN,
+            ProxyError::DiscoveryUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::NoRoute(_) => StatusCode::NOT_FOUND,
             ProxyError::RequestBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::NoBackend(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -79,6 +88,7 @@ impl ProxyError {
             ProxyError::NoAuthority => "no authority",
             ProxyError::Tls { .. } => "tls failed",
             ProxyError::Unauthorized { .. } => "unauthorized",
+            ProxyError::DiscoveryUnavailable(_) => "discovery unavailable",
             ProxyError::NoRoute(_) => "no route",
             ProxyError::RequestBody(_) => "request body",
             ProxyError::NoBackend(_) => "no backend",
@@ -98,8 +108,23 @@ impl ProxyError {
     }
 
     /// The response for this error; a gRPC request gets a trailers-only gRPC status.
+    /// What the caller is told: the error itself, except that a refusal does not name the
+    /// policies, identities or addresses behind it (the proxy's log does).
+    pub fn public(&self) -> String {
+        match self {
+            ProxyError::Unauthorized {
+                denied: crate::policy::Denied::Pending,
+                ..
+            } => "refused: the destination has no inbound policy yet".to_string(),
+            ProxyError::Unauthorized { .. } => {
+                "forbidden by the destination's inbound policy".to_string()
+            }
+            other => other.to_string(),
+        }
+    }
+
     pub fn to_response(&self, grpc: bool) -> Response<Body> {
-        let message = self.to_string();
+        let message = self.public();
         let marker = HeaderValue::from_str(&message)
             .unwrap_or_else(|_| HeaderValue::from_static("proxy error"));
         let mut response = if grpc {
