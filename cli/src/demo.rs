@@ -126,19 +126,42 @@ async fn run_mesh(args: &DemoArgs) -> Result<()> {
         "starting the control plane (config: {})",
         config.dir.display()
     );
-    net.start_control_plane(&config.dir)?;
-    for name in ["web-1", "web-2", "api-1"] {
+    let cp = net.start_control_plane(&config.dir)?;
+    net.wait_log(&cp, "serving identity", Duration::from_secs(10))?;
+    println!(
+        "the control plane's own CA issues every pod a SPIFFE identity: mTLS between all pods \
+         (anchors: {})",
+        net.state_dir().join("ca/anchors.pem").display()
+    );
+    // Each pod's proxy gets its identity from a bootstrap token the control plane minted for
+    // its Pod document (mesh.yaml has web-1, web-2 and api-1; the client's is written here).
+    let with_identity = |pod: &strait_testbed::Pod, sa: &str, doc: bool| -> Result<()> {
+        let env = net.local_identity(doc.then_some(&config), pod, "demo", sa)?;
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        net.start_sidecar(
+            pod,
+            &SidecarOpts {
+                env,
+                ..Default::default()
+            },
+        )?;
+        Ok(())
+    };
+    for (name, sa) in [("web-1", "web"), ("web-2", "web"), ("api-1", "api")] {
         let pod = net.pod(name)?;
-        net.start_sidecar(&pod, &SidecarOpts::default())?;
+        with_identity(&pod, sa, false)?;
         net.start_app(
             &pod,
             "app",
             &["http", "--listen", "0.0.0.0:8080", "--name", name],
         )?;
-        println!("pod {name:<6} {:<11} app + sidecar ready", pod.ip);
+        println!(
+            "pod {name:<6} {:<11} app + sidecar ready, spiffe://cluster.local/ns/demo/sa/{sa}",
+            pod.ip
+        );
     }
     let client = net.pod("client")?;
-    net.start_sidecar(&client, &SidecarOpts::default())?;
+    with_identity(&client, "client", true)?;
     let testapp = strait_testbed::bin("strait-testapp")?;
     let testapp = testapp.to_string_lossy();
     let load_for = format!("{}s", args.duration.map_or(3600, |d| d.as_secs() + 5));

@@ -8,6 +8,10 @@ use std::collections::BTreeMap;
 pub struct TargetCounters {
     pub success: f64,
     pub failure: f64,
+    /// Responses that came over mTLS (`tls="true"`).
+    pub tls: f64,
+    /// Responses by the server's SPIFFE ID.
+    pub server_ids: BTreeMap<String, f64>,
     /// (upper bound in seconds, cumulative count), ascending; the last is +Inf.
     pub buckets: Vec<(f64, f64)>,
 }
@@ -21,6 +25,10 @@ pub fn merge(into: &mut Scrape, other: Scrape) {
         let e = into.entry(key).or_default();
         e.success += c.success;
         e.failure += c.failure;
+        e.tls += c.tls;
+        for (id, n) in c.server_ids {
+            *e.server_ids.entry(id).or_default() += n;
+        }
         e.buckets.extend(c.buckets);
         e.buckets = merge_buckets(std::mem::take(&mut e.buckets));
     }
@@ -78,11 +86,19 @@ pub fn parse_by(text: &str, direction: &str, by: &str) -> Scrape {
         };
         let entry = out.entry(target.to_string()).or_default();
         match name {
-            "strait_response_total" => match label(labels, "classification") {
-                Some("success") => entry.success += value,
-                Some(_) => entry.failure += value,
-                None => {}
-            },
+            "strait_response_total" => {
+                match label(labels, "classification") {
+                    Some("success") => entry.success += value,
+                    Some(_) => entry.failure += value,
+                    None => {}
+                }
+                if label(labels, "tls") == Some("true") {
+                    entry.tls += value;
+                }
+                if let Some(id) = label(labels, "server_id").filter(|id| !id.is_empty()) {
+                    *entry.server_ids.entry(id.to_string()).or_default() += value;
+                }
+            }
             "strait_response_latency_seconds_bucket" => {
                 let le = match label(labels, "le") {
                     Some("+Inf") => f64::INFINITY,
@@ -109,12 +125,18 @@ pub struct Row {
     pub p50_ms: Option<f64>,
     pub p95_ms: Option<f64>,
     pub p99_ms: Option<f64>,
+    /// Share of the interval's responses that came over mTLS.
+    pub mtls: Option<f64>,
+    /// The server identity that answered most of them.
+    pub server_id: Option<String>,
 }
 
 /// Rows for the interval between `before` and `after`, `seconds` apart.
 pub fn rows(before: &Scrape, after: &Scrape, seconds: f64) -> Vec<Row> {
     after
         .iter()
+        // A target that never had a response (a counter registered ahead) is no row.
+        .filter(|(_, now)| now.success + now.failure > 0.0)
         .map(|(target, now)| {
             let prev = before.get(target).cloned().unwrap_or_default();
             let ok = now.success - prev.success;
@@ -132,10 +154,20 @@ pub fn rows(before: &Scrape, after: &Scrape, seconds: f64) -> Vec<Row> {
                     (*le, c - p)
                 })
                 .collect();
+            let tls = now.tls - prev.tls;
+            let server_id = now
+                .server_ids
+                .iter()
+                .map(|(id, n)| (id, n - prev.server_ids.get(id).copied().unwrap_or(0.0)))
+                .filter(|(_, n)| *n > 0.0)
+                .max_by(|a, b| a.1.total_cmp(&b.1))
+                .map(|(id, _)| id.clone());
             Row {
                 target: target.clone(),
                 rps: total / seconds.max(1e-9),
                 success_rate: (total > 0.0).then(|| ok / total),
+                mtls: (total > 0.0).then(|| (tls / total).clamp(0.0, 1.0)),
+                server_id,
                 p50_ms: quantile(&deltas, 0.5).map(|s| s * 1000.0),
                 p95_ms: quantile(&deltas, 0.95).map(|s| s * 1000.0),
                 p99_ms: quantile(&deltas, 0.99).map(|s| s * 1000.0),
@@ -175,18 +207,21 @@ pub fn quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
 pub fn render(rows: &[Row]) -> String {
     let fmt = |v: Option<f64>, unit: &str| v.map_or("-".to_string(), |v| format!("{v:.1}{unit}"));
     let mut out = format!(
-        "{:<40} {:>8} {:>9} {:>9} {:>9} {:>9}\n",
-        "SERVICE", "RPS", "SUCCESS", "P50", "P95", "P99"
+        "{:<40} {:>8} {:>9} {:>9} {:>9} {:>9} {:>7}  {}\n",
+        "SERVICE", "RPS", "SUCCESS", "P50", "P95", "P99", "MTLS", "SERVER ID"
     );
     for r in rows {
         out.push_str(&format!(
-            "{:<40} {:>8.1} {:>9} {:>9} {:>9} {:>9}\n",
+            "{:<40} {:>8.1} {:>9} {:>9} {:>9} {:>9} {:>7}  {}\n",
             r.target,
             r.rps,
             fmt(r.success_rate.map(|s| s * 100.0), "%"),
             fmt(r.p50_ms, "ms"),
             fmt(r.p95_ms, "ms"),
             fmt(r.p99_ms, "ms"),
+            r.mtls
+                .map_or("-".to_string(), |m| format!("{:.0}%", m * 100.0)),
+            r.server_id.as_deref().unwrap_or("-"),
         ));
     }
     out
@@ -261,5 +296,32 @@ strait_response_latency_seconds_bucket{le="+Inf",direction="outbound",target="we
         assert_eq!(quantile(&[(1.0, 0.0), (f64::INFINITY, 0.0)], 0.5), None);
         let q = quantile(&[(1.0, 0.0), (3.0, 4.0), (f64::INFINITY, 4.0)], 0.5).expect("q");
         assert!((q - 2.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn rows_show_the_mtls_share_and_the_main_server_identity() {
+        let before = r#"strait_response_total{direction="outbound",target="web:80",tls="true",server_id="spiffe://cluster.local/ns/demo/sa/web",classification="success"} 10
+strait_request_total{direction="outbound",target="passthrough"} 0
+"#;
+        let after = r#"strait_response_total{direction="outbound",target="web:80",tls="true",server_id="spiffe://cluster.local/ns/demo/sa/web",classification="success"} 28
+strait_response_total{direction="outbound",target="web:80",tls="false",server_id="",classification="success"} 2
+strait_request_total{direction="outbound",target="passthrough"} 0
+"#;
+        let rows = rows(&parse(before, "outbound"), &parse(after, "outbound"), 1.0);
+        assert_eq!(
+            rows.len(),
+            1,
+            "no row for a target without responses: {rows:?}"
+        );
+        assert_eq!(rows[0].mtls, Some(0.9));
+        assert_eq!(
+            rows[0].server_id.as_deref(),
+            Some("spiffe://cluster.local/ns/demo/sa/web")
+        );
+        let table = render(&rows);
+        assert!(
+            table.contains("90%") && table.contains("SERVER ID"),
+            "{table}"
+        );
     }
 }

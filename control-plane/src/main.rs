@@ -14,6 +14,7 @@ use strait_control_plane::identity::{
     install_server_certificate, keep_server_certificate, tls_incoming, IdentityService, Issuer,
 };
 use strait_control_plane::index::{MeshIndex, Naming, SidecarEvidence};
+use strait_control_plane::local::identity::{ensure_ca, BootstrapTokens};
 use strait_control_plane::local::LocalSource;
 use strait_control_plane::tokens::Authenticator;
 use strait_identity::tls::Credentials;
@@ -74,6 +75,14 @@ struct Args {
     /// How often the config directory is rescanned (e.g. 250ms, 1s).
     #[arg(long, env = "STRAIT_POLL_INTERVAL", default_value = "250ms", value_parser = humantime::parse_duration)]
     poll_interval: Duration,
+    /// Local mode: where the control plane keeps its own trust anchor and issuer (created on
+    /// first start when no --issuer-cert/--issuer-key is given) and the pods' bootstrap tokens.
+    #[arg(long, env = "STRAIT_STATE_DIR", default_value = "/var/lib/strait")]
+    state_dir: PathBuf,
+    /// Local mode: no identity API and no local CA, so proxies cannot get certificates and the
+    /// mesh runs in plaintext. Less safe; for debugging only.
+    #[arg(long, env = "STRAIT_PLAINTEXT", conflicts_with_all = ["issuer_cert", "kubernetes"])]
+    plaintext: bool,
     /// What a port no AuthorizationPolicy selects allows, for namespaces without the
     /// `strait.io/default-inbound-policy` annotation: all-unauthenticated,
     /// all-authenticated, cluster-authenticated or deny.
@@ -110,9 +119,29 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     };
     let (tx, rx) = watch::channel(Arc::new(MeshIndex::default()));
     let (ready_tx, ready) = watch::channel(false);
+    // Local mode has identity by default: its own CA in --state-dir unless the operator
+    // brings an issuer, and a bootstrap token per Pod document.
+    let local_identity = args.config_dir.is_some() && !args.plaintext;
+    let mut issuer_files = args.issuer_cert.clone().zip(args.issuer_key.clone());
+    if local_identity && issuer_files.is_none() {
+        let ca = ensure_ca(&args.state_dir, &naming.trust_domain)?;
+        tracing::info!(
+            anchors = %ca.anchors.display(),
+            fingerprint = %ca.fingerprint,
+            "{} the local trust anchor (proxies trust this file)",
+            if ca.created { "created" } else { "reusing" }
+        );
+        issuer_files = Some((ca.issuer_cert, ca.issuer_key));
+    }
+    if args.plaintext {
+        tracing::warn!("--plaintext: no identity API; every proxy runs without mTLS");
+    }
     let (sourcing, tokens, source_name) = match &args.config_dir {
         Some(dir) => {
             let mut source = LocalSource::new(dir);
+            if local_identity {
+                source = source.with_bootstrap_tokens(BootstrapTokens::new(&args.state_dir)?);
+            }
             source.scan()?; // fail fast on an unreadable directory
             let poll = args.poll_interval;
             let naming = naming.clone();
@@ -166,7 +195,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         (ready, stopping.clone()),
     ));
 
-    if let (Some(cert), Some(key)) = (args.issuer_cert.clone(), args.issuer_key.clone()) {
+    if let Some((cert, key)) = issuer_files {
         let issuer = Arc::new(Issuer::load(cert, key)?);
         let creds = Arc::new(Credentials::default());
         let server_id = SpiffeId::new(

@@ -30,6 +30,10 @@ fn get(addr: SocketAddr, path: &str) -> Option<u16> {
 fn start(dir: &std::path::Path, admin: SocketAddr) -> Child {
     Command::new(env!("CARGO_BIN_EXE_strait-control-plane"))
         .args(["--config-dir", &dir.to_string_lossy()])
+        .args([
+            "--state-dir",
+            &dir.with_extension("state").to_string_lossy(),
+        ])
         .args(["--discovery-addr", &format!("127.0.0.1:{}", free_port())])
         .args(["--admin-addr", &admin.to_string()])
         .args(["--poll-interval", "50ms"])

@@ -17,11 +17,11 @@ fn ours(prefix: &str) -> usize {
 fn demo_shows_live_signals_for_every_service_and_cleans_up() -> anyhow::Result<()> {
     let name = format!("strait-demo-e2e{}", std::process::id());
     let strait = strait_testbed::bin("strait")?;
-    let out = Command::new(&strait)
+    let demo = Command::new(&strait)
         .args([
             "demo",
             "--duration",
-            "5s",
+            "6s",
             "--interval",
             "2s",
             "--rps",
@@ -30,7 +30,26 @@ fn demo_shows_live_signals_for_every_service_and_cleans_up() -> anyhow::Result<(
             &name,
         ])
         .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    // While it runs: two seconds of web-1's link, pod-to-pod traffic only (the control plane's
+    // link is 10.88.0.1).
+    let web1 = format!("{name}-web-1");
+    let start = Instant::now();
+    while !namespaces().contains(&web1) && start.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let dump = Command::new("ip")
+        .args([
+            "netns", "exec", &web1, "timeout", "2", "tcpdump", "-i", "eth0", "-n", "-A",
+        ])
+        .args(["tcp and not host 10.88.0.1"])
+        .stdin(Stdio::null())
         .output()?;
+    let capture = String::from_utf8_lossy(&dump.stdout);
+    let out = demo.wait_with_output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -68,6 +87,33 @@ fn demo_shows_live_signals_for_every_service_and_cleans_up() -> anyhow::Result<(
         web[3].ends_with("ms") && web[4].ends_with("ms"),
         "{}",
         why("latencies")
+    );
+    // Every pod has an identity: every request rode mTLS, to the identity discovery announced.
+    assert_eq!(web[6], "100%", "{}", why("web over mTLS"));
+    assert_eq!(api[6], "100%", "{}", why("api over mTLS"));
+    assert_eq!(
+        web[7],
+        "spiffe://cluster.local/ns/demo/sa/web",
+        "{}",
+        why("web's identity")
+    );
+    assert_eq!(
+        api[7],
+        "spiffe://cluster.local/ns/demo/sa/api",
+        "{}",
+        why("api's identity")
+    );
+    assert!(
+        stdout.contains("mTLS between all pods"),
+        "{}",
+        why("the demo says so")
+    );
+    // And on the wire: web-1's traffic to and from other pods is TLS, never the app's text.
+    let packets = capture.lines().filter(|l| l.contains(" > ")).count();
+    assert!(packets > 20, "too little captured on {web1}:\n{capture}");
+    assert!(
+        !capture.contains("hello from") && !capture.contains("HTTP/1.1"),
+        "plaintext on the wire between pods:\n{capture}"
     );
     assert_eq!(ours(&name), 0, "namespaces left behind");
     Ok(())

@@ -204,7 +204,7 @@ pub fn issue_issuer(
     Ok((cert.pem(), key.serialize_pem()))
 }
 
-fn not_after_of_pem(pem: &str) -> Result<SystemTime, CaError> {
+pub fn not_after_of_pem(pem: &str) -> Result<SystemTime, CaError> {
     let der = pem_to_der(pem).ok_or(CaError::Invalid {
         what: "reading a certificate",
         message: "no CERTIFICATE block in the PEM".into(),

@@ -159,10 +159,14 @@ impl Net {
         let addr = format!("{BRIDGE_IP}:{DISCOVERY_PORT}");
         let dir = config.to_string_lossy();
         let bin = bin.to_string_lossy();
+        let state = self.state_dir();
+        let state = state.to_string_lossy();
         let mut cmd: Vec<&str> = vec![
             &bin,
             "--config-dir",
             &dir,
+            "--state-dir",
+            &state,
             "--discovery-addr",
             &addr,
             "--poll-interval",
@@ -178,6 +182,73 @@ impl Net {
         )?;
         self.wait_log(&proc, "serving discovery", Duration::from_secs(10))?;
         Ok(proc)
+    }
+
+    /// The control plane's state directory (its local CA and the pods' bootstrap tokens).
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    /// What a pod's proxy needs to get the identity `spiffe://cluster.local/ns/<ns>/sa/<sa>`
+    /// from the control plane's local CA, as a pod's set-up hands it over: after the Pod
+    /// document `pod-<name>.yaml` is in `config`, it waits for the control plane to mint the
+    /// pod's bootstrap token and copies it to a file only the proxy's UID can read. With
+    /// `config`, it writes that Pod document first (else the config already has it).
+    pub fn local_identity(
+        &self,
+        config: Option<&MeshConfig>,
+        pod: &Pod,
+        ns: &str,
+        sa: &str,
+    ) -> Result<Vec<(String, String)>> {
+        if let Some(config) = config {
+            config.write(
+                &format!("pod-{}.yaml", pod.name),
+                &format!(
+                    "kind: Pod\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {{serviceAccountName: {sa}}}\n",
+                    name = pod.name
+                ),
+            )?;
+        }
+        let minted = self.state_dir().join("tokens").join(ns).join(&pod.name);
+        let start = std::time::Instant::now();
+        let token = loop {
+            match std::fs::read_to_string(&minted) {
+                Ok(t) if !t.trim().is_empty() => break t,
+                _ if start.elapsed() > Duration::from_secs(10) => {
+                    anyhow::bail!(
+                        "the control plane minted no bootstrap token for {ns}/{} in 10 s ({})",
+                        pod.name,
+                        minted.display()
+                    )
+                }
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        // The pod's own copy: readable by the proxy's UID only.
+        let copy = self.dir.join(format!("{}.bootstrap-token", pod.name));
+        std::fs::write(&copy, token.trim())?;
+        std::os::unix::fs::chown(&copy, Some(PROXY_UID), Some(PROXY_UID))?;
+        std::fs::set_permissions(&copy, std::os::unix::fs::PermissionsExt::from_mode(0o400))?;
+        // The state directory is the control plane's own (0700): the anchors are handed over
+        // as a copy too.
+        let anchors = self.dir.join("anchors.pem");
+        std::fs::copy(self.state_dir().join("ca").join("anchors.pem"), &anchors)?;
+        Ok(vec![
+            ("STRAIT_IDENTITY_ADDR".into(), format!("{BRIDGE_IP}:8080")),
+            (
+                "STRAIT_TRUST_ANCHORS".into(),
+                anchors.to_string_lossy().into(),
+            ),
+            (
+                "STRAIT_IDENTITY_TOKEN_FILE".into(),
+                copy.to_string_lossy().into(),
+            ),
+            (
+                "STRAIT_IDENTITY".into(),
+                format!("spiffe://cluster.local/ns/{ns}/sa/{sa}"),
+            ),
+        ])
     }
 
     /// Writes the pod's iptables rules and starts its proxy (as the proxy UID), waiting until it

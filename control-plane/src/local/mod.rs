@@ -6,6 +6,7 @@
 //! A file that does not parse is reported with its path and error, and its last good content
 //! keeps being served: a typo never takes services out of the mesh.
 
+pub mod identity;
 pub mod parse;
 
 use std::collections::BTreeMap;
@@ -40,6 +41,8 @@ struct FileState {
 pub struct LocalSource {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
+    /// Mints a bootstrap token per Pod document (local-mode identity).
+    tokens: Option<identity::BootstrapTokens>,
 }
 
 impl LocalSource {
@@ -47,7 +50,14 @@ impl LocalSource {
         Self {
             dir: dir.into(),
             files: BTreeMap::new(),
+            tokens: None,
         }
+    }
+
+    /// Mints bootstrap tokens for the Pod documents (see [`identity`]).
+    pub fn with_bootstrap_tokens(mut self, tokens: identity::BootstrapTokens) -> Self {
+        self.tokens = Some(tokens);
+        self
     }
 
     /// Rereads the directory. Returns whether the set of resources may have changed.
@@ -147,7 +157,19 @@ impl LocalSource {
 }
 
 fn publish(source: &LocalSource, naming: &Naming, tx: &watch::Sender<Arc<MeshIndex>>) {
-    let index = MeshIndex::build(&source.resources(), naming);
+    let mut resources = source.resources();
+    if let Some(tokens) = &source.tokens {
+        let pods: Vec<&crate::resources::Pod> = resources
+            .iter()
+            .filter_map(|r| match r {
+                Resource::Pod(p) => Some(p),
+                _ => None,
+            })
+            .collect();
+        let minted = tokens.sync(&pods);
+        resources.extend(minted);
+    }
+    let index = MeshIndex::build(&resources, naming);
     tracing::info!(services = index.service_count(), "mesh state updated");
     tx.send_replace(Arc::new(index));
 }
