@@ -180,3 +180,30 @@ fn a_burst_of_concurrent_500s_does_not_take_a_single_endpoint_service_down() -> 
     );
     Ok(())
 }
+
+#[test]
+fn a_black_holed_endpoint_costs_requests_nothing() -> anyhow::Result<()> {
+    let mesh = Mesh::new("blackhole")?;
+    let server = mesh.meshed_pod("server")?;
+    mesh.net.start_app(
+        &server,
+        "app",
+        &["http", "--listen", "0.0.0.0:8080", "--name", "server"],
+    )?;
+    // The second endpoint is an address nobody has: SYNs go nowhere, connects time out (1 s).
+    let mut svc = ServiceDef::new("web", "10.96.0.10", 80, 8080, &[&server]);
+    svc.endpoints
+        .push(("10.88.0.250".to_string(), "ghost".to_string()));
+    mesh.config.service(&svc)?;
+    let client = mesh.meshed_pod("client")?;
+    let start = Instant::now();
+    let (codes, servers) = statuses(&mesh, &client, 30)?;
+    let took = start.elapsed();
+    eprintln!("30 requests with a black-holed endpoint took {took:?}: {codes:?}");
+    assert_eq!(codes.get("200"), Some(&30), "{codes:?}");
+    assert_eq!(servers.get("server"), Some(&30));
+    // At most a few connect timeouts were waited out (each moved its request on), not one
+    // per request in a queue.
+    assert!(took < Duration::from_secs(8), "took {took:?}");
+    Ok(())
+}

@@ -36,6 +36,9 @@ use std::time::Duration;
 
 const PASSTHROUGH: &str = "passthrough";
 
+/// Endpoints a request may try when connections fail (nothing was sent to them).
+const CONNECT_TRIES: usize = 3;
+
 pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: SocketAddr) {
     let (resolution, state) = match &ctx.discovery {
         Some(d) => {
@@ -332,6 +335,12 @@ impl OutboundHttp {
     }
 
     /// Sends `req` to an endpoint of `balancer` (the service `service`).
+    ///
+    /// A meshed endpoint whose connection cannot be established costs the request nothing:
+    /// nothing was sent, so it moves to another endpoint (up to [`CONNECT_TRIES`]), and the
+    /// failure counts against that endpoint at once. An endpoint whose first connection is
+    /// still being attempted is passed over when another one is already connected, so requests
+    /// do not queue behind a connect to a black-holed endpoint.
     async fn send_to(
         &self,
         balancer: &Balancer,
@@ -339,10 +348,39 @@ impl OutboundHttp {
         req: Request<ReqBody>,
         upgrade: bool,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let endpoint = balancer
-            .pick()
-            .ok_or_else(|| ProxyError::NoEndpoints(service.to_string()))?;
-        let mut in_flight = endpoint.start();
+        let no_endpoints = || ProxyError::NoEndpoints(service.to_string());
+        let mut endpoint = balancer.pick().ok_or_else(no_endpoints)?;
+        let mut tries = 0;
+        let in_flight = loop {
+            if !(endpoint.spec.meshed && !upgrade) {
+                break endpoint.start();
+            }
+            if !endpoint.h2.is_open() && endpoint.h2.is_connecting() && tries == 0 {
+                if let Some(other) = balancer.pick().filter(|o| o.h2.is_open()) {
+                    endpoint = other;
+                }
+            }
+            let mut in_flight = endpoint.start();
+            match endpoint.h2.ready().await {
+                Ok(()) => {
+                    in_flight.connected();
+                    break in_flight;
+                }
+                Err(e) => {
+                    in_flight.failure();
+                    tries += 1;
+                    if tries >= CONNECT_TRIES.min(balancer.len()) {
+                        return Err(e);
+                    }
+                    // Another endpoint than this one, if the balancer gives one.
+                    let failed = endpoint.addr();
+                    endpoint = (0..4)
+                        .filter_map(|_| balancer.pick())
+                        .find(|e| e.addr() != failed)
+                        .ok_or(e)?;
+                }
+            }
+        };
         let result = match (&endpoint.tls, endpoint.spec.meshed, upgrade) {
             // An upgrade to a meshed peer: its own mTLS connection, HTTP/1.1 inside.
             (Some(tls), true, true) => {
@@ -354,14 +392,7 @@ impl OutboundHttp {
                 )
                 .await
             }
-            (_, true, false) => {
-                if let Err(e) = endpoint.h2.ready().await {
-                    in_flight.failure();
-                    return Err(e);
-                }
-                in_flight.connected();
-                to_peer(&endpoint.h2, req).await
-            }
+            (_, true, false) => to_peer(&endpoint.h2, req).await,
             _ => direct(&self.ctx.clients, endpoint.addr(), &endpoint.h2, req).await,
         };
         match result {

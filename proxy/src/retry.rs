@@ -111,6 +111,9 @@ pub fn should_retry(
         Err(
             ProxyError::Connect { .. } | ProxyError::ConnectTimeout { .. } | ProxyError::Tls { .. },
         ) => true,
+        // A `backendRequest` timeout answers 504: retried when the route retries 504s (the
+        // request is replayable, or it would not be here).
+        Err(ProxyError::Timeout { .. }) => policy.codes.contains(&504),
         Err(_) => false,
         Ok(resp) => {
             let status = resp.status();
@@ -270,5 +273,20 @@ mod tests {
         for m in [Method::POST, Method::PATCH, Method::CONNECT] {
             assert!(!is_idempotent(&m));
         }
+    }
+
+    #[test]
+    fn a_per_attempt_timeout_is_retried_when_the_route_retries_504() {
+        let policy = |codes: Vec<u16>| RetryPolicy {
+            attempts: 3,
+            codes,
+            grpc_codes: vec![14],
+            backoff: Duration::ZERO,
+        };
+        let timeout: Result<Response<Incoming>, ProxyError> = Err(ProxyError::Timeout {
+            after: Duration::from_secs(1),
+        });
+        assert!(should_retry(&timeout, &policy(vec![503, 504]), false));
+        assert!(!should_retry(&timeout, &policy(vec![503]), false));
     }
 }

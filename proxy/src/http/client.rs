@@ -80,6 +80,11 @@ impl H2Conn {
         self.current.load().as_ref().is_some_and(|s| !s.is_closed())
     }
 
+    /// Whether a connection attempt is under way (requests to this peer would wait for it).
+    pub fn is_connecting(&self) -> bool {
+        self.connecting.try_lock().is_err()
+    }
+
     /// Establishes the connection if there is none (so callers can time requests without the
     /// connection set-up).
     pub async fn ready(&self) -> Result<(), ProxyError> {
