@@ -352,7 +352,8 @@ impl OutboundHttp {
         let mut endpoint = balancer.pick().ok_or_else(no_endpoints)?;
         let mut tries = 0;
         let in_flight = loop {
-            if !(endpoint.spec.meshed && !upgrade) {
+            // Only pooled HTTP/2 to a meshed peer is set up ahead of the request.
+            if !endpoint.spec.meshed || upgrade {
                 break endpoint.start();
             }
             if !endpoint.h2.is_open() && endpoint.h2.is_connecting() && tries == 0 {
