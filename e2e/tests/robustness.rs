@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use strait_e2e::{Mesh, ServiceDef};
+use strait_e2e::{metric, Mesh, ServiceDef};
 
 const MALFORMED: &str =
     "exec 3<>/dev/tcp/10.96.0.10/80; printf 'GET / HTTP/1.1\\r\\nHost: x\\r\\nthis is not a header\\r\\n\\r\\n' >&3; timeout 5 cat <&3";
@@ -254,5 +254,87 @@ fn every_listener_has_a_backlog_of_1024_in_both_families() -> anyhow::Result<()>
     }
     let queues = backlog_of(&mesh.net.bridge_ns, 8086)?;
     assert_eq!(queues, ["1024"], "control plane discovery");
+    Ok(())
+}
+
+/// Sends its request line one byte every 120 ms (16 bytes, about 2 s: past the 1 s detection
+/// timeout, within the 3 s header-read timeout), then the headers; prints the response.
+const SLOW_CLIENT: &str = r#"
+import socket, time
+s = socket.create_connection(("10.96.0.10", 80), timeout=10)
+for b in b"GET / HTTP/1.1\r\n":
+    s.sendall(bytes([b]))
+    time.sleep(0.12)
+s.sendall(b"Host: web\r\nConnection: close\r\n\r\n")
+out = b""
+while True:
+    chunk = s.recv(4096)
+    if not chunk:
+        break
+    out += chunk
+print(out.decode(errors="replace"))
+"#;
+
+/// Starts a request line and never finishes it; prints how long the proxy kept it open.
+const SLOWLORIS: &str = r#"
+import socket, time
+s = socket.create_connection(("10.96.0.10", 80), timeout=30)
+s.sendall(b"GET /slow")
+start = time.time()
+try:
+    while time.time() - start < 25:
+        s.sendall(b"a")
+        time.sleep(0.5)
+        s.settimeout(0.01)
+        try:
+            if s.recv(1) == b"":
+                break
+        except socket.timeout:
+            pass
+except OSError:
+    pass
+print("closed after %.1f" % (time.time() - start))
+"#;
+
+#[test]
+fn a_slow_client_stays_http_and_a_slowloris_is_cut_by_the_proxy() -> anyhow::Result<()> {
+    let mesh = Mesh::new("slowloris")?;
+    let server = mesh.meshed_pod("server")?;
+    mesh.serve_web(&server)?;
+    let client = mesh.meshed_pod_with(
+        "client",
+        &strait_testbed::SidecarOpts {
+            env: vec![("STRAIT_HEADER_READ_TIMEOUT", "3s")],
+            ..Default::default()
+        },
+    )?;
+    let py = |name: &str, text: &str| -> anyhow::Result<String> {
+        let script = mesh.net.dir.join(name);
+        std::fs::write(&script, text)?;
+        mesh.net
+            .exec(&client, &["python3", &script.to_string_lossy()])
+    };
+    let out = py("slow.py", SLOW_CLIENT)?;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.contains("hello from server"), "{out}");
+    // It was handled as HTTP (routed and counted by service), not spliced as TCP.
+    let m = mesh.metrics(&client)?;
+    assert_eq!(
+        metric(
+            &m,
+            "strait_request_total",
+            &["direction=\"outbound\"", "target=\"web.default"]
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    let out = py("loris.py", SLOWLORIS)?;
+    let secs: f64 = out
+        .trim()
+        .strip_prefix("closed after ")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(f64::MAX);
+    eprintln!("a slowloris request line was cut after {secs:.1}s (header-read timeout 3 s)");
+    assert!((2.5..8.0).contains(&secs), "{out}");
     Ok(())
 }

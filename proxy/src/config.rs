@@ -28,6 +28,10 @@ pub struct ProxyConfig {
     /// How long to wait for a client's first bytes before treating the connection as opaque TCP.
     #[arg(long, env = "STRAIT_DETECT_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
     pub detect_timeout: Duration,
+    /// How long a client may take to send a request's headers (the request line included,
+    /// during detection): a slower one is cut (slowloris). Also each HTTP/1 request's headers.
+    #[arg(long, env = "STRAIT_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: Duration,
     /// Ports that carry opaque TCP: no protocol detection (comma-separated, ranges `a-b`).
     #[arg(long, env = "STRAIT_OPAQUE_PORTS", default_value = DEFAULT_OPAQUE_PORTS, value_parser = PortList::parse)]
     pub opaque_ports: PortList,

@@ -3,7 +3,9 @@
 //!
 //! Client-first non-HTTP protocols are recognised on their first bytes, not after the timeout;
 //! only a client that sends nothing (a server-speaks-first protocol on a port not marked opaque)
-//! waits for the timeout.
+//! waits for the timeout. A client whose bytes so far can still be an HTTP request line (or a
+//! TLS ClientHello) is slow, not opaque: it keeps being read up to the header-read timeout, and
+//! a client that has not finished by then is cut (slowloris).
 
 use std::time::Duration;
 
@@ -47,21 +49,40 @@ pub struct Detected {
     pub timed_out: bool,
 }
 
-/// Reads from `io` until the protocol is known, the peer closes, or `timeout` passes.
+/// Reads from `io` until the protocol is known, the peer closes, or a timeout passes: `timeout`
+/// for a client that has sent nothing (then it is opaque TCP), `header_timeout` for one whose
+/// bytes are still a plausible request (then it is cut, with a `TimedOut` error).
 pub async fn detect<T: AsyncRead + Unpin>(
     io: &mut T,
     timeout: Duration,
+    header_timeout: Duration,
 ) -> std::io::Result<Detected> {
     let mut buf = BytesMut::with_capacity(1024);
-    let deadline = tokio::time::Instant::now() + timeout;
+    let start = tokio::time::Instant::now();
     loop {
+        let deadline = start
+            + if buf.is_empty() {
+                timeout
+            } else {
+                timeout.max(header_timeout)
+            };
         match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
-            Err(_elapsed) => {
+            Err(_elapsed) if buf.is_empty() => {
                 return Ok(Detected {
                     protocol: Protocol::Opaque,
                     prefix: buf.freeze(),
                     timed_out: true,
                 })
+            }
+            Err(_elapsed) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "the request's first line was not complete within the header-read timeout of {:?} ({} bytes); closed",
+                        timeout.max(header_timeout),
+                        buf.len()
+                    ),
+                ))
             }
             Ok(Err(e)) => return Err(e),
             Ok(Ok(0)) => {
@@ -235,17 +256,59 @@ mod tests {
         tokio::io::AsyncWriteExt::write_all(&mut client, b"GET / HTTP/1.1\r\n")
             .await
             .expect("write");
-        let d = detect(&mut server, Duration::from_secs(5))
+        let d = detect(&mut server, Duration::from_secs(5), Duration::from_secs(10))
             .await
             .expect("detect");
         assert_eq!(d.protocol, Protocol::Http1);
         assert_eq!(&d.prefix[..], b"GET / HTTP/1.1\r\n");
 
         let (_client, mut server) = tokio::io::duplex(1024);
-        let d = detect(&mut server, Duration::from_millis(20))
-            .await
-            .expect("detect");
+        let d = detect(
+            &mut server,
+            Duration::from_millis(20),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("detect");
         assert!(d.timed_out);
         assert_eq!(d.protocol, Protocol::Opaque);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_request_line_is_http_and_a_stalled_one_is_cut() {
+        use tokio::io::AsyncWriteExt as _;
+        let second = Duration::from_secs(1);
+        // 20 bytes over 2 s: past the 1 s detection timeout, still HTTP/1.
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        let sender = tokio::spawn(async move {
+            for b in b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" {
+                client.write_all(&[*b]).await.expect("write");
+                tokio::time::sleep(Duration::from_millis(80)).await;
+            }
+            client
+        });
+        let d = detect(&mut server, second, 10 * second)
+            .await
+            .expect("detected");
+        assert_eq!(d.protocol, Protocol::Http1);
+        assert!(!d.timed_out);
+        let _client = sender.await.expect("sender");
+        // A request line that never ends: cut at the header-read timeout, not passed as TCP.
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        client.write_all(b"GET /aaaa").await.expect("write");
+        let started = tokio::time::Instant::now();
+        let err = detect(&mut server, second, 10 * second)
+            .await
+            .expect_err("cut");
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), 10 * second);
+        // Silence is still server-first TCP after the detection timeout.
+        let (_client, mut server) = tokio::io::duplex(1024);
+        let d = detect(&mut server, second, 10 * second)
+            .await
+            .expect("opaque");
+        assert_eq!(d.protocol, Protocol::Opaque);
+        assert!(d.timed_out);
+        drop(client);
     }
 }

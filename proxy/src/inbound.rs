@@ -51,21 +51,23 @@ pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: So
     let started = std::time::Instant::now();
     let (mut protocol, prefix) = match sniff {
         None => (Protocol::Opaque, bytes::Bytes::new()),
-        Some(timeout) => match detect::detect(&mut io, timeout).await {
-            Ok(d) => {
-                ctx.metrics.detected(
-                    Direction::Inbound,
-                    d.protocol.as_str(),
-                    d.timed_out,
-                    started.elapsed(),
-                );
-                (d.protocol, d.prefix)
+        Some(timeout) => {
+            match detect::detect(&mut io, timeout, ctx.cfg.header_read_timeout).await {
+                Ok(d) => {
+                    ctx.metrics.detected(
+                        Direction::Inbound,
+                        d.protocol.as_str(),
+                        d.timed_out,
+                        started.elapsed(),
+                    );
+                    (d.protocol, d.prefix)
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "connection failed during detection");
+                    return;
+                }
             }
-            Err(e) => {
-                tracing::debug!(error = %e, "connection failed during detection");
-                return;
-            }
-        },
+        }
     };
     if opaque_port && protocol != Protocol::Tls {
         protocol = Protocol::Opaque;
@@ -192,7 +194,14 @@ async fn serve_http<I>(
         app,
         client,
     });
-    serve(io, protocol, ctx.drain.clone(), handler).await;
+    serve(
+        io,
+        protocol,
+        ctx.drain.clone(),
+        handler,
+        ctx.cfg.header_read_timeout,
+    )
+    .await;
 }
 
 struct InboundHttp {

@@ -69,7 +69,7 @@ pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: So
         (Protocol::Opaque, bytes::Bytes::new())
     } else {
         let started = std::time::Instant::now();
-        match detect::detect(&mut io, ctx.cfg.detect_timeout).await {
+        match detect::detect(&mut io, ctx.cfg.detect_timeout, ctx.cfg.header_read_timeout).await {
             Ok(d) => {
                 ctx.metrics.detected(
                     Direction::Outbound,
@@ -119,7 +119,14 @@ pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: So
                 orig_dst,
                 passthrough_h2: OnceLock::new(),
             });
-            serve(io, protocol, ctx.drain.clone(), handler).await;
+            serve(
+                io,
+                protocol,
+                ctx.drain.clone(),
+                handler,
+                ctx.cfg.header_read_timeout,
+            )
+            .await;
         }
     }
     drop(tcp);

@@ -79,8 +79,15 @@ async fn handle<H: Handler>(handler: &H, mut req: Request<Incoming>) -> Response
     resp.map(|body| Metered::new(body, recorder, grpc, status).observed(observation))
 }
 
-pub async fn serve<I, H>(io: I, protocol: Protocol, drain: Drain, handler: Arc<H>)
-where
+/// Serves `io` as `protocol`; an HTTP/1 request whose headers take longer than
+/// `header_read_timeout` is cut.
+pub async fn serve<I, H>(
+    io: I,
+    protocol: Protocol,
+    drain: Drain,
+    handler: Arc<H>,
+    header_read_timeout: Duration,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Handler,
 {
@@ -93,7 +100,7 @@ where
         Protocol::Http1 => {
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(30))
+                .header_read_timeout(header_read_timeout)
                 .serve_connection(io, svc)
                 .with_upgrades();
             tokio::pin!(conn);
