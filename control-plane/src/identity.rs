@@ -19,13 +19,34 @@ use tonic::{Request, Response, Status};
 
 use crate::tokens::{Authenticator, TokenError};
 
-/// The issuer, reloaded from its files.
+/// The issuer, reloaded from its files. Its key is never kept as text: only the signing
+/// authority (whose Debug shows no key) and a digest of the key file, to notice changes.
 #[derive(Debug)]
 pub struct Issuer {
     cert: PathBuf,
     key: PathBuf,
     ca: ArcSwap<CertificateAuthority>,
-    loaded: std::sync::Mutex<(String, String)>,
+    /// The certificate PEM and the SHA-256 of the key PEM last loaded.
+    loaded: std::sync::Mutex<(String, KeyDigest)>,
+}
+
+/// SHA-256 of a key file: enough to tell that it changed, useless to an attacker.
+#[derive(Clone, PartialEq, Eq)]
+struct KeyDigest([u8; 32]);
+
+impl std::fmt::Debug for KeyDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeyDigest(<redacted>)")
+    }
+}
+
+impl KeyDigest {
+    fn of(pem: &str) -> Self {
+        let d = ring::digest::digest(&ring::digest::SHA256, pem.as_bytes());
+        let mut out = [0u8; 32];
+        out.copy_from_slice(d.as_ref());
+        Self(out)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,11 +76,12 @@ impl Issuer {
                 source,
             }
         })?;
+        let digest = KeyDigest::of(&key_pem);
         Ok(Self {
             cert,
             key,
             ca: ArcSwap::from_pointee(ca),
-            loaded: std::sync::Mutex::new((cert_pem, key_pem)),
+            loaded: std::sync::Mutex::new((cert_pem, digest)),
         })
     }
 
@@ -70,17 +92,18 @@ impl Issuer {
     /// Re-reads the files; returns whether the issuer changed. A bad pair is logged and the
     /// current issuer kept.
     pub fn reload(&self) -> bool {
-        let Ok(pair) = read_pair(&self.cert, &self.key) else {
+        let Ok((cert_pem, key_pem)) = read_pair(&self.cert, &self.key) else {
             return false;
         };
+        let digest = KeyDigest::of(&key_pem);
         let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
-        if *loaded == pair {
+        if loaded.0 == cert_pem && loaded.1 == digest {
             return false;
         }
-        match CertificateAuthority::from_pem(&pair.0, &pair.1) {
+        match CertificateAuthority::from_pem(&cert_pem, &key_pem) {
             Ok(ca) => {
                 self.ca.store(Arc::new(ca));
-                *loaded = pair;
+                *loaded = (cert_pem, digest);
                 tracing::info!(cert = %self.cert.display(), "issuer reloaded");
                 true
             }
@@ -93,14 +116,18 @@ impl Issuer {
     }
 }
 
-fn read_pair(cert: &PathBuf, key: &PathBuf) -> Result<(String, String), IssuerError> {
+/// The certificate PEM, and the key PEM in memory that is wiped when dropped.
+fn read_pair(
+    cert: &PathBuf,
+    key: &PathBuf,
+) -> Result<(String, zeroize::Zeroizing<String>), IssuerError> {
     let read = |path: &PathBuf| {
         std::fs::read_to_string(path).map_err(|source| IssuerError::Read {
             path: path.clone(),
             source,
         })
     };
-    Ok((read(cert)?, read(key)?))
+    Ok((read(cert)?, zeroize::Zeroizing::new(read(key)?)))
 }
 
 /// Serves `Certify`.
@@ -300,4 +327,36 @@ pub fn tls_incoming(
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_issuer_key_never_appears_in_debug_output() {
+        let dir = std::env::temp_dir().join(format!("strait-issuer-dbg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let g = strait_identity::ca::generate(
+            "cluster.local",
+            std::time::Duration::from_secs(86400),
+            std::time::Duration::from_secs(3600),
+        )
+        .expect("ca");
+        let (cert, key) = (dir.join("issuer.crt"), dir.join("issuer.key"));
+        std::fs::write(&cert, &g.issuer_cert_pem).expect("write");
+        std::fs::write(&key, &g.issuer_key_pem).expect("write");
+        let issuer = Issuer::load(cert, key).expect("load");
+        let debug = format!("{issuer:?}");
+        let key_body: String = g
+            .issuer_key_pem
+            .lines()
+            .filter(|l| !l.starts_with("-----"))
+            .collect();
+        assert!(!debug.contains("PRIVATE KEY"), "{debug}");
+        assert!(!debug.contains(&key_body[..40]), "{debug}");
+        assert!(debug.contains("redacted"), "{debug}");
+        assert!(!issuer.reload(), "unchanged files are no change");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -15,7 +15,6 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::watcher;
-use kube::runtime::WatchStreamExt;
 use tokio::sync::{mpsc, watch};
 
 use crate::index::{MeshIndex, Naming};
@@ -218,9 +217,10 @@ fn key_of(object: &serde_json::Value) -> Key {
 async fn watch_kind(client: kube::Client, index: usize, tx: mpsc::Sender<Change>) {
     let kind = KINDS[index];
     let api: Api<DynamicObject> = Api::all_with(client, &kind.api_resource());
-    let mut stream = watcher(api, watcher::Config::default())
-        .backoff(WatchBackoff::default())
-        .boxed();
+    // Retried here rather than by kube-runtime's StreamBackoff, which would also wait after a
+    // 410: an expired resourceVersion is a relist to do at once, not an outage.
+    let mut stream = watcher(api, watcher::Config::default()).boxed();
+    let mut backoff = WatchBackoff::default();
     // Since when this kind's watch has been failing (one warning per outage).
     let mut failing: Option<std::time::Instant> = None;
     let convert = |object: DynamicObject| -> Option<(Key, Vec<Resource>)> {
@@ -249,8 +249,13 @@ async fn watch_kind(client: kube::Client, index: usize, tx: mpsc::Sender<Change>
                 }
                 Some(Change::Listed(index))
             }
+            Err(watcher::Error::WatchError(status)) if status.code == 410 => {
+                tracing::debug!(kind = kind.kind, "watch expired (410); relisting");
+                None
+            }
             Err(error) => {
-                // Retried by the stream within WatchBackoff's cap; logged once per outage.
+                // Retried within WatchBackoff's cap; logged once per outage.
+                tokio::time::sleep(backoff.next().unwrap_or(WatchBackoff::CAP)).await;
                 if failing.is_none() {
                     failing = Some(std::time::Instant::now());
                     tracing::warn!(
@@ -264,11 +269,21 @@ async fn watch_kind(client: kube::Client, index: usize, tx: mpsc::Sender<Change>
             }
         };
         if let Some(change) = change {
+            kube::runtime::utils::Backoff::reset(&mut backoff);
             if tx.send(change).await.is_err() {
                 return;
             }
         }
     }
+}
+
+/// The Kubernetes client the control plane uses: kube-client's own retry of 429/503/504
+/// answers is off, because it hides an outage from the watchers and grows without bound (5 ms
+/// doubling, 15 times: over a minute between the last tries). The watchers retry themselves
+/// ([`WatchBackoff`], capped at 3 s) and TokenReview calls fail fast (the proxy retries its CSR).
+pub fn client(mut config: kube::Config) -> Result<kube::Client, kube::Error> {
+    config.default_retry = false;
+    kube::Client::try_from(config)
 }
 
 /// Delays between retries of a failing watch: 250 ms doubling to a cap of 3 s, each between

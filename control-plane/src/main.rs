@@ -167,7 +167,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             )
         }
         None => {
-            let client = kube::Client::try_default().await.map_err(|e| {
+            let config = kube::Config::infer().await.map_err(|e| {
+                format!("--kubernetes: cannot find the Kubernetes API: {e} (in a pod: is the ServiceAccount token mounted? elsewhere: set KUBECONFIG)")
+            })?;
+            let client = strait_control_plane::kubernetes::client(config).map_err(|e| {
                 format!("--kubernetes: cannot configure the Kubernetes client: {e} (in a pod: is the ServiceAccount token mounted? elsewhere: set KUBECONFIG)")
             })?;
             let task = tokio::spawn({

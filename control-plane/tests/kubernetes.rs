@@ -195,7 +195,7 @@ async fn start(api: Api) -> (SocketAddr, Arc<Mutex<Api>>) {
 
 fn client(addr: SocketAddr) -> kube::Client {
     let url = format!("http://{addr}").parse().expect("url");
-    kube::Client::try_from(kube::Config::new(url)).expect("client")
+    strait_control_plane::kubernetes::client(kube::Config::new(url)).expect("client")
 }
 
 fn cluster_api() -> Api {
