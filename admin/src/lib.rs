@@ -50,6 +50,10 @@ pub fn respond<H: Health + ?Sized>(health: &H, path: &str) -> Response<Full<Byte
     }
 }
 
+/// How long an admin or webhook client may take to send a request's headers: a slower one is
+/// cut, so idle or trickling connections cannot pile up.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves the admin endpoints until the process ends.
 pub async fn serve<H: Health>(listener: tokio::net::TcpListener, health: Arc<H>) {
     loop {
@@ -64,6 +68,8 @@ pub async fn serve<H: Health>(listener: tokio::net::TcpListener, health: Arc<H>)
                 async move { Ok::<_, Infallible>(resp) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });

@@ -17,6 +17,8 @@ use crate::index::{normalize_target, MeshIndex};
 pub struct DiscoveryService {
     index: watch::Receiver<Arc<MeshIndex>>,
     metrics: Arc<Metrics>,
+    /// Open watches by caller address.
+    watches: Arc<crate::limits::WatchLimit>,
     /// Turns true on shutdown: every stream ends, so proxies reconnect to another replica and
     /// the server's graceful shutdown is not held open by streams that never end.
     stopping: watch::Receiver<bool>,
@@ -32,7 +34,14 @@ impl DiscoveryService {
             index,
             metrics,
             stopping,
+            watches: crate::limits::WatchLimit::new(crate::limits::MAX_WATCHES_PER_CALLER),
         }
+    }
+
+    /// The same service with another cap on watches per caller.
+    pub fn with_watch_limit(mut self, max: usize) -> Self {
+        self.watches = crate::limits::WatchLimit::new(max);
+        self
     }
 }
 
@@ -45,6 +54,9 @@ impl Discovery for DiscoveryService {
         &self,
         request: Request<InboundRequest>,
     ) -> Result<Response<Self::WatchInboundStream>, Status> {
+        let slot = self
+            .watches
+            .acquire(request.remote_addr().map(|a| a.ip()))?;
         let InboundRequest { identity, proxy } = request.into_inner();
         let id: strait_identity::SpiffeId = identity
             .parse()
@@ -57,6 +69,7 @@ impl Discovery for DiscoveryService {
         let guard = metrics.stream_opened("inbound", &proxy);
         tokio::spawn(async move {
             let _guard = guard;
+            let _slot = slot;
             let mut last: Option<Arc<InboundPolicy>> = None;
             loop {
                 let answer = index
@@ -83,6 +96,9 @@ impl Discovery for DiscoveryService {
         &self,
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let slot = self
+            .watches
+            .acquire(request.remote_addr().map(|a| a.ip()))?;
         let WatchRequest { target, proxy } = request.into_inner();
         if normalize_target(&target).is_none() {
             return Err(Status::invalid_argument(format!(
@@ -97,6 +113,7 @@ impl Discovery for DiscoveryService {
         let guard = metrics.stream_opened("destination", &proxy);
         tokio::spawn(async move {
             let _guard = guard;
+            let _slot = slot;
             let mut last: Option<Arc<DestinationUpdate>> = None;
             loop {
                 let answer = index.borrow_and_update().lookup(&target);

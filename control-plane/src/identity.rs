@@ -138,6 +138,8 @@ pub struct IdentityService {
     pub issuer: Arc<Issuer>,
     pub trust_domain: String,
     pub leaf_lifetime: Duration,
+    /// Certificate requests per caller address ([`crate::limits`]).
+    pub rate: Arc<crate::limits::RateLimit>,
 }
 
 #[tonic::async_trait]
@@ -146,6 +148,13 @@ impl Identity for IdentityService {
         &self,
         request: Request<CertifyRequest>,
     ) -> Result<Response<CertifyResponse>, Status> {
+        if let Err(wait) = self.rate.take(request.remote_addr().map(|a| a.ip())) {
+            self.metrics.certificate("refused", "rate_limited");
+            return Err(Status::resource_exhausted(format!(
+                "too many certificate requests from this address; retry in {} ms",
+                wait.as_millis().max(1)
+            )));
+        }
         let req = request.into_inner();
         let token = String::from_utf8(req.token).unwrap_or_default();
         let (ns, sa) = match self.tokens.authenticate(token.trim()).await {
@@ -259,8 +268,11 @@ pub async fn keep_server_certificate(
 pub struct TlsIo(pub tokio_rustls::server::TlsStream<tokio::net::TcpStream>);
 
 impl tonic::transport::server::Connected for TlsIo {
-    type ConnectInfo = ();
-    fn connect_info(&self) -> Self::ConnectInfo {}
+    /// The TCP peer, so calls know their caller's address (for per-caller limits).
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.0.get_ref().0.connect_info()
+    }
 }
 
 impl tokio::io::AsyncRead for TlsIo {

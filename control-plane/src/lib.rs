@@ -12,6 +12,7 @@ pub mod discovery;
 pub mod identity;
 pub mod index;
 pub mod kubernetes;
+pub mod limits;
 pub mod local;
 pub mod resources;
 pub mod routes;

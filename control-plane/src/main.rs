@@ -180,10 +180,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                     Ok::<(), String>(())
                 }
             });
-            let tokens = Authenticator::Kubernetes {
-                client,
-                audience: args.token_audience.clone(),
-            };
+            let tokens = Authenticator::kubernetes(client, args.token_audience.clone());
             (task, tokens, "kubernetes".to_string())
         }
     };
@@ -219,13 +216,17 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             issuer,
             trust_domain: naming.trust_domain.clone(),
             leaf_lifetime: args.leaf_lifetime,
+            rate: Arc::new(strait_control_plane::limits::RateLimit::new(
+                strait_control_plane::limits::CSR_BURST,
+                strait_control_plane::limits::CSR_PER_SECOND,
+            )),
         };
         let listener = strait_admin::listen::listen("--identity-addr", args.identity_addr)?;
         let config = Arc::new(strait_identity::tls::plain_server_config(creds)?);
         tracing::info!(addr = %args.identity_addr, lifetime = ?args.leaf_lifetime, "serving identity");
         let stopped = stopped(stopping.clone());
         tokio::spawn(async move {
-            let server = tonic::transport::Server::builder()
+            let server = strait_control_plane::limits::server()
                 .add_service(IdentityServer::new(service))
                 .serve_with_incoming_shutdown(tls_incoming(listener, config), stopped);
             if let Err(e) = server.await {
@@ -239,7 +240,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let listener = strait_admin::listen::listen("--discovery-addr", args.discovery_addr)?;
     tracing::info!(addr = %args.discovery_addr, source = %source_name, "serving discovery");
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let server = tonic::transport::Server::builder()
+    let server = strait_control_plane::limits::server()
         .add_service(DiscoveryServer::new(DiscoveryService::new(
             rx,
             metrics.clone(),

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use crate::index::MeshIndex;
 
 /// Why a token was not accepted.
-#[derive(Debug, thiserror::Error, PartialEq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum TokenError {
     #[error("the token is not a known ServiceAccount token")]
     Unknown,
@@ -36,7 +36,69 @@ pub enum Authenticator {
     Kubernetes {
         client: kube::Client,
         audience: String,
+        /// Recent TokenReview verdicts, so that a burst of requests (a restarting deployment,
+        /// or a caller repeating a bad token) does not become a burst of API calls.
+        verdicts: Arc<Verdicts>,
     },
+}
+
+impl Authenticator {
+    /// TokenReview against `client` for tokens of `audience`.
+    pub fn kubernetes(client: kube::Client, audience: String) -> Self {
+        Authenticator::Kubernetes {
+            client,
+            audience,
+            verdicts: Arc::new(Verdicts::default()),
+        }
+    }
+}
+
+/// TokenReview verdicts by SHA-256 of the token (the token itself is not kept): an accepted
+/// token for 30 s, a refused one for 5 s. A failed review is not remembered.
+#[derive(Debug, Default)]
+pub struct Verdicts {
+    entries: std::sync::Mutex<std::collections::HashMap<[u8; 32], (Verdict, std::time::Instant)>>,
+}
+
+type Verdict = Result<(String, String), TokenError>;
+
+const ACCEPTED_FOR: std::time::Duration = std::time::Duration::from_secs(30);
+const REFUSED_FOR: std::time::Duration = std::time::Duration::from_secs(5);
+const MAX_VERDICTS: usize = 10_000;
+
+impl Verdicts {
+    fn key(token: &str) -> [u8; 32] {
+        let d = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+        let mut k = [0u8; 32];
+        k.copy_from_slice(d.as_ref());
+        k
+    }
+
+    fn get(&self, token: &str) -> Option<Verdict> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let (verdict, until) = entries.get(&Self::key(token))?;
+        (std::time::Instant::now() < *until).then(|| verdict.clone())
+    }
+
+    fn put(&self, token: &str, verdict: &Verdict) {
+        let ttl = match verdict {
+            Ok(_) => ACCEPTED_FOR,
+            Err(TokenError::ReviewFailed { .. }) => return,
+            Err(_) => REFUSED_FOR,
+        };
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if entries.len() >= MAX_VERDICTS {
+            let now = std::time::Instant::now();
+            entries.retain(|_, (_, until)| *until > now);
+            if entries.len() >= MAX_VERDICTS {
+                entries.clear();
+            }
+        }
+        entries.insert(
+            Self::key(token),
+            (verdict.clone(), std::time::Instant::now() + ttl),
+        );
+    }
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -59,8 +121,17 @@ impl Authenticator {
                 .token_account(token)
                 .cloned()
                 .ok_or(TokenError::Unknown),
-            Authenticator::Kubernetes { client, audience } => {
-                review(client.clone(), token, audience).await
+            Authenticator::Kubernetes {
+                client,
+                audience,
+                verdicts,
+            } => {
+                if let Some(v) = verdicts.get(token) {
+                    return v;
+                }
+                let v = review(client.clone(), token, audience).await;
+                verdicts.put(token, &v);
+                v
             }
         }
     }

@@ -479,7 +479,7 @@ async fn token_review_decides_which_identity_is_signed() {
         "forbidden",
         (403, testdata("tokenreview/forbidden.response.json")),
     );
-    let (addr, _api) = start(api).await;
+    let (addr, api) = start(api).await;
 
     let dir = std::env::temp_dir().join(format!("strait-k8s-ca-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
@@ -495,13 +495,11 @@ async fn token_review_decides_which_identity_is_signed() {
     let metrics = Arc::new(strait_control_plane::admin::Metrics::default());
     let service = IdentityService {
         metrics: metrics.clone(),
-        tokens: Authenticator::Kubernetes {
-            client: client(addr),
-            audience: "identity.strait.io".into(),
-        },
+        tokens: Authenticator::kubernetes(client(addr), "identity.strait.io".into()),
         issuer: Arc::new(issuer),
         trust_domain: "cluster.local".into(),
         leaf_lifetime: Duration::from_secs(600),
+        rate: Arc::new(strait_control_plane::limits::RateLimit::new(100.0, 100.0)),
     };
     let certify = |sa: &str, token: &str| {
         let id = SpiffeId::new("cluster.local", "shop", sa).expect("id");
@@ -541,12 +539,24 @@ async fn token_review_decides_which_identity_is_signed() {
         .await
         .expect_err("a failing TokenReview");
     assert_eq!(forbidden.code(), tonic::Code::Unavailable);
+    // The valid token was reviewed once, though used twice; the failed review is not cached.
+    let reviews = |api: &Arc<Mutex<Api>>| {
+        api.lock()
+            .expect("lock")
+            .calls
+            .iter()
+            .filter(|c| c.contains("tokenreviews"))
+            .count()
+    };
+    assert_eq!(reviews(&api), 3, "valid (once), garbage, forbidden");
+    let _ = service.certify(certify("web", "forbidden")).await;
+    assert_eq!(reviews(&api), 4, "a failed review is asked again");
     let text = metrics.encode(&MeshIndex::default(), true);
     for needle in [
         "strait_control_plane_certificates_total{result=\"signed\",reason=\"\"} 1",
         "strait_control_plane_certificates_total{result=\"refused\",reason=\"identity\"} 1",
         "strait_control_plane_certificates_total{result=\"refused\",reason=\"token\"} 1",
-        "strait_control_plane_certificates_total{result=\"refused\",reason=\"token_review\"} 1",
+        "strait_control_plane_certificates_total{result=\"refused\",reason=\"token_review\"} 2",
     ] {
         assert!(text.contains(needle), "{needle} in {text}");
     }

@@ -44,6 +44,8 @@ impl Admin {
                     async move { Ok::<_, Infallible>(admin.handle(req, peer).await) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(strait_admin::HEADER_READ_TIMEOUT)
                     .serve_connection(TokioIo::new(stream), svc)
                     .await;
             });
