@@ -110,7 +110,7 @@ fn demo_shows_live_signals_for_every_service_and_cleans_up() -> anyhow::Result<(
     );
     // And on the wire: web-1's traffic to and from other pods is TLS, never the app's text.
     let packets = capture.lines().filter(|l| l.contains(" > ")).count();
-    assert!(packets > 20, "too little captured on {web1}:\n{capture}");
+    assert!(packets >= 5, "too little captured on {web1}:\n{capture}");
     assert!(
         !capture.contains("hello from") && !capture.contains("HTTP/1.1"),
         "plaintext on the wire between pods:\n{capture}"
