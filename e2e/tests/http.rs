@@ -1,5 +1,7 @@
 //! HTTP/1.1 through both sidecars: status, headers, large bodies, and the proxy's own answers.
 
+use std::time::Duration;
+
 use strait_e2e::{metric, sha256, Mesh, ServiceDef};
 use strait_testbed::app::pattern;
 
@@ -140,6 +142,53 @@ fn a_service_without_endpoints_gets_a_503_from_the_proxy() -> anyhow::Result<()>
             "strait-proxy-error: no endpoint is available for empty.default.svc.cluster.local:80"
         ),
         "{out}"
+    );
+    Ok(())
+}
+
+/// A server that answers every request on 8080 with a fixed response and no `Date`.
+const NO_DATE_SERVER: &str = r#"
+import socket, threading
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", 8080))
+srv.listen(16)
+print("listening on 0.0.0.0:8080", flush=True)
+def serve(c):
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        d = c.recv(4096)
+        if not d:
+            return
+        buf += d
+    c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-Origin: python\r\nConnection: close\r\n\r\nok\n")
+    c.close()
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+#[test]
+fn the_proxies_add_no_date_header_of_their_own() -> anyhow::Result<()> {
+    let mesh = Mesh::new("nodate")?;
+    let server = mesh.meshed_pod("server")?;
+    let script = mesh.net.dir.join("nodate.py");
+    std::fs::write(&script, NO_DATE_SERVER)?;
+    let app = mesh
+        .net
+        .spawn(&server, "app", &["python3", &script.to_string_lossy()])?;
+    mesh.net
+        .wait_log(&app, "listening on", Duration::from_secs(10))?;
+    mesh.config
+        .service(&ServiceDef::new("web", "10.96.0.10", 80, 8080, &[&server]))?;
+    let client = mesh.meshed_pod("client")?;
+    // Client -> proxy (HTTP/1) -> proxy (HTTP/2 between them) -> app (HTTP/1): no hop adds one.
+    let out = mesh.curl(&client, &["-si", "http://10.96.0.10/"])?;
+    assert!(out.contains("ok"), "{out}");
+    assert!(out.to_lowercase().contains("x-origin: python"), "{out}");
+    assert!(
+        !out.to_lowercase().contains("\ndate:"),
+        "the app sent no Date and neither proxy may add one:\n{out}"
     );
     Ok(())
 }

@@ -100,6 +100,8 @@ pub async fn serve<I, H>(
         Protocol::Http1 => {
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
+                // The response is the upstream's: no Date of the proxy's own.
+                .auto_date_header(false)
                 .header_read_timeout(header_read_timeout)
                 .serve_connection(io, svc)
                 .with_upgrades();
@@ -115,6 +117,7 @@ pub async fn serve<I, H>(
         Protocol::Http2 => {
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
+                .auto_date_header(false)
                 .initial_stream_window_size(super::client::WINDOW)
                 .initial_connection_window_size(super::client::CONN_WINDOW)
                 .max_concurrent_streams(1024)
