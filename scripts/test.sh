@@ -21,3 +21,5 @@ sweep() {
 }
 trap sweep EXIT
 cargo nextest run --workspace --locked --no-fail-fast
+# A bounded smoke run of every fuzz target (docs/fuzzing.md has the longer run).
+bash scripts/fuzz.sh 10

@@ -326,7 +326,8 @@ struct Targets {
     eject_after: u32,
 }
 
-fn endpoint_specs(endpoints: &[strait_api::discovery::Endpoint]) -> Vec<EndpointSpec> {
+/// The usable endpoints of a discovery answer (bad addresses and ports are skipped).
+pub fn endpoint_specs(endpoints: &[strait_api::discovery::Endpoint]) -> Vec<EndpointSpec> {
     endpoints
         .iter()
         .filter_map(|e| {
