@@ -53,6 +53,8 @@ pub enum TlsError {
 pub struct TrustAnchors {
     roots: ArcSwap<RootCertStore>,
     client_verifier: ArcSwap<Arc<dyn ClientCertVerifier>>,
+    /// Bumped by every replacement, so open connections can tell the bundle changed.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 fn root_store(pem: &str) -> Result<RootCertStore, TlsError> {
@@ -81,7 +83,25 @@ impl TrustAnchors {
         Ok(Self {
             roots: ArcSwap::from_pointee(roots),
             client_verifier: ArcSwap::from_pointee(verifier),
+            generation: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// How many times the bundle was replaced.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Whether a peer's certificate chain (leaf first, as the handshake gave it) still chains
+    /// to the current anchors: what an open connection is re-checked with after a change.
+    pub fn still_trusts(&self, chain: &[CertificateDer<'static>]) -> bool {
+        let Some((leaf, intermediates)) = chain.split_first() else {
+            return false;
+        };
+        self.client_verifier
+            .load()
+            .verify_client_cert(leaf, intermediates, UnixTime::now())
+            .is_ok()
     }
 
     /// Replaces the bundle (a bad bundle is refused and the current one kept).
@@ -90,6 +110,8 @@ impl TrustAnchors {
         let verifier = webpki_client_verifier(&roots)?;
         self.roots.store(Arc::new(roots));
         self.client_verifier.store(Arc::new(verifier));
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         Ok(())
     }
 

@@ -32,6 +32,11 @@ pub struct ProxyConfig {
     /// during detection): a slower one is cut (slowloris). Also each HTTP/1 request's headers.
     #[arg(long, env = "STRAIT_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub header_read_timeout: Duration,
+    /// How long a mesh (mTLS) connection may live: pooled connections to peers are made again
+    /// after it, inbound ones are closed gracefully, so that none outlives the certificates
+    /// and anchors it was verified with. Keep it under 30% of the certificate lifetime.
+    #[arg(long, env = "STRAIT_MAX_CONNECTION_AGE", default_value = "6h", value_parser = humantime::parse_duration)]
+    pub max_connection_age: Duration,
     /// Ports that carry opaque TCP: no protocol detection (comma-separated, ranges `a-b`).
     #[arg(long, env = "STRAIT_OPAQUE_PORTS", default_value = DEFAULT_OPAQUE_PORTS, value_parser = PortList::parse)]
     pub opaque_ports: PortList,

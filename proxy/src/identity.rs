@@ -47,6 +47,12 @@ pub enum IdentityError {
 pub struct TlsTarget {
     pub config: Arc<ClientConfig>,
     pub server_name: ServerName<'static>,
+    /// The anchors the handshake verified against: a pooled connection made before they
+    /// changed is made again (and so verified again) before its next request.
+    pub anchors: Arc<TrustAnchors>,
+    /// A pooled connection older than this is made again, so none outlives the certificates
+    /// it was verified with.
+    pub max_age: Duration,
 }
 
 /// The TLS targets of one peer proxy, by what is carried.
@@ -87,6 +93,10 @@ impl AnchorSource {
 
 #[derive(Debug)]
 pub struct Identity {
+    /// How long a mesh connection may live (`--max-connection-age`); set by the proxy.
+    pub max_connection_age: Duration,
+    /// Bumped when the trust anchors are replaced: open inbound mesh connections re-check.
+    pub anchors_changed: tokio::sync::watch::Sender<u64>,
     pub id: SpiffeId,
     pub anchors: Arc<TrustAnchors>,
     pub creds: Arc<Credentials>,
@@ -129,6 +139,8 @@ impl Identity {
                 .map_err(|e| IdentityError::Local(e.to_string()))?,
         );
         Ok(Self {
+            max_connection_age: Duration::from_secs(6 * 3600),
+            anchors_changed: tokio::sync::watch::Sender::new(0),
             sni: mesh_sni(&id),
             id,
             anchors,
@@ -139,6 +151,29 @@ impl Identity {
             anchors_source,
             token_path,
         })
+    }
+
+    /// Resolves when an inbound mesh connection whose client presented `chain` must end: at
+    /// its maximum age, or at a change of anchors under which that chain no longer verifies.
+    pub async fn connection_end(
+        &self,
+        chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    ) -> &'static str {
+        let mut changes = self.anchors_changed.subscribe();
+        let recheck = async {
+            loop {
+                if changes.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
+                if !self.anchors.still_trusts(&chain) {
+                    return "its client's certificate no longer chains to the trust anchors";
+                }
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(self.max_connection_age) => "it reached --max-connection-age",
+            why = recheck => why,
+        }
     }
 
     /// Client configurations for connections to the peer `expected`.
@@ -156,6 +191,8 @@ impl Identity {
             Ok(TlsTarget {
                 config: Arc::new(config),
                 server_name: server_name.clone(),
+                anchors: self.anchors.clone(),
+                max_age: self.max_connection_age,
             })
         };
         Ok(PeerTls {
@@ -319,7 +356,8 @@ impl Identity {
             }
             match self.anchors.replace_pem(&pem) {
                 Ok(()) => {
-                    tracing::info!(path = %path.display(), "trust anchors reloaded")
+                    tracing::info!(path = %path.display(), "trust anchors reloaded");
+                    self.anchors_changed.send_modify(|g| *g += 1);
                 }
                 Err(e) => {
                     tracing::warn!(path = %path.display(), error = %e, "new trust anchors unusable; keeping the current ones")

@@ -91,8 +91,12 @@ pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: So
         return;
     }
     match protocol {
-        Protocol::Opaque | Protocol::Tls => forward_tcp(&ctx, io, orig_dst, None).await,
-        Protocol::Http1 | Protocol::Http2 => serve_http(&ctx, io, protocol, orig_dst, None).await,
+        Protocol::Opaque | Protocol::Tls => {
+            forward_tcp(&ctx, io, orig_dst, None, std::future::pending()).await
+        }
+        Protocol::Http1 | Protocol::Http2 => {
+            serve_http(&ctx, io, protocol, orig_dst, None, std::future::pending()).await
+        }
     }
     drop(tcp);
 }
@@ -128,14 +132,29 @@ where
     let (_, session) = tls.get_ref();
     let client = strait_identity::tls::peer_identity(session.peer_certificates());
     let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
+    let chain: Vec<_> = session
+        .peer_certificates()
+        .unwrap_or_default()
+        .iter()
+        .map(|c| c.clone().into_owned())
+        .collect();
+    // The connection's life: until its maximum age, or until the anchors change under it and
+    // its client's chain no longer verifies.
+    let end = {
+        let client = client.clone();
+        async move {
+            let why = identity.connection_end(chain).await;
+            tracing::info!(%orig_dst, client = %display_client(client.as_ref()), why, "closing a mesh connection");
+        }
+    };
     match alpn.as_deref() {
         Some(strait_identity::tls::ALPN_H2) => {
-            serve_http(&ctx, tls, Protocol::Http2, orig_dst, client).await
+            serve_http(&ctx, tls, Protocol::Http2, orig_dst, client, end).await
         }
         Some(strait_identity::tls::ALPN_HTTP1) => {
-            serve_http(&ctx, tls, Protocol::Http1, orig_dst, client).await
+            serve_http(&ctx, tls, Protocol::Http1, orig_dst, client, end).await
         }
-        _ => forward_tcp(&ctx, tls, orig_dst, client).await,
+        _ => forward_tcp(&ctx, tls, orig_dst, client, end).await,
     }
 }
 
@@ -146,6 +165,7 @@ async fn forward_tcp<I: AsyncRead + AsyncWrite + Unpin>(
     io: I,
     app: SocketAddr,
     client: Option<SpiffeId>,
+    end: impl std::future::Future<Output = ()>,
 ) {
     let port = app.port();
     if let Err(denied) = ctx.authz.authorize(port, client.as_ref()) {
@@ -159,6 +179,7 @@ async fn forward_tcp<I: AsyncRead + AsyncWrite + Unpin>(
                 strait_admin::log_limited!(tracing::Level::WARN, "tcp forward failed", "inbound", %app, error = %e, "inbound TCP forward failed");
             }
         }
+        () = end => {}
         denied = ctx.authz.revoked(port, client.as_ref()) => {
             strait_admin::log_limited!(tracing::Level::INFO, "revoked", denied.reason(), %app, client = %display_client(client.as_ref()), %denied, "closed a TCP connection the policy no longer allows");
             ctx.metrics.refused("revoked", port, client.as_ref());
@@ -174,14 +195,16 @@ fn display_client(client: Option<&SpiffeId>) -> String {
     )
 }
 
-async fn serve_http<I>(
+async fn serve_http<I, E>(
     ctx: &Arc<Context>,
     io: I,
     protocol: Protocol,
     app: SocketAddr,
     client: Option<SpiffeId>,
+    end: E,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    E: std::future::Future<Output = ()> + Send,
 {
     let handler = Arc::new(InboundHttp {
         metrics: ctx.metrics.http(
@@ -194,14 +217,14 @@ async fn serve_http<I>(
         app,
         client,
     });
-    serve(
-        io,
-        protocol,
-        ctx.drain.clone(),
-        handler,
-        ctx.cfg.header_read_timeout,
-    )
-    .await;
+    let drain = ctx.drain.clone();
+    let stop = async move {
+        tokio::select! {
+            _ = drain.signaled() => {}
+            _ = end => {}
+        }
+    };
+    serve(io, protocol, stop, handler, ctx.cfg.header_read_timeout).await;
 }
 
 struct InboundHttp {

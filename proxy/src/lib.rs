@@ -117,13 +117,15 @@ pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
         &cfg.identity_token_file,
     ) {
         (Some(addr), Some(id), Some(anchors), Some(token)) => {
-            Some(Arc::new(identity::Identity::new(
+            let mut identity = identity::Identity::new(
                 id.clone(),
                 addr.clone(),
                 cfg.identity_server_name.clone(),
                 anchors,
                 token.clone(),
-            )?))
+            )?;
+            identity.max_connection_age = cfg.max_connection_age;
+            Some(Arc::new(identity))
         }
         (Some(_), ..) => {
             return Err(identity::IdentityError::Local(

@@ -122,7 +122,7 @@ pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: So
             serve(
                 io,
                 protocol,
-                ctx.drain.clone(),
+                ctx.drain.clone().signaled(),
                 handler,
                 ctx.cfg.header_read_timeout,
             )

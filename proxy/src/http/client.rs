@@ -55,9 +55,18 @@ pub async fn connect_tls(
 pub struct H2Conn {
     addr: SocketAddr,
     connect_timeout: Duration,
-    current: ArcSwapOption<http2::SendRequest<ReqBody>>,
+    current: ArcSwapOption<Pooled>,
     connecting: tokio::sync::Mutex<()>,
     tls: Option<TlsTarget>,
+}
+
+/// The pooled connection, with what it was verified under.
+#[derive(Debug)]
+struct Pooled {
+    sender: http2::SendRequest<ReqBody>,
+    /// The anchors' generation at the handshake (mTLS only).
+    anchors: u64,
+    opened: std::time::Instant,
 }
 
 impl H2Conn {
@@ -77,7 +86,17 @@ impl H2Conn {
     }
 
     pub fn is_open(&self) -> bool {
-        self.current.load().as_ref().is_some_and(|s| !s.is_closed())
+        self.current.load().as_ref().is_some_and(|p| self.usable(p))
+    }
+
+    /// Open, and (for mTLS) verified under the current anchors and younger than the maximum
+    /// age: otherwise the next request makes a new connection, whose handshake checks the
+    /// peer again. Requests already on the old connection finish there.
+    fn usable(&self, p: &Pooled) -> bool {
+        !p.sender.is_closed()
+            && self.tls.as_ref().is_none_or(|t| {
+                p.anchors == t.anchors.generation() && p.opened.elapsed() < t.max_age
+            })
     }
 
     /// Whether a connection attempt is under way (requests to this peer would wait for it).
@@ -92,17 +111,18 @@ impl H2Conn {
     }
 
     async fn sender(&self) -> Result<http2::SendRequest<ReqBody>, ProxyError> {
-        if let Some(s) = self.current.load().as_ref() {
-            if !s.is_closed() {
-                return Ok((**s).clone());
+        if let Some(p) = self.current.load().as_ref() {
+            if self.usable(p) {
+                return Ok(p.sender.clone());
             }
         }
         let _one_at_a_time = self.connecting.lock().await;
-        if let Some(s) = self.current.load().as_ref() {
-            if !s.is_closed() {
-                return Ok((**s).clone());
+        if let Some(p) = self.current.load().as_ref() {
+            if self.usable(p) {
+                return Ok(p.sender.clone());
             }
         }
+        let anchors = self.tls.as_ref().map_or(0, |t| t.anchors.generation());
         let mut builder = http2::Builder::new(TokioExecutor::new());
         builder
             .timer(TokioTimer::new())
@@ -126,7 +146,11 @@ impl H2Conn {
                 spawn_h2(self.addr, builder, stream).await.map_err(failed)?
             }
         };
-        self.current.store(Some(Arc::new(sender.clone())));
+        self.current.store(Some(Arc::new(Pooled {
+            sender: sender.clone(),
+            anchors,
+            opened: std::time::Instant::now(),
+        })));
         Ok(sender)
     }
 

@@ -19,7 +19,6 @@ use super::headers::{is_grpc, strip_hop_by_hop};
 use super::metered::{grpc_status, Metered};
 use super::Body;
 use crate::detect::Protocol;
-use crate::drain::Drain;
 use crate::metrics::{Destination, HttpMetrics};
 
 /// Forwards one request of a connection; [`serve`] turns its result into the response and
@@ -79,18 +78,21 @@ async fn handle<H: Handler>(handler: &H, mut req: Request<Incoming>) -> Response
     resp.map(|body| Metered::new(body, recorder, grpc, status).observed(observation))
 }
 
-/// Serves `io` as `protocol`; an HTTP/1 request whose headers take longer than
-/// `header_read_timeout` is cut.
-pub async fn serve<I, H>(
+/// Serves `io` as `protocol` until `stop` resolves (the drain, or the end of a mesh
+/// connection's life), then lets in-flight requests finish and closes; an HTTP/1 request whose
+/// headers take longer than `header_read_timeout` is cut.
+pub async fn serve<I, H, S>(
     io: I,
     protocol: Protocol,
-    drain: Drain,
+    stop: S,
     handler: Arc<H>,
     header_read_timeout: Duration,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Handler,
+    S: Future<Output = ()> + Send,
 {
+    tokio::pin!(stop);
     let svc = service_fn(move |req| {
         let handler = handler.clone();
         async move { Ok::<_, Infallible>(handle(&*handler, req).await) }
@@ -108,7 +110,7 @@ pub async fn serve<I, H>(
             tokio::pin!(conn);
             tokio::select! {
                 r = conn.as_mut() => r,
-                _ = drain.signaled() => {
+                _ = &mut stop => {
                     conn.as_mut().graceful_shutdown();
                     conn.await
                 }
@@ -126,7 +128,7 @@ pub async fn serve<I, H>(
             tokio::pin!(conn);
             tokio::select! {
                 r = conn.as_mut() => r,
-                _ = drain.signaled() => {
+                _ = &mut stop => {
                     conn.as_mut().graceful_shutdown();
                     conn.await
                 }
