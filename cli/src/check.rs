@@ -105,7 +105,8 @@ pub async fn checks(client: kube::Client, args: &CheckArgs) -> Vec<Line> {
                         .is_some_and(|b| !b.0.is_empty())
                 })
                 .count();
-            if entries.len() == 2 && with_ca == 2 {
+            // The four entries `strait install` writes (opted-in or not, PodSecurity or not).
+            if entries.len() == 4 && with_ca == 4 {
                 line(true, "injection webhook", "configured with its caBundle")
             } else {
                 line(

@@ -416,25 +416,41 @@ pub fn manifests(args: &InstallArgs) -> anyhow::Result<Vec<Value>> {
     let ca_bundle = b64(&pki.webhook.ca_cert_pem);
     let system = json!({"key": "kubernetes.io/metadata.name", "operator": "NotIn",
                         "values": ["kube-system", "kube-node-lease", "kube-public", ns]});
+    // The API server calls the webhook only for pods that asked for the mesh: with
+    // `--failure-policy Fail` and the injector down, every other pod is still admitted.
+    // In a labelled namespace: every pod but those labelled out. Elsewhere: only pods
+    // labelled `strait.io/inject=enabled` (a label, since selectors cannot read
+    // annotations). Namespaces whose PodSecurity level forbids the init container's
+    // capabilities reach their own paths, where pods are admitted unchanged with a warning
+    // instead of being rejected by the API server.
+    let webhooks: Vec<Value> = [
+        (("inject.strait.io", "/inject"), true, false),
+        (("inject-pod-security.inject.strait.io", "/inject-pod-security"), true, true),
+        (("opt-in.inject.strait.io", "/inject-opt-in"), false, false),
+        (("opt-in-pod-security.inject.strait.io", "/inject-opt-in-pod-security"), false, true),
+    ].into_iter().map(|((name, path), enabled, pod_security)| {
+        let mut namespaces = vec![
+            if enabled {
+                json!({"key": "strait.io/inject", "operator": "In", "values": ["enabled"]})
+            } else {
+                json!({"key": "strait.io/inject", "operator": "NotIn", "values": ["enabled", "disabled"]})
+            },
+            system.clone(),
+        ];
+        namespaces.push(json!({"key": "pod-security.kubernetes.io/enforce",
+            "operator": if pod_security { "In" } else { "NotIn" },
+            "values": ["baseline", "restricted"]}));
+        let pods = if enabled {
+            json!({"matchExpressions": [{"key": "strait.io/inject", "operator": "NotIn", "values": ["disabled"]}]})
+        } else {
+            json!({"matchLabels": {"strait.io/inject": "enabled"}})
+        };
+        webhook_entry(args, name, path, (json!({"matchExpressions": namespaces}), pods), &ca_bundle)
+    }).collect::<Vec<_>>();
     docs.push(json!({
         "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
         "metadata": {"name": "strait-injector", "labels": labels("strait-injector")},
-        // The API server calls the webhook only for pods that asked for the mesh: with
-        // `--failure-policy Fail` and the injector down, every other pod is still admitted.
-        // In a labelled namespace: every pod but those labelled out. Elsewhere: only pods
-        // labelled `strait.io/inject=enabled` (a label, since selectors cannot read
-        // annotations).
-        "webhooks": [
-            webhook_entry(args, "inject.strait.io", "/inject", (
-                json!({"matchExpressions": [
-                    {"key": "strait.io/inject", "operator": "In", "values": ["enabled"]}, system.clone()]}),
-                json!({"matchExpressions": [
-                    {"key": "strait.io/inject", "operator": "NotIn", "values": ["disabled"]}]})), &ca_bundle),
-            webhook_entry(args, "opt-in.inject.strait.io", "/inject-opt-in", (
-                json!({"matchExpressions": [
-                    {"key": "strait.io/inject", "operator": "NotIn", "values": ["enabled", "disabled"]}, system]}),
-                json!({"matchLabels": {"strait.io/inject": "enabled"}})), &ca_bundle),
-        ]
+        "webhooks": webhooks
     }));
     Ok(docs)
 }

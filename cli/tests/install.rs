@@ -157,11 +157,18 @@ fn every_installed_manifest_is_valid_for_kubernetes_1_29_to_1_33_and_least_privi
     // The webhook's caBundle is the CA of the injector's serving certificate, for its DNS name.
     let webhook = find(&docs, "MutatingWebhookConfiguration", "strait-injector");
     let entries = webhook["webhooks"].as_array().expect("webhooks");
-    assert_eq!(entries.len(), 2);
-    assert_eq!(entries[0]["clientConfig"]["service"]["path"], "/inject");
+    let paths: Vec<&str> = entries
+        .iter()
+        .map(|e| e["clientConfig"]["service"]["path"].as_str().unwrap_or(""))
+        .collect();
     assert_eq!(
-        entries[1]["clientConfig"]["service"]["path"],
-        "/inject-opt-in"
+        paths,
+        [
+            "/inject",
+            "/inject-pod-security",
+            "/inject-opt-in",
+            "/inject-opt-in-pod-security"
+        ]
     );
     assert!(entries
         .iter()
@@ -553,6 +560,23 @@ fn with_failure_policy_fail_only_pods_that_asked_for_the_mesh_reach_the_webhook(
             (false, _) => 0,
         };
         assert_eq!(n, expected, "{ns}/{}: {labels}", pod["metadata"]["name"]);
+        // Namespaces that enforce baseline or restricted reach the PodSecurity paths.
+        if n == 1 {
+            let path = entries
+                .iter()
+                .find(|e| {
+                    selects(&e["namespaceSelector"], ns_labels)
+                        && selects(&e["objectSelector"], labels)
+                })
+                .map(|e| e["clientConfig"]["service"]["path"].as_str().unwrap_or(""))
+                .unwrap_or("");
+            let psa = ["baseline", "restricted"].contains(
+                &ns_labels["pod-security.kubernetes.io/enforce"]
+                    .as_str()
+                    .unwrap_or(""),
+            );
+            assert_eq!(path.ends_with("-pod-security"), psa, "{ns}: {path}");
+        }
         seen += 1;
     }
     assert!(seen > 10);

@@ -30,10 +30,26 @@ impl Outcome {
     }
 }
 
-/// Answers one AdmissionReview body. Returns the response body and what happened.
+/// Answers one AdmissionReview body.
 pub fn review(
     body: &[u8],
     namespace_enabled: bool,
+    cfg: &InjectConfig,
+) -> Result<(Value, Outcome), String> {
+    review_in(body, namespace_enabled, false, cfg)
+}
+
+/// What a pod gets instead of a sidecar in a namespace whose PodSecurity admission enforces
+/// `baseline` or `restricted`: the iptables init container needs NET_ADMIN and NET_RAW, which
+/// both levels forbid, so injecting it would make the API server reject the pod.
+pub const POD_SECURITY_WARNING: &str = "the namespace enforces PodSecurity baseline or restricted, which forbids the NET_ADMIN and NET_RAW capabilities of the strait-init container: the pod was admitted without the sidecar (label the namespace pod-security.kubernetes.io/enforce=privileged to mesh it; a CNI mode that needs no such container is not available yet)";
+
+/// [`review`] for a namespace whose PodSecurity level is known to forbid the init container
+/// (`pod_security`): such a pod is admitted unchanged, with [`POD_SECURITY_WARNING`].
+pub fn review_in(
+    body: &[u8],
+    namespace_enabled: bool,
+    pod_security: bool,
     cfg: &InjectConfig,
 ) -> Result<(Value, Outcome), String> {
     let review: Value =
@@ -56,7 +72,17 @@ pub fn review(
     let outcome = if !(is_pod && is_create) {
         Outcome::Ignored
     } else if let Some(pod) = request.get("object") {
-        decide(pod, namespace_enabled, cfg, &mut response)
+        match decide(pod, namespace_enabled, cfg, &mut response) {
+            Outcome::Injected if pod_security => {
+                // Undo: the patch would make the API server reject the pod.
+                if let Some(r) = response.as_object_mut() {
+                    r.remove("patch");
+                    r.remove("patchType");
+                }
+                Outcome::Failed(POD_SECURITY_WARNING.into())
+            }
+            other => other,
+        }
     } else {
         Outcome::Failed("the request has no `object`".into())
     };

@@ -23,7 +23,7 @@ use prometheus_client::registry::Registry;
 use strait_identity::tls::Credentials;
 
 use crate::config::InjectConfig;
-use crate::review::{pod_name, review, Outcome};
+use crate::review::{pod_name, review_in, Outcome};
 
 /// AdmissionReview bodies are a pod and its old version; 4 MiB is far above any real one.
 const MAX_BODY: usize = 4 * 1024 * 1024;
@@ -90,13 +90,17 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
 
 /// One webhook request.
 pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    let namespace_enabled = match req.uri().path() {
-        "/inject" => true,
-        "/inject-opt-in" => false,
+    // The webhook entry that called: whether the namespace opted in, and whether its
+    // PodSecurity level forbids the init container (see `strait install`).
+    let (namespace_enabled, pod_security) = match req.uri().path() {
+        "/inject" => (true, false),
+        "/inject-opt-in" => (false, false),
+        "/inject-pod-security" => (true, true),
+        "/inject-opt-in-pod-security" => (false, true),
         _ => {
             return text(
                 StatusCode::NOT_FOUND,
-                "not found: use /inject or /inject-opt-in\n",
+                "not found: use /inject, /inject-opt-in, /inject-pod-security or /inject-opt-in-pod-security\n",
             )
         }
     };
@@ -120,31 +124,32 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Full<
             );
         }
     };
-    let (status, bytes, result) = match review(&body, namespace_enabled, &state.config) {
-        Ok((answer, outcome)) => {
-            let pod = pod_name(&body);
-            match &outcome {
-                Outcome::Injected => tracing::info!(%pod, "injected"),
-                Outcome::Skipped(why) => {
-                    tracing::debug!(%pod, reason = why.as_str(), "not injected")
+    let (status, bytes, result) =
+        match review_in(&body, namespace_enabled, pod_security, &state.config) {
+            Ok((answer, outcome)) => {
+                let pod = pod_name(&body);
+                match &outcome {
+                    Outcome::Injected => tracing::info!(%pod, "injected"),
+                    Outcome::Skipped(why) => {
+                        tracing::debug!(%pod, reason = why.as_str(), "not injected")
+                    }
+                    Outcome::Ignored => {}
+                    Outcome::Failed(error) => {
+                        tracing::warn!(%pod, %error, "admitted without the sidecar")
+                    }
                 }
-                Outcome::Ignored => {}
-                Outcome::Failed(error) => {
-                    tracing::warn!(%pod, %error, "admitted without the sidecar")
-                }
+                let bytes = serde_json::to_vec(&answer).unwrap_or_default();
+                (StatusCode::OK, bytes, outcome.label())
             }
-            let bytes = serde_json::to_vec(&answer).unwrap_or_default();
-            (StatusCode::OK, bytes, outcome.label())
-        }
-        Err(error) => {
-            tracing::warn!(%error, "bad admission request");
-            (
-                StatusCode::BAD_REQUEST,
-                format!("{error}\n").into_bytes(),
-                "error",
-            )
-        }
-    };
+            Err(error) => {
+                tracing::warn!(%error, "bad admission request");
+                (
+                    StatusCode::BAD_REQUEST,
+                    format!("{error}\n").into_bytes(),
+                    "error",
+                )
+            }
+        };
     state
         .metrics
         .requests

@@ -624,3 +624,29 @@ fn application_probes_go_through_the_proxy_in_both_modes_unless_opted_out() {
         .as_str()
         .is_some_and(|w| w.contains("strait.io/rewrite-probes")));
 }
+
+#[test]
+fn in_a_pod_security_namespace_the_pod_is_admitted_unchanged_with_a_warning() {
+    let cfg = config(SidecarMode::Native);
+    let body = serde_json::to_vec(&fixture("pod-create-k8s-1.32.json")).expect("json");
+    let (answer, outcome) =
+        strait_injector::review::review_in(&body, true, true, &cfg).expect("a review");
+    let response = &answer["response"];
+    assert_eq!(response["allowed"], true);
+    assert!(response.get("patch").is_none(), "no patch: {response}");
+    let warning = response["warnings"][0].as_str().unwrap_or("");
+    assert!(
+        warning.contains("PodSecurity") && warning.contains("NET_ADMIN"),
+        "{warning}"
+    );
+    assert!(matches!(outcome, Outcome::Failed(_)));
+    // A pod that would not be injected anyway is simply skipped there too.
+    let mut opted_out = fixture("pod-create-k8s-1.32.json");
+    opted_out["request"]["object"]["metadata"]["annotations"] =
+        json!({"strait.io/inject": "disabled"});
+    let body = serde_json::to_vec(&opted_out).expect("json");
+    let (answer, outcome) =
+        strait_injector::review::review_in(&body, true, true, &cfg).expect("a review");
+    assert!(matches!(outcome, Outcome::Skipped(_)), "{outcome:?}");
+    assert!(answer["response"].get("warnings").is_none());
+}
