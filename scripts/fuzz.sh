@@ -30,7 +30,7 @@ else
 fi
 "${fuzz[@]}" build -O
 for t in "${targets[@]}"; do
-  mkdir -p "corpus/$t"
+  mkdir -p "corpus/$t" "seeds/$t"
   echo "fuzz: $t for ${seconds}s"
   log="$(mktemp)"
   rc=0
