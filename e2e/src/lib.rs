@@ -333,3 +333,59 @@ impl Mesh {
         Ok((field("sent"), field("ok")))
     }
 }
+
+/// A client that holds one TCP connection to `addr` (an echo), sending a line every 100 ms:
+/// it prints `open` once echoed, then `closed after <s>` when the connection ends under it,
+/// and gives up after 20 s.
+const HOLD_TCP: &str = r#"
+import socket, sys, time
+host, port = sys.argv[1].rsplit(":", 1)
+s = socket.create_connection((host, int(port)), timeout=5)
+s.sendall(b"PING\n")
+assert s.recv(64).startswith(b"PING"), "no echo"
+print("open", flush=True)
+start = time.time()
+while time.time() - start < 20:
+    time.sleep(0.1)
+    try:
+        s.sendall(b"PING\n")
+        if not s.recv(64):
+            break
+    except OSError:
+        break
+else:
+    sys.exit("still open after 20 s")
+print("closed after %.3f" % (time.time() - start), flush=True)
+"#;
+
+/// One held TCP connection (see [`Mesh::hold_tcp`]).
+pub struct HeldTcp(Proc);
+
+impl Mesh {
+    /// Opens a TCP connection from `pod` to the echo at `addr` and keeps it busy; returns once
+    /// the first echo came back.
+    pub fn hold_tcp(&self, pod: &Pod, addr: &str) -> Result<HeldTcp> {
+        let script = self.net.dir.join("hold_tcp.py");
+        std::fs::write(&script, HOLD_TCP)?;
+        let proc = self
+            .net
+            .spawn(pod, "hold", &["python3", &script.to_string_lossy(), addr])?;
+        self.net.wait_log(&proc, "open", Duration::from_secs(10))?;
+        Ok(HeldTcp(proc))
+    }
+
+    /// Waits (up to `timeout`) for the held connection to be closed under the client; returns
+    /// how long it stayed open after the first echo.
+    pub fn held_tcp_closed(&self, held: &HeldTcp, timeout: Duration) -> Result<Duration> {
+        let ok = self.net.wait(&held.0, timeout)?;
+        let out = self.net.output(&held.0);
+        if !ok {
+            bail!("the held connection was not closed: {out}");
+        }
+        out.lines()
+            .find_map(|l| l.strip_prefix("closed after "))
+            .and_then(|s| s.trim().parse::<f64>().ok())
+            .map(Duration::from_secs_f64)
+            .ok_or_else(|| anyhow::anyhow!("no `closed after` in: {out}"))
+    }
+}

@@ -5,29 +5,6 @@ use std::time::Duration;
 use strait_e2e::{metric, Mesh, ServiceDef};
 use strait_testbed::SidecarOpts;
 
-/// Holds one TCP connection to the echo service, sending a line every 100 ms; prints `open`
-/// once echoed, then `closed after <s>` (seconds since the first echo) when the connection is
-/// closed under it. Gives up after 20 s.
-const HOLD_TCP: &str = r#"
-import socket, sys, time
-s = socket.create_connection(("10.96.0.31", 7000), timeout=5)
-s.sendall(b"PING\n")
-assert s.recv(64).startswith(b"PING"), "no echo"
-print("open", flush=True)
-start = time.time()
-while time.time() - start < 20:
-    time.sleep(0.1)
-    try:
-        s.sendall(b"PING\n")
-        if not s.recv(64):
-            break
-    except OSError:
-        break
-else:
-    sys.exit("still open after 20 s")
-print("closed after %.3f" % (time.time() - start), flush=True)
-"#;
-
 fn policy(namespaces: &str) -> String {
     format!(
         "apiVersion: policy.strait.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: web-clients, namespace: default}}\n\
@@ -126,30 +103,15 @@ fn a_policy_allowing_namespace_a_lets_a_in_and_keeps_b_out() -> anyhow::Result<(
     );
 
     // An open TCP connection of A is closed within a second of a policy that revokes it.
-    let script = mesh.net.dir.join("hold.py");
-    std::fs::write(&script, HOLD_TCP)?;
-    let hold = mesh
-        .net
-        .spawn(&client_a, "hold", &["python3", &script.to_string_lossy()])?;
-    mesh.net.wait_log(&hold, "open", Duration::from_secs(10))?;
+    let hold = mesh.hold_tcp(&client_a, "10.96.0.31:7000")?;
     mesh.config.write("policy.yaml", &policy("c"))?;
     let revoked = std::time::Instant::now();
-    assert!(
-        mesh.net.wait(&hold, Duration::from_secs(10))?,
-        "{}",
-        mesh.net.output(&hold)
-    );
-    let out = mesh.net.output(&hold);
-    let closed_after: f64 = out
-        .lines()
-        .find_map(|l| l.strip_prefix("closed after "))
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(f64::MAX);
+    let closed_after = mesh.held_tcp_closed(&hold, Duration::from_secs(10))?;
     eprintln!(
-        "A's TCP connection was closed {closed_after:.2}s after the policy change ({:?} for the test)",
+        "A's TCP connection was closed {closed_after:.2?} after the policy change ({:?} for the test)",
         revoked.elapsed()
     );
-    assert!(closed_after < 2.0, "{out}");
+    assert!(closed_after < Duration::from_secs(2), "{closed_after:?}");
     let m = mesh.metrics(&server)?;
     assert_eq!(
         metric(

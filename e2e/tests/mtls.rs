@@ -301,28 +301,6 @@ fn a_client_from_a_foreign_ca_and_a_server_with_another_identity_are_refused() -
     Ok(())
 }
 
-/// Holds one TCP connection to 10.96.0.31:7000 (an echo), sending every 200 ms; prints `open`
-/// once echoed and `closed after <s>` when the connection ends under it.
-const HOLD: &str = r#"
-import socket, sys, time
-s = socket.create_connection(("10.96.0.31", 7000), timeout=5)
-s.sendall(b"PING\n")
-assert s.recv(64).startswith(b"PING")
-print("open", flush=True)
-start = time.time()
-while time.time() - start < 20:
-    time.sleep(0.2)
-    try:
-        s.sendall(b"PING\n")
-        if not s.recv(64):
-            break
-    except OSError:
-        break
-else:
-    sys.exit("still open after 20 s")
-print("closed after %.2f" % (time.time() - start), flush=True)
-"#;
-
 #[test]
 fn a_mesh_connection_does_not_outlive_its_maximum_age() -> anyhow::Result<()> {
     let mesh = Mesh::with_identity("maxage", "24h")?;
@@ -344,25 +322,10 @@ fn a_mesh_connection_does_not_outlive_its_maximum_age() -> anyhow::Result<()> {
         &[&server],
     ))?;
     let client = mesh.pod_as("client", "client", &SidecarOpts::default())?;
-    let script = mesh.net.dir.join("hold.py");
-    std::fs::write(&script, HOLD)?;
-    let hold = mesh
-        .net
-        .spawn(&client, "hold", &["python3", &script.to_string_lossy()])?;
-    mesh.net.wait_log(&hold, "open", Duration::from_secs(10))?;
-    assert!(
-        mesh.net.wait(&hold, Duration::from_secs(15))?,
-        "{}",
-        mesh.net.output(&hold)
-    );
-    let out = mesh.net.output(&hold);
-    let secs: f64 = out
-        .lines()
-        .find_map(|l| l.strip_prefix("closed after "))
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(f64::MAX);
-    eprintln!("an mTLS TCP connection with a 2 s maximum age was closed after {secs:.2}s");
-    assert!(secs < 4.0, "{out}");
+    let hold = mesh.hold_tcp(&client, "10.96.0.31:7000")?;
+    let lived = mesh.held_tcp_closed(&hold, Duration::from_secs(15))?;
+    eprintln!("an mTLS TCP connection with a 2 s maximum age was closed after {lived:.2?}");
+    assert!(lived < Duration::from_secs(4), "{lived:?}");
     let log = mesh.net.logs();
     assert!(log.contains("it reached --max-connection-age"), "{log}");
     Ok(())

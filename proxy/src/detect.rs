@@ -110,6 +110,32 @@ pub async fn detect<T: AsyncRead + Unpin>(
     }
 }
 
+/// [`detect`] on a proxied connection: the result is counted in the detection metrics; a
+/// connection that failed or was cut during detection is logged and gives `None`.
+pub async fn detect_counted<T: AsyncRead + Unpin>(
+    io: &mut T,
+    ctx: &crate::Context,
+    direction: crate::metrics::Direction,
+    timeout: Duration,
+) -> Option<Detected> {
+    let started = std::time::Instant::now();
+    match detect(io, timeout, ctx.cfg.header_read_timeout).await {
+        Ok(d) => {
+            ctx.metrics.detected(
+                direction,
+                d.protocol.as_str(),
+                d.timed_out,
+                started.elapsed(),
+            );
+            Some(d)
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "connection failed during detection");
+            None
+        }
+    }
+}
+
 /// Decides from the bytes so far; `None` when more bytes are needed.
 pub fn classify(buf: &[u8]) -> Option<Protocol> {
     if buf.is_empty() {

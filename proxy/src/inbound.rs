@@ -48,24 +48,12 @@ pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: So
         (Some(_), true) => Some(ctx.cfg.detect_timeout.min(OPAQUE_TLS_SNIFF)),
         (_, false) => Some(ctx.cfg.detect_timeout),
     };
-    let started = std::time::Instant::now();
     let (mut protocol, prefix) = match sniff {
         None => (Protocol::Opaque, bytes::Bytes::new()),
         Some(timeout) => {
-            match detect::detect(&mut io, timeout, ctx.cfg.header_read_timeout).await {
-                Ok(d) => {
-                    ctx.metrics.detected(
-                        Direction::Inbound,
-                        d.protocol.as_str(),
-                        d.timed_out,
-                        started.elapsed(),
-                    );
-                    (d.protocol, d.prefix)
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "connection failed during detection");
-                    return;
-                }
+            match detect::detect_counted(&mut io, &ctx, Direction::Inbound, timeout).await {
+                Some(d) => (d.protocol, d.prefix),
+                None => return,
             }
         }
     };

@@ -68,21 +68,10 @@ pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: So
     let (protocol, prefix) = if opaque {
         (Protocol::Opaque, bytes::Bytes::new())
     } else {
-        let started = std::time::Instant::now();
-        match detect::detect(&mut io, ctx.cfg.detect_timeout, ctx.cfg.header_read_timeout).await {
-            Ok(d) => {
-                ctx.metrics.detected(
-                    Direction::Outbound,
-                    d.protocol.as_str(),
-                    d.timed_out,
-                    started.elapsed(),
-                );
-                (d.protocol, d.prefix)
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "connection failed during detection");
-                return;
-            }
+        let timeout = ctx.cfg.detect_timeout;
+        match detect::detect_counted(&mut io, &ctx, Direction::Outbound, timeout).await {
+            Some(d) => (d.protocol, d.prefix),
+            None => return,
         }
     };
     let io = PrefixedIo::new(prefix, io);
