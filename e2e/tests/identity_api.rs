@@ -62,6 +62,7 @@ async fn the_ca_signs_only_the_callers_own_identity() -> anyhow::Result<()> {
     let log = dir.join("control-plane.log");
     let child = Command::new(strait_testbed::bin("strait-control-plane")?)
         .args(["--config-dir", &dir.join("config").to_string_lossy()])
+        .args(["--state-dir", &dir.join("state").to_string_lossy()])
         .args(["--discovery-addr", &format!("127.0.0.1:{}", free_port())])
         .args(["--identity-addr", &identity_addr])
         .args(["--issuer-cert", &dir.join("issuer.crt").to_string_lossy()])
