@@ -328,17 +328,7 @@ fn inbound_policies(
 }
 
 /// Parses a default inbound policy (the flag, the namespace annotation).
-pub fn parse_default_policy(s: &str) -> Result<DefaultPolicy, String> {
-    match s.trim() {
-        "all-unauthenticated" => Ok(DefaultPolicy::AllUnauthenticated),
-        "all-authenticated" => Ok(DefaultPolicy::AllAuthenticated),
-        "cluster-authenticated" => Ok(DefaultPolicy::ClusterAuthenticated),
-        "deny" => Ok(DefaultPolicy::Deny),
-        other => Err(format!(
-            "{other:?} is not a default inbound policy: all-unauthenticated, all-authenticated, cluster-authenticated or deny"
-        )),
-    }
-}
+pub use strait_api::default_policy::parse as parse_default_policy;
 
 /// Policies whose `port` (the container port the proxy sees) no meshed endpoint of their
 /// workload serves, while the workload does serve others: almost always a Service port written

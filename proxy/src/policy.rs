@@ -71,28 +71,7 @@ impl std::fmt::Display for Denied {
     }
 }
 
-/// The setting's spelling of a default policy.
-pub fn default_name(d: DefaultPolicy) -> &'static str {
-    match d {
-        DefaultPolicy::AllUnauthenticated => "all-unauthenticated",
-        DefaultPolicy::AllAuthenticated => "all-authenticated",
-        DefaultPolicy::ClusterAuthenticated => "cluster-authenticated",
-        DefaultPolicy::Deny => "deny",
-    }
-}
-
-/// Parses a default policy setting (`--default-inbound-policy`, the annotations).
-pub fn parse_default(s: &str) -> Result<DefaultPolicy, String> {
-    match s {
-        "all-unauthenticated" => Ok(DefaultPolicy::AllUnauthenticated),
-        "all-authenticated" => Ok(DefaultPolicy::AllAuthenticated),
-        "cluster-authenticated" => Ok(DefaultPolicy::ClusterAuthenticated),
-        "deny" => Ok(DefaultPolicy::Deny),
-        other => Err(format!(
-            "{other:?} is not a default policy: all-unauthenticated, all-authenticated, cluster-authenticated or deny"
-        )),
-    }
-}
+pub use strait_api::default_policy::{name as default_name, parse as parse_default};
 
 impl Authorizer {
     /// An authorizer that waits for the control plane's policy (refusing until it comes).
