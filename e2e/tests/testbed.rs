@@ -40,7 +40,8 @@ fn a_command_past_the_deadline_is_killed_and_the_test_fails_fast() -> anyhow::Re
 fn holds_a_net_until_killed() -> anyhow::Result<()> {
     let net = Net::new("killed")?;
     let pod = net.pod("p")?;
-    net.spawn(&pod, "sleeper", &["sleep", "300"])?;
+    let sleeper = net.spawn(&pod, "sleeper", &["sleep", "300"])?;
+    println!("SLEEPER {}", sleeper.pid);
     println!("PREFIX {}", net.prefix);
     std::thread::sleep(Duration::from_secs(120));
     Ok(())
@@ -64,8 +65,12 @@ fn a_killed_test_leaves_no_namespace_behind() -> anyhow::Result<()> {
         .take()
         .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
     let (tx, rx) = std::sync::mpsc::channel();
+    let (pid_tx, pid_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(p) = line.strip_prefix("SLEEPER ") {
+                let _ = pid_tx.send(p.trim().to_string());
+            }
             if let Some(p) = line.strip_prefix("PREFIX ") {
                 let _ = tx.send(p.to_string());
             }
@@ -101,11 +106,15 @@ fn a_killed_test_leaves_no_namespace_behind() -> anyhow::Result<()> {
         "the guardian removed {prefix}'s namespaces {:?} after the kill",
         start.elapsed()
     );
-    // And the sleeper that ran in the pod is gone too.
-    let left = Command::new("pgrep").args(["-f", "^sleep 300$"]).output()?;
-    assert!(
-        String::from_utf8_lossy(&left.stdout).trim().is_empty(),
-        "a process of the killed test is still running"
-    );
+    // And the process that ran in the pod (by its own PID) is gone too.
+    let sleeper = pid_rx.recv_timeout(Duration::from_secs(1))?;
+    let start = Instant::now();
+    while std::path::Path::new(&format!("/proc/{sleeper}")).exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "process {sleeper} of the killed test is still running"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     Ok(())
 }
