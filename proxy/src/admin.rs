@@ -1,4 +1,5 @@
-//! The admin server: `/live`, `/ready`, `/metrics`, `POST /shutdown` (loopback clients only),
+//! The admin server: `/live`, `/ready`, `/metrics`, `/protocols` (who speaks first, as
+//! learned), `POST /shutdown` (loopback clients only),
 //! and the application's probes rewritten by the injector (`/app-health/<container>/<kind>`).
 
 use std::convert::Infallible;
@@ -24,6 +25,7 @@ pub struct Admin {
     pub trigger: Arc<DrainTrigger>,
     pub drain: Drain,
     pub probes: AppProbes,
+    pub protocols: Arc<crate::first_bytes::Protocols>,
 }
 
 impl Admin {
@@ -88,6 +90,16 @@ impl Admin {
                 );
                 r
             }
+            (&Method::GET, "/protocols") => {
+                let mut r = Response::new(Full::new(Bytes::from(
+                    self.protocols.to_json().to_string() + "\n",
+                )));
+                r.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/json"),
+                );
+                r
+            }
             (&Method::POST, "/shutdown") => {
                 if peer.ip().is_loopback() {
                     tracing::info!("shutdown requested through the admin server");
@@ -100,12 +112,12 @@ impl Admin {
                     )
                 }
             }
-            (_, "/live" | "/ready" | "/metrics" | "/shutdown") => {
+            (_, "/live" | "/ready" | "/metrics" | "/protocols" | "/shutdown") => {
                 text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
             }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found: try /live /ready /metrics /shutdown /app-health/<container>/<kind>\n",
+                "not found: try /live /ready /metrics /protocols /shutdown /app-health/<container>/<kind>\n",
             ),
         }
     }

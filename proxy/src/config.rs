@@ -25,9 +25,21 @@ pub struct ProxyConfig {
     /// through to its original address.
     #[arg(long, env = "STRAIT_CONTROL_PLANE_ADDR")]
     pub control_plane_addr: Option<String>,
-    /// How long to wait for a client's first bytes before treating the connection as opaque TCP.
+    /// How long a client may stay silent before the proxy opens the upstream connection
+    /// speculatively, to hear a server that speaks first (MySQL, SMTP, ...).
+    #[arg(long, env = "STRAIT_SERVER_FIRST_WAIT", default_value = "20ms", value_parser = humantime::parse_duration)]
+    pub server_first_wait: Duration,
+    /// How long a speculative upstream connection waits for the server to speak first; after
+    /// it (nobody spoke) it is closed and the connection waits for the client's first bytes.
     #[arg(long, env = "STRAIT_DETECT_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
     pub detect_timeout: Duration,
+    /// How long a connection on which neither side has sent a byte is kept open.
+    #[arg(long, env = "STRAIT_DETECT_IDLE_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub detect_idle_timeout: Duration,
+    /// How long the proxy remembers that a destination speaks first (no detection) or that
+    /// its client does (no speculative connection); 0 remembers nothing.
+    #[arg(long, env = "STRAIT_PROTOCOL_MEMORY", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub protocol_memory: Duration,
     /// How long a client may take to send a request's headers (the request line included,
     /// during detection): a slower one is cut (slowloris). Also each HTTP/1 request's headers.
     #[arg(long, env = "STRAIT_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]

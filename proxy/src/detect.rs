@@ -1,11 +1,11 @@
 //! Protocol detection: read the first bytes of a connection and decide HTTP/2 (prior-knowledge
 //! preface), HTTP/1 (a request line) or opaque TCP, as early as the bytes allow.
 //!
-//! Client-first non-HTTP protocols are recognised on their first bytes, not after the timeout;
-//! only a client that sends nothing (a server-speaks-first protocol on a port not marked opaque)
-//! waits for the timeout. A client whose bytes so far can still be an HTTP request line (or a
-//! TLS ClientHello) is slow, not opaque: it keeps being read up to the header-read timeout, and
-//! a client that has not finished by then is cut (slowloris).
+//! Client-first non-HTTP protocols are recognised on their first bytes, not after a timeout. A
+//! client that sends nothing is handled by [`crate::first_bytes`] (a server may be speaking
+//! first). A client whose bytes so far can still be an HTTP request line (or a TLS ClientHello)
+//! is slow, not opaque: it keeps being read up to the header-read timeout, and a client that
+//! has not finished by then is cut (slowloris).
 
 use std::time::Duration;
 
@@ -106,32 +106,6 @@ pub async fn detect<T: AsyncRead + Unpin>(
                     buf.reserve(buf.len());
                 }
             }
-        }
-    }
-}
-
-/// [`detect`] on a proxied connection: the result is counted in the detection metrics; a
-/// connection that failed or was cut during detection is logged and gives `None`.
-pub async fn detect_counted<T: AsyncRead + Unpin>(
-    io: &mut T,
-    ctx: &crate::Context,
-    direction: crate::metrics::Direction,
-    timeout: Duration,
-) -> Option<Detected> {
-    let started = std::time::Instant::now();
-    match detect(io, timeout, ctx.cfg.header_read_timeout).await {
-        Ok(d) => {
-            ctx.metrics.detected(
-                direction,
-                d.protocol.as_str(),
-                d.timed_out,
-                started.elapsed(),
-            );
-            Some(d)
-        }
-        Err(e) => {
-            tracing::debug!(error = %e, "connection failed during detection");
-            None
         }
     }
 }

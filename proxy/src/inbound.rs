@@ -22,7 +22,8 @@ use strait_identity::SpiffeId;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-use crate::detect::{self, Protocol};
+use crate::detect::Protocol;
+use crate::first_bytes::{self, Outcome, Protocols, Speaker, Start, Timing, Upstream};
 use crate::http::client::{send_h1, H2Conn};
 use crate::http::error::ProxyError;
 use crate::http::forward::{direct, restore_orig_proto};
@@ -39,35 +40,93 @@ const OPAQUE_TLS_SNIFF: Duration = Duration::from_millis(50);
 
 pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: SocketAddr) {
     let port = orig_dst.port();
+    let peer_ip = stream.peer_addr().ok().map(|a| a.ip());
     let label = port.to_string();
     let tcp = ctx.metrics.tcp(Direction::Inbound, &label);
     let mut io = CountingIo::new(stream, tcp.read.clone(), tcp.written.clone());
-    let opaque_port = ctx.cfg.opaque_ports.contains(port);
-    let sniff = match (&ctx.identity, opaque_port) {
-        (None, true) => None,
-        (Some(_), true) => Some(ctx.cfg.detect_timeout.min(OPAQUE_TLS_SNIFF)),
-        (_, false) => Some(ctx.cfg.detect_timeout),
+    let known = ctx.protocols.inbound.get(&port);
+    let configured_opaque = ctx.cfg.opaque_ports.contains(port);
+    // An application known to speak first is handled as on an opaque port: only a mesh
+    // ClientHello is looked for.
+    let opaque_port = configured_opaque || known == Some(Speaker::ServerFirst);
+    if opaque_port && ctx.identity.is_none() {
+        if !configured_opaque {
+            ctx.metrics.server_first_known(Direction::Inbound);
+        }
+        forward_tcp(&ctx, io, orig_dst, None, std::future::pending(), None, &[]).await;
+        return;
+    }
+    // A silent client is given the application's connection when it could be served
+    // plaintext TCP at all (not on a strict port, allowed unauthenticated).
+    let plaintext_allowed = !(ctx.identity.is_some() && ctx.cfg.is_strict(port))
+        && ctx.authz.authorize(port, None).is_ok();
+    let plaintext_peer = peer_ip.is_some_and(|ip| ctx.protocols.plaintext_peers.get(&ip).is_some());
+    let (wait, speculate) = if opaque_port {
+        // A mesh peer sends its ClientHello at once; a client known to speak plaintext here
+        // gets the application at once; an unknown one after a brief look for a ClientHello.
+        let wait = if plaintext_peer {
+            Duration::ZERO
+        } else {
+            ctx.cfg.detect_timeout.min(OPAQUE_TLS_SNIFF)
+        };
+        (wait, plaintext_allowed)
+    } else {
+        (
+            ctx.cfg.server_first_wait,
+            plaintext_allowed && known.is_none(),
+        )
     };
-    let (mut protocol, prefix) = match sniff {
-        None => (Protocol::Opaque, bytes::Bytes::new()),
-        Some(timeout) => {
-            match detect::detect_counted(&mut io, &ctx, Direction::Inbound, timeout).await {
-                Some(d) => (d.protocol, d.prefix),
-                None => return,
+    let mut timing = Timing::new(&ctx.cfg, wait);
+    if !plaintext_allowed {
+        // Only mesh TLS can be served, and a mesh peer sends its ClientHello at once: a silent
+        // client is not waited on.
+        timing.idle = ctx.cfg.detect_timeout.max(wait);
+    }
+    let connect_timeout = ctx.cfg.connect_timeout;
+    let speculate = speculate.then(|| Upstream::connect(orig_dst, connect_timeout, None));
+    let Some((start, outcome)) =
+        first_bytes::start_counted(&mut io, &ctx, Direction::Inbound, timing, speculate).await
+    else {
+        return;
+    };
+    if !configured_opaque {
+        Protocols::learn(&ctx.protocols.inbound, port, outcome);
+    }
+    let (protocol, prefix, upstream) = match start {
+        Start::Silent => return,
+        Start::Server { greeting, upstream } => {
+            if let Some(ip) = peer_ip.filter(|_| opaque_port || outcome == Outcome::ServerFirst) {
+                ctx.protocols.plaintext_peers.remember(ip, ());
             }
+            let end = std::future::pending();
+            forward_tcp(&ctx, io, orig_dst, None, end, Some(upstream), &greeting).await;
+            return;
+        }
+        Start::Client { detected, upstream } => {
+            // On an opaque port only a ClientHello counts: anything else is TCP.
+            let protocol = match detected.protocol {
+                Protocol::Http1 | Protocol::Http2 if opaque_port => Protocol::Opaque,
+                p => p,
+            };
+            (protocol, detected.prefix, upstream)
         }
     };
-    if opaque_port && protocol != Protocol::Tls {
-        protocol = Protocol::Opaque;
-    }
     let mesh_tls = protocol == Protocol::Tls
         && ctx
             .identity
             .as_ref()
             .is_some_and(|id| client_hello_sni(&prefix).as_deref() == Some(id.sni.as_str()));
+    if let Some(ip) = peer_ip.filter(|_| opaque_port) {
+        if mesh_tls {
+            ctx.protocols.plaintext_peers.forget(&ip);
+        } else {
+            ctx.protocols.plaintext_peers.remember(ip, ());
+        }
+    }
     let io = PrefixedIo::new(prefix, io);
 
     if mesh_tls {
+        drop(upstream);
         if let Some(identity) = ctx.identity.clone() {
             serve_mesh_tls(ctx, identity, io, orig_dst).await;
         }
@@ -80,9 +139,19 @@ pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: So
     }
     match protocol {
         Protocol::Opaque | Protocol::Tls => {
-            forward_tcp(&ctx, io, orig_dst, None, std::future::pending()).await
+            forward_tcp(
+                &ctx,
+                io,
+                orig_dst,
+                None,
+                std::future::pending(),
+                upstream,
+                &[],
+            )
+            .await
         }
         Protocol::Http1 | Protocol::Http2 => {
+            drop(upstream);
             serve_http(&ctx, io, protocol, orig_dst, None, std::future::pending()).await
         }
     }
@@ -142,18 +211,22 @@ where
         Some(strait_identity::tls::ALPN_HTTP1) => {
             serve_http(&ctx, tls, Protocol::Http1, orig_dst, client, end).await
         }
-        _ => forward_tcp(&ctx, tls, orig_dst, client, end).await,
+        _ => forward_tcp(&ctx, tls, orig_dst, client, end, None, &[]).await,
     }
 }
 
-/// Splices an inbound TCP connection to the application, if the policy allows `client` on its
-/// port, for as long as it does: a policy change that revokes it closes the connection at once.
+/// Splices an inbound TCP connection to the application (over `upstream` when already open,
+/// after sending the client the application's `greeting`), if the policy allows `client` on
+/// its port, for as long as it does: a policy change that revokes it closes the connection at
+/// once.
 async fn forward_tcp<I: AsyncRead + AsyncWrite + Unpin>(
     ctx: &Context,
     io: I,
     app: SocketAddr,
     client: Option<SpiffeId>,
     end: impl std::future::Future<Output = ()>,
+    upstream: Option<Upstream>,
+    greeting: &[u8],
 ) {
     let port = app.port();
     if let Err(denied) = ctx.authz.authorize(port, client.as_ref()) {
@@ -161,8 +234,16 @@ async fn forward_tcp<I: AsyncRead + AsyncWrite + Unpin>(
         ctx.metrics.refused(denied.reason(), port, client.as_ref());
         return;
     }
+    let splice = async {
+        let upstream = match upstream {
+            Some(u) => u,
+            None => Upstream::connect(app, ctx.cfg.connect_timeout, None).await?,
+        };
+        crate::tcp::splice(io, upstream, greeting).await;
+        Ok::<(), ProxyError>(())
+    };
     tokio::select! {
-        result = crate::tcp::forward(io, app, ctx.cfg.connect_timeout, None) => {
+        result = splice => {
             if let Err(e) = result {
                 strait_admin::log_limited!(tracing::Level::WARN, "tcp forward failed", "inbound", %app, error = %e, "inbound TCP forward failed");
             }

@@ -13,6 +13,7 @@ pub mod config;
 pub mod detect;
 pub mod discovery;
 pub mod drain;
+pub mod first_bytes;
 pub mod http;
 pub mod identity;
 pub mod inbound;
@@ -55,6 +56,8 @@ pub struct Context {
     pub authz: Arc<policy::Authorizer>,
     /// Tracing and the access log.
     pub telemetry: telemetry::Telemetry,
+    /// Who speaks first, per destination: learned by speculative connections.
+    pub protocols: Arc<first_bytes::Protocols>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -162,6 +165,7 @@ pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
     let ctx = Arc::new(Context {
         telemetry,
         clients: Clients::new(cfg.connect_timeout),
+        protocols: Arc::new(first_bytes::Protocols::new(cfg.protocol_memory)),
         cfg,
         passthrough_metrics: metrics.http(metrics::Direction::Outbound, "passthrough", None),
         metrics: metrics.clone(),
@@ -186,6 +190,7 @@ pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
         trigger: trigger.clone(),
         drain: drain.clone(),
         probes: app_probe::AppProbes::new(ctx.cfg.app_probes.clone(), ctx.cfg.pod_ip.0),
+        protocols: ctx.protocols.clone(),
     });
     for listener in admin_listener {
         tokio::spawn(admin.clone().serve(listener));

@@ -139,7 +139,12 @@ pub struct RouteLabels {
 pub struct DetectLabels {
     pub direction: Direction,
     pub protocol: &'static str,
-    pub timed_out: bool,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SpeculationLabels {
+    pub direction: Direction,
+    pub outcome: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -188,6 +193,9 @@ pub struct Metrics {
     tcp_read: Family<TargetLabels, Counter>,
     tcp_written: Family<TargetLabels, Counter>,
     detect: Family<DetectLabels, Counter>,
+    speculation: Family<SpeculationLabels, Counter>,
+    /// Connections that skipped detection because their destination is known to speak first.
+    server_first_known: Family<DirectionLabels, Counter>,
     pub discovery_connected: Gauge,
     pub discovery_updates: Counter,
     /// Connections and requests refused: discovery had not answered for a destination inside
@@ -254,6 +262,8 @@ impl Metrics {
             tcp_read: Family::default(),
             tcp_written: Family::default(),
             detect: Family::default(),
+            speculation: Family::default(),
+            server_first_known: Family::default(),
             discovery_connected: Gauge::default(),
             discovery_updates: Counter::default(),
             discovery_unavailable: Counter::default(),
@@ -299,6 +309,16 @@ impl Metrics {
             "protocol_detect",
             "Protocol detection results",
             m.detect.clone(),
+        );
+        registry.register(
+            "protocol_speculation",
+            "Upstream connections opened for a silent client, by who spoke first (server_first, client_first, quiet, connect_failed)",
+            m.speculation.clone(),
+        );
+        registry.register(
+            "protocol_server_first_known",
+            "Connections sent straight to opaque TCP because their destination is remembered as server-first",
+            m.server_first_known.clone(),
         );
         registry.register(
             "protocol_detect_duration_seconds",
@@ -473,7 +493,6 @@ impl Metrics {
         &self,
         direction: Direction,
         protocol: &'static str,
-        timed_out: bool,
         took: std::time::Duration,
     ) {
         self.detect_duration
@@ -483,9 +502,25 @@ impl Metrics {
             .get_or_create(&DetectLabels {
                 direction,
                 protocol,
-                timed_out,
             })
             .inc();
+    }
+
+    pub fn server_first_known(&self, direction: Direction) {
+        self.server_first_known
+            .get_or_create(&DirectionLabels { direction })
+            .inc();
+    }
+
+    pub fn speculated(&self, direction: Direction, outcome: crate::first_bytes::Outcome) {
+        if outcome != crate::first_bytes::Outcome::NotNeeded {
+            self.speculation
+                .get_or_create(&SpeculationLabels {
+                    direction,
+                    outcome: outcome.as_str(),
+                })
+                .inc();
+        }
     }
 
     /// Handles for the requests of one connection. `peer`: the client's identity, for inbound
@@ -680,7 +715,6 @@ mod tests {
         m.detected(
             Direction::Inbound,
             "http/1",
-            false,
             std::time::Duration::from_micros(50),
         );
         {

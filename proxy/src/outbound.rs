@@ -18,14 +18,16 @@ use strait_api::discovery::ProtocolHint;
 use tokio::net::TcpStream;
 
 use crate::balance::Balancer;
-use crate::detect::{self, Protocol};
+use crate::detect::Protocol;
 use crate::discovery::{Resolution, Resolved};
+use crate::first_bytes::{self, Protocols, Speaker, Start, Timing, Upstream};
 use crate::http::client::{send_upgrade, H2Conn};
 use crate::http::error::ProxyError;
 use crate::http::forward::{direct, to_peer};
 use crate::http::headers::{is_upgrade, strip_hop_by_hop};
 use crate::http::server::{serve, Handler};
 use crate::http::ReqBody;
+use crate::identity::TlsTarget;
 use crate::io::{CountingIo, PrefixedIo};
 use crate::metrics::{Destination, Direction, HttpMetrics, Label};
 use crate::retry;
@@ -65,35 +67,59 @@ pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: So
                 ..
             }
         );
-    let (protocol, prefix) = if opaque {
-        (Protocol::Opaque, bytes::Bytes::new())
+    let known = ctx.protocols.outbound.get(&orig_dst);
+    let (protocol, prefix, upstream) = if opaque {
+        (Protocol::Opaque, bytes::Bytes::new(), None)
+    } else if known == Some(Speaker::ServerFirst) {
+        ctx.metrics.server_first_known(Direction::Outbound);
+        (Protocol::Opaque, bytes::Bytes::new(), None)
     } else {
-        let timeout = ctx.cfg.detect_timeout;
-        match detect::detect_counted(&mut io, &ctx, Direction::Outbound, timeout).await {
-            Some(d) => (d.protocol, d.prefix),
-            None => return,
+        // A silent client may be waiting for its server to speak: open the upstream after a
+        // short wait, unless this destination is known to wait for its client.
+        let speculate = (known.is_none()).then(|| {
+            let route = tcp_route(resolution.as_deref(), orig_dst, fail_closed);
+            let timeout = ctx.cfg.connect_timeout;
+            async move {
+                let (addr, tls) = route?;
+                Upstream::connect(addr, timeout, tls.as_ref()).await
+            }
+        });
+        let timing = Timing::new(&ctx.cfg, ctx.cfg.server_first_wait);
+        let started =
+            first_bytes::start_counted(&mut io, &ctx, Direction::Outbound, timing, speculate).await;
+        let Some((start, outcome)) = started else {
+            return;
+        };
+        Protocols::learn(&ctx.protocols.outbound, orig_dst, outcome);
+        match start {
+            Start::Silent => return,
+            Start::Server { greeting, upstream } => {
+                crate::tcp::splice(io, upstream, &greeting).await;
+                return;
+            }
+            Start::Client { detected, upstream } => (detected.protocol, detected.prefix, upstream),
         }
     };
     let io = PrefixedIo::new(prefix, io);
 
     match protocol {
         Protocol::Opaque | Protocol::Tls => {
-            // Decided once, by the state now (detection may have taken a while).
-            let now = resolution.as_ref().map(|r| r.current());
-            if fail_closed && now.as_deref().is_none_or(Resolved::is_pending) {
-                strait_admin::log_limited!(tracing::Level::WARN, "discovery unavailable", "tcp", %orig_dst, "{}", ProxyError::DiscoveryUnavailable(orig_dst));
-                ctx.metrics.discovery_unavailable.inc();
+            if let Some(upstream) = upstream {
+                crate::tcp::splice(io, upstream, &[]).await;
                 return;
             }
-            let (addr, tls) = match (&resolution, now.as_deref()) {
-                (Some(r), Some(Resolved::Mesh { service, .. })) => match r.balancer.pick() {
-                    Some(e) => (e.addr(), e.tls.as_ref().map(|t| t.tcp.clone())),
-                    None => {
-                        strait_admin::log_limited!(tracing::Level::WARN, "no endpoints", "tcp", %service, "no endpoints; closing TCP connection");
-                        return;
-                    }
-                },
-                _ => (orig_dst, None),
+            // Decided once, by the state now (detection may have taken a while).
+            let (addr, tls) = match tcp_route(resolution.as_deref(), orig_dst, fail_closed) {
+                Ok(route) => route,
+                Err(e @ ProxyError::DiscoveryUnavailable(_)) => {
+                    strait_admin::log_limited!(tracing::Level::WARN, "discovery unavailable", "tcp", %orig_dst, "{e}");
+                    ctx.metrics.discovery_unavailable.inc();
+                    return;
+                }
+                Err(e) => {
+                    strait_admin::log_limited!(tracing::Level::WARN, "no endpoints", "tcp", %orig_dst, "{e}; closing TCP connection");
+                    return;
+                }
             };
             if let Err(e) =
                 crate::tcp::forward(io, addr, ctx.cfg.connect_timeout, tls.as_ref()).await
@@ -119,6 +145,27 @@ pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: So
         }
     }
     drop(tcp);
+}
+
+/// Where an opaque TCP connection goes, by the destination's discovery state now: an endpoint
+/// of its service (over mTLS to a meshed peer), or its original address.
+fn tcp_route(
+    resolution: Option<&Resolution>,
+    orig_dst: SocketAddr,
+    fail_closed: bool,
+) -> Result<(SocketAddr, Option<TlsTarget>), ProxyError> {
+    let now = resolution.map(|r| r.current());
+    // Unanswered and inside the cluster: it may be a meshed pod, so no plaintext.
+    if fail_closed && now.as_deref().is_none_or(Resolved::is_pending) {
+        return Err(ProxyError::DiscoveryUnavailable(orig_dst));
+    }
+    match (resolution, now.as_deref()) {
+        (Some(r), Some(Resolved::Mesh { service, .. })) => match r.balancer.pick() {
+            Some(e) => Ok((e.addr(), e.tls.as_ref().map(|t| t.tcp.clone()))),
+            None => Err(ProxyError::NoEndpoints(service.to_string())),
+        },
+        _ => Ok((orig_dst, None)),
+    }
 }
 
 /// The requests of one outbound HTTP connection. Each request goes by its destination's

@@ -21,13 +21,17 @@ pub async fn run(urls: Vec<String>, rps: u32, duration: Duration) -> anyhow::Res
         std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0)),
     );
     println!("listening on nothing: load started");
+    // Every request is awaited at the end (each is bounded by its own 10 s timeout), so one
+    // sent just before the deadline is counted by its answer, not by how fast it came.
+    let mut inflight = tokio::task::JoinSet::new();
     while Instant::now() < deadline {
         tick.tick().await;
+        while inflight.try_join_next().is_some() {}
         let uri = uris[(sent as usize) % uris.len()].clone();
         sent += 1;
         let client = client.clone();
         let ok = ok.clone();
-        tokio::spawn(async move {
+        inflight.spawn(async move {
             let fut = async {
                 let resp = client.get(uri).await?;
                 let status = resp.status();
@@ -41,7 +45,7 @@ pub async fn run(urls: Vec<String>, rps: u32, duration: Duration) -> anyhow::Res
             }
         });
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    while inflight.join_next().await.is_some() {}
     println!(
         "sent={sent} ok={}",
         ok.load(std::sync::atomic::Ordering::Relaxed)

@@ -1,5 +1,6 @@
-//! Raw TCP workloads: a server-speaks-first banner server, a client-first echo server, and a
-//! client that measures the time to the first reply.
+//! Raw TCP workloads: a server-speaks-first banner server, a client-first echo server (both
+//! print `accepted <peer>` per connection), and a client that measures the time to the first
+//! reply.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -14,7 +15,8 @@ pub async fn banner(listen: SocketAddr, text: String) -> anyhow::Result<()> {
         .with_context(|| format!("bind {listen}"))?;
     println!("listening on {listen}");
     loop {
-        let (mut stream, _) = listener.accept().await?;
+        let (mut stream, peer) = listener.accept().await?;
+        println!("accepted {peer}");
         let text = text.clone();
         tokio::spawn(async move {
             if stream
@@ -36,7 +38,8 @@ pub async fn echo(listen: SocketAddr) -> anyhow::Result<()> {
         .with_context(|| format!("bind {listen}"))?;
     println!("listening on {listen}");
     loop {
-        let (mut stream, _) = listener.accept().await?;
+        let (mut stream, peer) = listener.accept().await?;
+        println!("accepted {peer}");
         tokio::spawn(async move {
             let (mut r, mut w) = stream.split();
             let _ = tokio::io::copy(&mut r, &mut w).await;
