@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use strait_e2e::{Mesh, ServiceDef};
+use strait_e2e::{metric, Mesh, ServiceDef};
 use strait_testbed::Pod;
 
 fn app(mesh: &Mesh, pod: &Pod) -> anyhow::Result<strait_testbed::Proc> {
@@ -122,5 +122,70 @@ fn a_black_holed_endpoint_under_load_costs_nothing() -> anyhow::Result<()> {
     );
     assert!(sent >= 150, "sent {sent}");
     assert_eq!(ok, sent);
+    Ok(())
+}
+
+#[test]
+fn a_certificate_that_expires_while_the_control_plane_is_away_is_reported_and_ends_readiness(
+) -> anyhow::Result<()> {
+    let mesh = Mesh::with_identity("chaosexp", "12s")?;
+    let pod = mesh.meshed_pod("server")?;
+    let ready = |mesh: &Mesh| -> anyhow::Result<String> {
+        mesh.net.exec(
+            &pod,
+            &[
+                "curl",
+                "-s",
+                "-w",
+                " %{http_code}",
+                "http://127.0.0.1:4191/ready",
+            ],
+        )
+    };
+    assert!(ready(&mesh)?.ends_with(" 200"));
+    let m = mesh.metrics(&pod)?;
+    let not_after =
+        metric(&m, "strait_identity_cert_expiry_timestamp_seconds", &[]).unwrap_or(0.0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs_f64();
+    assert!(not_after > now, "{m}");
+    mesh.net
+        .kill(&mesh.control_plane, nix::sys::signal::Signal::SIGKILL)?;
+    // Renewal (at 70% of the life) fails; the certificate stays in use and /ready stays 200
+    // until it expires, then 503.
+    let started = Instant::now();
+    let mut ready_after_failure = false;
+    let until_503 = mesh.eventually(Duration::from_secs(30), || {
+        let m = mesh.metrics(&pod)?;
+        let failed = metric(&m, "strait_identity_certify_total", &["result=\"error\""]);
+        let r = ready(&mesh)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs_f64();
+        if failed.is_some() && now < not_after - 0.5 {
+            assert!(r.ends_with(" 200"), "ready before expiry: {r}");
+            ready_after_failure = true;
+        }
+        Ok(r.ends_with(" 503"))
+    })?;
+    let expired_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs_f64();
+    println!(
+        "renewal failed, still ready until expiry; /ready 503 {:.1} s after the kill, {:.1} s after NotAfter",
+        started.elapsed().as_secs_f64(),
+        expired_at - not_after
+    );
+    assert!(ready_after_failure, "renewal failures were not seen while valid");
+    assert!(expired_at >= not_after - 0.5, "503 before the expiry");
+    let _ = until_503;
+    let body = ready(&mesh)?;
+    assert!(body.contains("certificate expired"), "{body}");
+    let logs = mesh.net.logs();
+    assert!(
+        logs.contains("certificate renewal failed; the current certificate stays in use"),
+        "no warning logged"
+    );
     Ok(())
 }

@@ -54,6 +54,16 @@ impl Admin {
         }
     }
 
+    /// True once the proxy's certificate is past its NotAfter (renewal kept failing): it can
+    /// no longer prove who it is, so it stops reporting ready until a new one is installed.
+    fn certificate_expired(&self) -> bool {
+        let not_after = self.metrics.cert_expiry.get();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        not_after > 0 && now >= not_after
+    }
+
     async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
         let text = |status: StatusCode, body: &'static str| {
             let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
@@ -76,6 +86,11 @@ impl Admin {
             (&Method::GET, "/ready") => {
                 if self.drain.is_draining() {
                     text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+                } else if self.certificate_expired() {
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "certificate expired: the identity API could not renew it\n",
+                    )
                 } else if self.ready.load(Ordering::Acquire) {
                     text(StatusCode::OK, "ready\n")
                 } else {

@@ -313,11 +313,14 @@ impl Identity {
                     let still_valid =
                         valid_until.and_then(|v| v.duration_since(SystemTime::now()).ok());
                     match still_valid {
-                        Some(left) => tracing::warn!(
+                        Some(left) => strait_admin::log_limited!(
+                            tracing::Level::WARN,
+                            "certificate renewal failed",
+                            "renewal",
                             error = %e,
                             retry_in = ?backoff,
-                            current_valid_for = ?left,
-                            "certificate renewal failed; the current certificate stays in use while valid"
+                            expires_in = %humantime::format_duration(Duration::from_secs(left.as_secs())),
+                            "certificate renewal failed; the current certificate stays in use until it expires, then /ready reports 503"
                         ),
                         None if valid_until.is_none() => tracing::warn!(
                             error = %e,
