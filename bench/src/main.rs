@@ -14,6 +14,7 @@
 //! with each proxy's CPU per request and RSS. Nothing asserts on time: this prints figures.
 
 mod fixed_rate;
+mod soak;
 
 use std::time::Duration;
 
@@ -54,10 +55,36 @@ enum Cmd {
         #[arg(long, value_parser = humantime::parse_duration)]
         duration: Duration,
     },
+    /// Mixed HTTP/1, h2c, gRPC and TCP load through the mesh for `duration`, printing each
+    /// proxy's RSS and open descriptors every `interval` (they must stay flat).
+    Soak {
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        interval: Duration,
+    },
+    /// Holds `connections` idle client connections to one proxy and prints its memory per
+    /// connection.
+    Idle {
+        #[arg(long, default_value_t = 10_000)]
+        connections: u32,
+    },
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    // A benchmark's network lives as long as its phases (the tests' 120 s deadline would cut
+    // it); every load in it is still bounded by its own duration.
+    if std::env::var_os("STRAIT_TEST_DEADLINE").is_none() {
+        std::env::set_var("STRAIT_TEST_DEADLINE", "2h");
+    }
+    match &cli.command {
+        Some(Cmd::Soak { duration, interval }) => {
+            return soak::soak((*duration).min(Duration::from_secs(3600)), *interval)
+        }
+        Some(Cmd::Idle { connections }) => return soak::idle((*connections).min(50_000)),
+        _ => {}
+    }
     if let Some(Cmd::FixedRate {
         url,
         rate,

@@ -144,8 +144,7 @@ fn a_certificate_that_expires_while_the_control_plane_is_away_is_reported_and_en
     };
     assert!(ready(&mesh)?.ends_with(" 200"));
     let m = mesh.metrics(&pod)?;
-    let not_after =
-        metric(&m, "strait_identity_cert_expiry_timestamp_seconds", &[]).unwrap_or(0.0);
+    let not_after = metric(&m, "strait_identity_cert_expiry_timestamp_seconds", &[]).unwrap_or(0.0);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs_f64();
@@ -177,7 +176,10 @@ fn a_certificate_that_expires_while_the_control_plane_is_away_is_reported_and_en
         started.elapsed().as_secs_f64(),
         expired_at - not_after
     );
-    assert!(ready_after_failure, "renewal failures were not seen while valid");
+    assert!(
+        ready_after_failure,
+        "renewal failures were not seen while valid"
+    );
     assert!(expired_at >= not_after - 0.5, "503 before the expiry");
     let _ = until_503;
     let body = ready(&mesh)?;

@@ -58,6 +58,26 @@ pub async fn detect<T: AsyncRead + Unpin>(
     header_timeout: Duration,
 ) -> std::io::Result<Detected> {
     let mut buf = BytesMut::with_capacity(1024);
+    let (protocol, timed_out) = detect_into(io, &mut buf, timeout, header_timeout).await?;
+    Ok(Detected {
+        protocol,
+        prefix: buf.freeze(),
+        timed_out,
+    })
+}
+
+/// [`detect`] into a buffer of the caller's, which may already hold bytes: a call that is
+/// dropped part-way loses nothing, and a later call goes on from what was read. Returns the
+/// protocol and whether it was decided by the timeout (nothing arrived).
+pub async fn detect_into<T: AsyncRead + Unpin>(
+    io: &mut T,
+    buf: &mut BytesMut,
+    timeout: Duration,
+    header_timeout: Duration,
+) -> std::io::Result<(Protocol, bool)> {
+    if let Some(protocol) = classify(buf) {
+        return Ok((protocol, false));
+    }
     let start = tokio::time::Instant::now();
     loop {
         let deadline = start
@@ -66,14 +86,11 @@ pub async fn detect<T: AsyncRead + Unpin>(
             } else {
                 timeout.max(header_timeout)
             };
-        match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
-            Err(_elapsed) if buf.is_empty() => {
-                return Ok(Detected {
-                    protocol: Protocol::Opaque,
-                    prefix: buf.freeze(),
-                    timed_out: true,
-                })
-            }
+        if buf.capacity() == buf.len() {
+            buf.reserve(buf.len().max(1024));
+        }
+        match tokio::time::timeout_at(deadline, io.read_buf(buf)).await {
+            Err(_elapsed) if buf.is_empty() => return Ok((Protocol::Opaque, true)),
             Err(_elapsed) => {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
@@ -85,25 +102,11 @@ pub async fn detect<T: AsyncRead + Unpin>(
                 ))
             }
             Ok(Err(e)) => return Err(e),
-            Ok(Ok(0)) => {
-                // EOF: whatever arrived can only be forwarded as is.
-                let protocol = classify(&buf).unwrap_or(Protocol::Opaque);
-                return Ok(Detected {
-                    protocol,
-                    prefix: buf.freeze(),
-                    timed_out: false,
-                });
-            }
+            // EOF: whatever arrived can only be forwarded as is.
+            Ok(Ok(0)) => return Ok((classify(buf).unwrap_or(Protocol::Opaque), false)),
             Ok(Ok(_)) => {
-                if let Some(protocol) = classify(&buf) {
-                    return Ok(Detected {
-                        protocol,
-                        prefix: buf.freeze(),
-                        timed_out: false,
-                    });
-                }
-                if buf.capacity() == buf.len() {
-                    buf.reserve(buf.len());
+                if let Some(protocol) = classify(buf) {
+                    return Ok((protocol, false));
                 }
             }
         }

@@ -30,11 +30,15 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::detect::{detect, Detected, Protocol};
+use crate::detect::{detect_into, Detected, Protocol};
 use crate::http::error::ProxyError;
 
 /// Entries a memory holds at most; past it, expired ones are dropped, then the oldest.
 const MAX_ENTRIES: usize = 4096;
+/// Speculative connections open at once, per direction: a burst of silent clients to a new
+/// destination (10,000 pre-opened pool connections) must not become a burst of upstream
+/// connections. Beyond it, a silent client is given the detection timeout, then is TCP.
+const MAX_SPECULATING: usize = 256;
 
 /// What was learned of a destination.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -116,6 +120,7 @@ pub struct Protocols {
     /// Inbound clients that spoke plaintext on an opaque port (not mesh peers): their next
     /// connections go to the application at once, without waiting for a mesh ClientHello.
     pub plaintext_peers: Memory<std::net::IpAddr, ()>,
+    speculating: [std::sync::Arc<tokio::sync::Semaphore>; 2],
 }
 
 impl Protocols {
@@ -124,7 +129,19 @@ impl Protocols {
             outbound: Memory::new(ttl),
             inbound: Memory::new(ttl),
             plaintext_peers: Memory::new(ttl),
+            speculating: [(); 2]
+                .map(|()| std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_SPECULATING))),
         }
+    }
+
+    /// A permit to open a speculative connection (held until the speculation is decided), or
+    /// `None` when too many are open in that direction.
+    pub fn speculation_permit(
+        &self,
+        direction: crate::metrics::Direction,
+    ) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let i = usize::from(direction == crate::metrics::Direction::Inbound);
+        self.speculating[i].clone().try_acquire_owned().ok()
     }
 
     /// JSON for the admin server's `/protocols`.
@@ -231,8 +248,10 @@ pub enum Start {
     },
     /// The server spoke first: its first bytes, to send to the client before splicing.
     Server { greeting: Bytes, upstream: Upstream },
-    /// The client closed (or stayed silent past the idle timeout) without sending a byte.
+    /// The client closed without sending a byte.
     Silent,
+    /// The client sent nothing and is still there, past the time it was given.
+    Idle,
 }
 
 /// What speculation found, for metrics and memory.
@@ -260,73 +279,117 @@ impl Outcome {
     }
 }
 
-fn client(detected: Detected, upstream: Option<Upstream>) -> Start {
-    if detected.prefix.is_empty() {
+/// How the client's detection ended, as a [`Start`].
+fn client(
+    detected: std::io::Result<(Protocol, bool)>,
+    buf: BytesMut,
+    upstream: Option<Upstream>,
+) -> std::io::Result<Start> {
+    let (protocol, timed_out) = detected?;
+    Ok(if buf.is_empty() && timed_out {
+        Start::Idle
+    } else if buf.is_empty() {
         Start::Silent
     } else {
-        Start::Client { detected, upstream }
-    }
+        Start::Client {
+            detected: Detected {
+                protocol,
+                prefix: buf.freeze(),
+                timed_out,
+            },
+            upstream,
+        }
+    })
+}
+
+/// How the race between the client and a speculative connection ended.
+enum Verdict {
+    Client(std::io::Result<(Protocol, bool)>, Option<Upstream>),
+    Server(Bytes, Upstream),
+    Quiet,
+    ConnectFailed,
 }
 
 /// Reads the client's first bytes; if it is silent for `timing.wait` and `speculate` is given,
-/// opens the upstream with it and lets whichever side speaks first decide.
+/// opens the upstream with it and lets whichever side speaks first decide. `verdict` hears
+/// the outcome as soon as it is known (a quiet server is known at the end of the window,
+/// whether or not the client ever speaks).
 pub async fn start<T, F>(
     io: &mut T,
     timing: Timing,
     speculate: Option<F>,
+    verdict: impl FnOnce(Outcome),
 ) -> std::io::Result<(Start, Outcome)>
 where
     T: AsyncRead + Unpin,
     F: std::future::Future<Output = Result<Upstream, ProxyError>>,
 {
-    let first = detect(io, timing.wait, timing.header).await?;
-    if !first.timed_out || !first.prefix.is_empty() {
-        return Ok((client(first, None), Outcome::NotNeeded));
+    let mut buf = BytesMut::with_capacity(1024);
+    let first = detect_into(io, &mut buf, timing.wait, timing.header).await;
+    if !matches!(first, Ok((_, true))) {
+        verdict(Outcome::NotNeeded);
+        return Ok((client(first, buf, None)?, Outcome::NotNeeded));
     }
     let Some(connect) = speculate else {
-        let d = detect(io, timing.idle, timing.header).await?;
-        return Ok((client(d, None), Outcome::NotNeeded));
+        verdict(Outcome::NotNeeded);
+        let d = detect_into(io, &mut buf, timing.idle, timing.header).await;
+        return Ok((client(d, buf, None)?, Outcome::NotNeeded));
     };
-    let detect_rest = detect(io, timing.idle, timing.header);
-    tokio::pin!(detect_rest);
-    tokio::pin!(connect);
-    let window = tokio::time::sleep(timing.window);
-    tokio::pin!(window);
-    // The client speaking while the connection is still being made drops the attempt.
-    let mut upstream = tokio::select! {
-        d = &mut detect_rest => return Ok((client(d?, None), Outcome::ClientFirst)),
-        c = &mut connect => match c {
-            Ok(u) => u,
-            Err(e) => {
-                // Nothing to hear from: the client gets the rest of the window to speak (a
-                // connection to this destination would fail the same way), then is closed.
-                tracing::debug!(error = %e, "speculative connection failed");
-                let left = timing.window.saturating_sub(timing.wait);
-                return match tokio::time::timeout(left, &mut detect_rest).await {
-                    Ok(d) => Ok((client(d?, None), Outcome::ConnectFailed)),
-                    Err(_) => Ok((Start::Silent, Outcome::ConnectFailed)),
-                };
-            }
-        },
-        () = &mut window => return Ok((client(detect_rest.await?, None), Outcome::Quiet)),
+    // The race, in a scope of its own: whatever it ends on, the speculative connection (made
+    // or still being made) and the client's read are dropped with it; the bytes the client
+    // sent so far stay in `buf`.
+    let decided = {
+        let client_speaks = detect_into(io, &mut buf, timing.idle, timing.header);
+        tokio::pin!(client_speaks);
+        tokio::pin!(connect);
+        let window = tokio::time::sleep(timing.window);
+        tokio::pin!(window);
+        tokio::select! {
+            d = &mut client_speaks => Verdict::Client(d, None),
+            () = &mut window => Verdict::Quiet,
+            c = &mut connect => match c {
+                Err(e) => {
+                    tracing::debug!(error = %e, "speculative connection failed");
+                    Verdict::ConnectFailed
+                }
+                Ok(mut upstream) => {
+                    let mut greeting = BytesMut::with_capacity(4096);
+                    tokio::select! {
+                        d = &mut client_speaks => Verdict::Client(d, Some(upstream)),
+                        () = &mut window => Verdict::Quiet,
+                        r = upstream.read_buf(&mut greeting) => match r {
+                            Ok(n) if n > 0 => Verdict::Server(greeting.freeze(), upstream),
+                            // Closed without a word: nothing to learn.
+                            _ => Verdict::Quiet,
+                        },
+                    }
+                }
+            },
+        }
     };
-    let mut greeting = BytesMut::with_capacity(4096);
-    tokio::select! {
-        d = &mut detect_rest => Ok((client(d?, Some(upstream)), Outcome::ClientFirst)),
-        r = upstream.read_buf(&mut greeting) => match r {
-            Ok(n) if n > 0 => Ok((
-                Start::Server { greeting: greeting.freeze(), upstream },
-                Outcome::ServerFirst,
-            )),
-            // The server closed without a word: nothing to learn; serve the client alone.
-            _ => {
-                drop(upstream);
-                Ok((client(detect_rest.await?, None), Outcome::Quiet))
-            }
-        },
-        () = &mut window => {
-            drop(upstream);
-            Ok((client(detect_rest.await?, None), Outcome::Quiet))
+    match decided {
+        Verdict::Client(d, upstream) => {
+            verdict(Outcome::ClientFirst);
+            Ok((client(d, buf, upstream)?, Outcome::ClientFirst))
+        }
+        Verdict::Server(greeting, upstream) => {
+            verdict(Outcome::ServerFirst);
+            Ok((Start::Server { greeting, upstream }, Outcome::ServerFirst))
+        }
+        Verdict::Quiet => {
+            verdict(Outcome::Quiet);
+            let d = detect_into(io, &mut buf, timing.idle, timing.header).await;
+            Ok((client(d, buf, None)?, Outcome::Quiet))
+        }
+        Verdict::ConnectFailed => {
+            // Nothing to hear from: the client gets the rest of the window to speak (a
+            // connection to this destination would fail the same way), then is closed.
+            verdict(Outcome::ConnectFailed);
+            let left = timing.window.saturating_sub(timing.wait);
+            let d = tokio::time::timeout(left, detect_into(io, &mut buf, left, timing.header))
+                .await
+                .unwrap_or(Ok((Protocol::Opaque, true)));
+            Ok((client(d, buf, None)?, Outcome::ConnectFailed))
         }
     }
 }
@@ -343,32 +406,44 @@ impl Timing {
     }
 }
 
-/// [`start`] on a proxied connection, counted in the detection and speculation metrics; a
-/// connection that failed or was cut during detection is logged and gives `None`.
+/// How long a silent client that could not speculate (a burst) waits before it is TCP: past
+/// the verdict of every speculation that started before it (`wait` + the window), so that what
+/// they learned (its clients speak first) applies to it.
+pub fn degraded_wait(cfg: &crate::config::ProxyConfig, wait: Duration) -> Duration {
+    wait + cfg.detect_timeout + Duration::from_millis(200)
+}
+
+/// [`start`] on a proxied connection: counted in the detection and speculation metrics, and
+/// `learn` hears the outcome as soon as it is known. A connection that failed or was cut
+/// during detection is logged and gives `None`.
 pub async fn start_counted<T, F>(
     io: &mut T,
     ctx: &crate::Context,
     direction: crate::metrics::Direction,
     timing: Timing,
     speculate: Option<F>,
+    learn: impl FnOnce(Outcome),
 ) -> Option<(Start, Outcome)>
 where
     T: AsyncRead + Unpin,
     F: std::future::Future<Output = Result<Upstream, ProxyError>>,
 {
     let started = std::time::Instant::now();
-    match start(io, timing, speculate).await {
+    let verdict = |outcome| {
+        ctx.metrics.speculated(direction, outcome);
+        learn(outcome);
+    };
+    match start(io, timing, speculate, verdict).await {
         Ok((start, outcome)) => {
             let protocol = match &start {
                 Start::Client { detected, .. } => Some(detected.protocol),
                 Start::Server { .. } => Some(Protocol::Opaque),
-                Start::Silent => None,
+                Start::Silent | Start::Idle => None,
             };
             if let Some(protocol) = protocol {
                 ctx.metrics
                     .detected(direction, protocol.as_str(), started.elapsed());
             }
-            ctx.metrics.speculated(direction, outcome);
             Some((start, outcome))
         }
         Err(e) => {
@@ -423,6 +498,7 @@ mod tests {
             &mut io,
             timing(),
             Some(Upstream::connect(addr, Duration::from_secs(1), None)),
+            |_| {},
         )
         .await
         .expect("start");
@@ -447,6 +523,7 @@ mod tests {
             &mut io,
             timing(),
             Some(Upstream::connect(addr, Duration::from_secs(1), None)),
+            |_| {},
         )
         .await
         .expect("start");
@@ -467,7 +544,7 @@ mod tests {
             #[allow(unreachable_code)]
             Err::<Upstream, ProxyError>(ProxyError::NoEndpoints(String::new()))
         };
-        let (start, outcome) = super::start(&mut io, timing(), Some(connect))
+        let (start, outcome) = super::start(&mut io, timing(), Some(connect), |_| {})
             .await
             .expect("start");
         assert!(matches!(start, Start::Silent));
@@ -487,7 +564,7 @@ mod tests {
         });
         // A connection that never completes: the window ends the speculation.
         let connect = std::future::pending::<Result<Upstream, ProxyError>>();
-        let (start, outcome) = super::start(&mut io, timing(), Some(connect))
+        let (start, outcome) = super::start(&mut io, timing(), Some(connect), |_| {})
             .await
             .expect("start");
         assert_eq!(outcome, Outcome::Quiet);
@@ -496,6 +573,30 @@ mod tests {
         };
         assert_eq!(detected.protocol, Protocol::Http1);
         assert!(upstream.is_none());
+    }
+
+    #[test]
+    fn speculation_is_bounded_per_direction() {
+        use crate::metrics::Direction;
+        let p = Protocols::new(Duration::from_secs(60));
+        let held: Vec<_> = (0..MAX_SPECULATING)
+            .map(|_| p.speculation_permit(Direction::Outbound).expect("permit"))
+            .collect();
+        assert!(p.speculation_permit(Direction::Outbound).is_none());
+        assert!(p.speculation_permit(Direction::Inbound).is_some());
+        drop(held);
+        assert!(p.speculation_permit(Direction::Outbound).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_speculation_a_silent_client_is_idle_after_its_time() {
+        let (_client, mut io) = tokio::io::duplex(1024);
+        let mut t = timing();
+        t.idle = Duration::from_secs(1);
+        let (start, _) = super::start(&mut io, t, None::<std::future::Pending<_>>, |_| {})
+            .await
+            .expect("start");
+        assert!(matches!(start, Start::Idle));
     }
 
     #[test]

@@ -82,18 +82,49 @@ pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: So
         // client is not waited on.
         timing.idle = ctx.cfg.detect_timeout.max(wait);
     }
+    let permit = speculate
+        .then(|| ctx.protocols.speculation_permit(Direction::Inbound))
+        .flatten();
+    // Allowed but no permit (a burst): the old rule, TCP after the detection timeout.
+    let degraded = speculate && permit.is_none();
+    if degraded {
+        // Past the verdict of the speculations that started before this connection.
+        timing.idle = first_bytes::degraded_wait(&ctx.cfg, timing.wait);
+    }
     let connect_timeout = ctx.cfg.connect_timeout;
-    let speculate = speculate.then(|| Upstream::connect(orig_dst, connect_timeout, None));
-    let Some((start, outcome)) =
-        first_bytes::start_counted(&mut io, &ctx, Direction::Inbound, timing, speculate).await
-    else {
+    let speculate = permit
+        .is_some()
+        .then(|| Upstream::connect(orig_dst, connect_timeout, None));
+    let learn = |outcome| {
+        drop(permit);
+        if !configured_opaque {
+            Protocols::learn(&ctx.protocols.inbound, port, outcome);
+        }
+    };
+    let started =
+        first_bytes::start_counted(&mut io, &ctx, Direction::Inbound, timing, speculate, learn)
+            .await;
+    let Some((mut start, outcome)) = started else {
         return;
     };
-    if !configured_opaque {
-        Protocols::learn(&ctx.protocols.inbound, port, outcome);
+    let mut tcp_when_idle = degraded;
+    if degraded
+        && !opaque_port
+        && matches!(start, Start::Idle)
+        && ctx.protocols.inbound.get(&port) == Some(Speaker::ClientFirst)
+    {
+        // Learned meanwhile by another connection: this port's clients speak first.
+        timing.idle = ctx.cfg.detect_idle_timeout;
+        let no_speculation = None::<std::future::Pending<_>>;
+        start = match first_bytes::start(&mut io, timing, no_speculation, |_| {}).await {
+            Ok((start, _)) => start,
+            Err(_) => return,
+        };
+        tcp_when_idle = false;
     }
     let (protocol, prefix, upstream) = match start {
-        Start::Silent => return,
+        Start::Idle if tcp_when_idle => (Protocol::Opaque, bytes::Bytes::new(), None),
+        Start::Silent | Start::Idle => return,
         Start::Server { greeting, upstream } => {
             if let Some(ip) = peer_ip.filter(|_| opaque_port || outcome == Outcome::ServerFirst) {
                 ctx.protocols.plaintext_peers.remember(ip, ());

@@ -101,8 +101,23 @@ async fn bind(
     Ok(listeners)
 }
 
+/// Raises the open-files soft limit to the hard limit: every proxied connection is two
+/// descriptors, and a soft limit of 1024 would cap the proxy at ~500 connections.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::debug!(from = soft, to = hard, "raised the open-files limit"),
+            Err(e) => tracing::warn!(soft, hard, error = %e, "cannot raise the open-files limit"),
+        },
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-files limit"),
+    }
+}
+
 /// Runs the proxy until SIGTERM, SIGINT or `POST /shutdown`, then drains.
 pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
+    raise_fd_limit();
     let outbound = bind("--outbound-addr (STRAIT_OUTBOUND_ADDR)", cfg.outbound_addr).await?;
     let inbound = bind("--inbound-addr (STRAIT_INBOUND_ADDR)", cfg.inbound_addr).await?;
     let admin_listener = bind("--admin-addr (STRAIT_ADMIN_ADDR)", cfg.admin_addr).await?;

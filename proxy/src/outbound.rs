@@ -76,7 +76,13 @@ pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: So
     } else {
         // A silent client may be waiting for its server to speak: open the upstream after a
         // short wait, unless this destination is known to wait for its client.
-        let speculate = (known.is_none()).then(|| {
+        let permit = known
+            .is_none()
+            .then(|| ctx.protocols.speculation_permit(Direction::Outbound))
+            .flatten();
+        // Unknown but no permit (a burst): the old rule, TCP after the detection timeout.
+        let degraded = known.is_none() && permit.is_none();
+        let speculate = permit.is_some().then(|| {
             let route = tcp_route(resolution.as_deref(), orig_dst, fail_closed);
             let timeout = ctx.cfg.connect_timeout;
             async move {
@@ -84,15 +90,44 @@ pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: So
                 Upstream::connect(addr, timeout, tls.as_ref()).await
             }
         });
-        let timing = Timing::new(&ctx.cfg, ctx.cfg.server_first_wait);
-        let started =
-            first_bytes::start_counted(&mut io, &ctx, Direction::Outbound, timing, speculate).await;
-        let Some((start, outcome)) = started else {
+        let mut timing = Timing::new(&ctx.cfg, ctx.cfg.server_first_wait);
+        if degraded {
+            // Past the verdict of the speculations that started before this connection.
+            timing.idle = first_bytes::degraded_wait(&ctx.cfg, timing.wait);
+        }
+        let learn = |outcome| Protocols::learn(&ctx.protocols.outbound, orig_dst, outcome);
+        let started = first_bytes::start_counted(
+            &mut io,
+            &ctx,
+            Direction::Outbound,
+            timing,
+            speculate,
+            |outcome| {
+                drop(permit);
+                learn(outcome);
+            },
+        )
+        .await;
+        let Some((mut start, _)) = started else {
             return;
         };
-        Protocols::learn(&ctx.protocols.outbound, orig_dst, outcome);
+        let mut tcp_when_idle = degraded;
+        if degraded && matches!(start, Start::Idle) {
+            // Meanwhile another connection's speculation may have found that this
+            // destination's clients speak first: then this one waits for its client too.
+            if ctx.protocols.outbound.get(&orig_dst) == Some(Speaker::ClientFirst) {
+                timing.idle = ctx.cfg.detect_idle_timeout;
+                let no_speculation = None::<std::future::Pending<_>>;
+                start = match first_bytes::start(&mut io, timing, no_speculation, |_| {}).await {
+                    Ok((start, _)) => start,
+                    Err(_) => return,
+                };
+                tcp_when_idle = false;
+            }
+        }
         match start {
-            Start::Silent => return,
+            Start::Idle if tcp_when_idle => (Protocol::Opaque, bytes::Bytes::new(), None),
+            Start::Silent | Start::Idle => return,
             Start::Server { greeting, upstream } => {
                 crate::tcp::splice(io, upstream, &greeting).await;
                 return;
