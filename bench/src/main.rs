@@ -379,9 +379,41 @@ fn bench(cli: &Cli) -> Result<()> {
     let pclient = net.pod("pclient")?;
     let pserver = net.pod("pserver")?;
     start_nginx(net, &pserver)?;
+    // Without identities this pair cannot use the mTLS control channel: it gets a control
+    // plane of its own with no identity API (plaintext discovery), on the same config.
+    let cp_bin = strait_testbed::bin("strait-control-plane")?;
+    let config_dir = mesh.config.dir.to_string_lossy().to_string();
+    let plain_state = net.dir.join("state-plain").to_string_lossy().to_string();
+    let plain_cp = net.spawn_in(
+        &net.bridge_ns,
+        "control-plane-plain",
+        None,
+        &[
+            &cp_bin.to_string_lossy(),
+            "--config-dir",
+            &config_dir,
+            "--plaintext",
+            "--state-dir",
+            &plain_state,
+            "--discovery-addr",
+            "10.88.0.1:8087",
+            "--admin-addr",
+            "10.88.0.1:9991",
+            "--poll-interval",
+            "100ms",
+        ],
+        &[],
+    )?;
+    net.wait_log(&plain_cp, "serving discovery", Duration::from_secs(10))?;
+    let mut plain_env = opts.env.clone();
+    plain_env.push(("STRAIT_CONTROL_PLANE_ADDR", "10.88.0.1:8087"));
+    let popts = SidecarOpts {
+        env: plain_env,
+        ..Default::default()
+    };
     let pproxies = vec![
-        net.start_sidecar(&pclient, &opts)?,
-        net.start_sidecar(&pserver, &opts)?,
+        net.start_sidecar(&pclient, &popts)?,
+        net.start_sidecar(&pserver, &popts)?,
     ];
     // mTLS mesh: sidecars with identities.
     let mserver = mesh.pod_as("mserver", "nginx", &opts)?;

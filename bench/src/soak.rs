@@ -61,8 +61,12 @@ pub fn soak(duration: Duration, interval: Duration) -> Result<()> {
     let testapp = strait_testbed::bin("strait-testapp")?;
     let testapp = testapp.to_string_lossy();
     let secs = duration.as_secs().max(1).to_string();
-    let loop_for = |cmd: &str| {
-        format!("timeout {secs} bash -c 'n=0; f=0; while :; do if {cmd} >/dev/null 2>&1; then n=$((n+1)); else f=$((f+1)); fi; echo \"ok=$n failed=$f\" > /dev/shm/$$.count; done' ; cat /dev/shm/$$.count; rm -f /dev/shm/$$.count")
+    // A command in a loop for the soak's length; prints `ok=N failed=M` at the end.
+    let counts = net.dir.clone();
+    let loop_for = |name: &str, cmd: &str| {
+        let file = counts.join(format!("{name}.count"));
+        let file = file.to_string_lossy();
+        format!("timeout {secs} bash -c 'n=0; f=0; while :; do if {cmd} >/dev/null 2>&1; then n=$((n+1)); else f=$((f+1)); fi; echo \"ok=$n failed=$f\" > {file}; done'; cat {file}")
     };
     let loads = [
         net.spawn(
@@ -99,9 +103,12 @@ pub fn soak(duration: Duration, interval: Duration) -> Result<()> {
             &[
                 "bash",
                 "-c",
-                &loop_for(&format!(
-                    "{testapp} grpc-client --addr http://10.96.0.20:9000 unary --message soak"
-                )),
+                &loop_for(
+                    "grpc",
+                    &format!(
+                        "{testapp} grpc-client --addr http://10.96.0.20:9000 unary --message soak"
+                    ),
+                ),
             ],
         )?,
         net.spawn(
@@ -110,9 +117,10 @@ pub fn soak(duration: Duration, interval: Duration) -> Result<()> {
             &[
                 "bash",
                 "-c",
-                &loop_for(&format!(
-                    "{testapp} tcp-client --addr 10.96.0.30:7000 --send PING"
-                )),
+                &loop_for(
+                    "tcp",
+                    &format!("{testapp} tcp-client --addr 10.96.0.30:7000 --send PING"),
+                ),
             ],
         )?,
     ];

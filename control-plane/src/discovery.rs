@@ -10,7 +10,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::admin::Metrics;
+use crate::control_tls::Caller;
 use crate::index::{normalize_target, MeshIndex};
+use strait_identity::SpiffeId;
 
 /// Serves [`Discovery`] from the latest [`MeshIndex`].
 #[derive(Clone)]
@@ -22,6 +24,9 @@ pub struct DiscoveryService {
     /// Turns true on shutdown: every stream ends, so proxies reconnect to another replica and
     /// the server's graceful shutdown is not held open by streams that never end.
     stopping: watch::Receiver<bool>,
+    /// Set when discovery is served over mTLS: callers must be mesh identities of this trust
+    /// domain, and may watch only their own inbound policy.
+    trust_domain: Option<String>,
 }
 
 impl DiscoveryService {
@@ -35,6 +40,30 @@ impl DiscoveryService {
             metrics,
             stopping,
             watches: crate::limits::WatchLimit::new(crate::limits::MAX_WATCHES_PER_CALLER),
+            trust_domain: None,
+        }
+    }
+
+    /// The same service, authorizing every call by its caller's SPIFFE ID (served over mTLS).
+    pub fn requiring_identity(mut self, trust_domain: &str) -> Self {
+        self.trust_domain = Some(trust_domain.to_string());
+        self
+    }
+
+    /// The caller's identity, when identities are required: a mesh identity of the trust
+    /// domain, else the call is refused.
+    fn authenticate(&self, caller: &Caller) -> Result<Option<SpiffeId>, Status> {
+        let Some(trust_domain) = &self.trust_domain else {
+            return Ok(None);
+        };
+        match &caller.id {
+            Some(id) if id.trust_domain() == trust_domain => Ok(Some(id.clone())),
+            Some(_) => Err(Status::permission_denied(
+                "discovery is served to the mesh's own trust domain only",
+            )),
+            None => Err(Status::unauthenticated(
+                "discovery needs a mesh identity: connect over mTLS with the workload certificate",
+            )),
         }
     }
 
@@ -54,13 +83,19 @@ impl Discovery for DiscoveryService {
         &self,
         request: Request<InboundRequest>,
     ) -> Result<Response<Self::WatchInboundStream>, Status> {
-        let slot = self
-            .watches
-            .acquire(request.remote_addr().map(|a| a.ip()))?;
+        let caller = Caller::of(&request);
+        let authenticated = self.authenticate(&caller)?;
+        let slot = self.watches.acquire(caller.addr.map(|a| a.ip()))?;
         let InboundRequest { identity, proxy } = request.into_inner();
-        let id: strait_identity::SpiffeId = identity
+        let id: SpiffeId = identity
             .parse()
             .map_err(|e: strait_identity::SpiffeIdError| Status::invalid_argument(e.to_string()))?;
+        if authenticated.as_ref().is_some_and(|caller| *caller != id) {
+            tracing::info!(caller = %authenticated.as_ref().map(ToString::to_string).unwrap_or_default(), asked = %id, "refused a watch of another workload's inbound policy");
+            return Err(Status::permission_denied(
+                "a proxy may watch only its own inbound policy",
+            ));
+        }
         tracing::debug!(%id, %proxy, "watch inbound");
         let (tx, rx) = mpsc::channel(2);
         let mut index = self.index.clone();
@@ -96,9 +131,9 @@ impl Discovery for DiscoveryService {
         &self,
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let slot = self
-            .watches
-            .acquire(request.remote_addr().map(|a| a.ip()))?;
+        let caller = Caller::of(&request);
+        self.authenticate(&caller)?;
+        let slot = self.watches.acquire(caller.addr.map(|a| a.ip()))?;
         let WatchRequest { target, proxy } = request.into_inner();
         if normalize_target(&target).is_none() {
             return Err(Status::invalid_argument(format!(

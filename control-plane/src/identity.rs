@@ -312,6 +312,16 @@ pub fn tls_incoming(
     listener: tokio::net::TcpListener,
     config: Arc<rustls::ServerConfig>,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsIo, std::io::Error>> {
+    accept_tls(listener, config, "identity", TlsIo)
+}
+
+/// Accepts TLS connections with `config`, wrapping each completed one with `wrap`.
+pub fn accept_tls<T: Send + 'static>(
+    listener: tokio::net::TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    what: &'static str,
+    wrap: fn(tokio_rustls::server::TlsStream<tokio::net::TcpStream>) -> T,
+) -> tokio_stream::wrappers::ReceiverStream<Result<T, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     tokio::spawn(async move {
@@ -319,7 +329,7 @@ pub fn tls_incoming(
             let (stream, peer) = match listener.accept().await {
                 Ok(a) => a,
                 Err(e) => {
-                    tracing::warn!(error = %e, "identity accept failed");
+                    tracing::warn!(what, error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -328,12 +338,12 @@ pub fn tls_incoming(
             tokio::spawn(async move {
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
                     Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(TlsIo(tls))).await;
+                        let _ = tx.send(Ok(wrap(tls))).await;
                     }
                     Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "identity TLS handshake failed")
+                        strait_admin::log_limited!(tracing::Level::INFO, "tls handshake failed", what, %peer, what, error = %e, "TLS handshake refused")
                     }
-                    Err(_) => tracing::debug!(%peer, "identity TLS handshake timed out"),
+                    Err(_) => tracing::debug!(what, %peer, "TLS handshake timed out"),
                 }
             });
         }

@@ -8,6 +8,7 @@
 //! ```
 
 pub mod admin;
+pub mod control_tls;
 pub mod discovery;
 pub mod identity;
 pub mod index;

@@ -9,6 +9,7 @@ use clap::Parser;
 use strait_api::discovery::discovery_server::DiscoveryServer;
 use strait_api::identity::identity_server::IdentityServer;
 use strait_control_plane::admin::Metrics;
+use strait_control_plane::control_tls::{AnchorSource, MtlsIo};
 use strait_control_plane::discovery::DiscoveryService;
 use strait_control_plane::identity::{
     install_server_certificate, keep_server_certificate, tls_incoming, IdentityService, Issuer,
@@ -44,9 +45,16 @@ struct Args {
     /// Address of /live, /ready and /metrics.
     #[arg(long, env = "STRAIT_ADMIN_ADDR", default_value = "0.0.0.0:9990")]
     admin_addr: SocketAddr,
-    /// Address of the discovery gRPC server.
+    /// Address of the discovery gRPC server: mTLS (proxies present their workload
+    /// certificates) whenever the identity API is on, plaintext only with --plaintext or
+    /// without an issuer.
     #[arg(long, env = "STRAIT_DISCOVERY_ADDR", default_value = "0.0.0.0:8086")]
     discovery_addr: SocketAddr,
+    /// PEM bundle of the trust anchors that proxies' certificates chain to (re-read when it
+    /// changes): what discovery verifies its callers against. Default: in local mode the
+    /// state directory's anchors; otherwise the issuer certificate itself.
+    #[arg(long, env = "STRAIT_TRUST_ANCHORS")]
+    trust_anchors: Option<PathBuf>,
     /// SPIFFE trust domain of workload identities.
     #[arg(long, env = "STRAIT_TRUST_DOMAIN", default_value = "cluster.local")]
     trust_domain: String,
@@ -123,8 +131,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // brings an issuer, and a bootstrap token per Pod document.
     let local_identity = args.config_dir.is_some() && !args.plaintext;
     let mut issuer_files = args.issuer_cert.clone().zip(args.issuer_key.clone());
+    let mut anchors_file = args.trust_anchors.clone();
     if local_identity && issuer_files.is_none() {
         let ca = ensure_ca(&args.state_dir, &naming.trust_domain)?;
+        anchors_file.get_or_insert(ca.anchors.clone());
         tracing::info!(
             anchors = %ca.anchors.display(),
             fingerprint = %ca.fingerprint,
@@ -195,6 +205,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         (ready, stopping.clone()),
     ));
 
+    // With an issuer, the control channel is mTLS: this is its server side.
+    let mut control_tls = None;
     if let Some((cert, key)) = issuer_files {
         let issuer = Arc::new(Issuer::load(cert, key)?);
         let creds = Arc::new(Credentials::default());
@@ -210,6 +222,16 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             server_id,
             args.identity_server_name.clone(),
         ));
+        let anchor_source = match &anchors_file {
+            Some(path) => AnchorSource::File(path.clone()),
+            None => AnchorSource::Issuer(issuer.clone()),
+        };
+        let anchors = anchor_source.load()?;
+        tokio::spawn(anchor_source.watch(anchors.clone()));
+        control_tls = Some(strait_control_plane::control_tls::server_config(
+            anchors,
+            creds.clone(),
+        )?);
         let service = IdentityService {
             tokens,
             metrics: metrics.clone(),
@@ -238,15 +260,36 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
 
     let listener = strait_admin::listen::listen("--discovery-addr", args.discovery_addr)?;
-    tracing::info!(addr = %args.discovery_addr, source = %source_name, "serving discovery");
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let server = strait_control_plane::limits::server()
-        .add_service(DiscoveryServer::new(DiscoveryService::new(
-            rx,
-            metrics.clone(),
-            stopping.clone(),
-        )))
-        .serve_with_incoming_shutdown(incoming, stopped(stopping));
+    let discovery = DiscoveryService::new(rx, metrics.clone(), stopping.clone());
+    let server: std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<(), tonic::transport::Error>>>,
+    > = match control_tls {
+        Some(config) => {
+            tracing::info!(addr = %args.discovery_addr, source = %source_name, "serving discovery over mTLS (callers authorized by SPIFFE ID)");
+            let incoming = strait_control_plane::identity::accept_tls(
+                listener,
+                config,
+                "discovery",
+                MtlsIo::new,
+            );
+            Box::pin(
+                strait_control_plane::limits::server()
+                    .add_service(DiscoveryServer::new(
+                        discovery.requiring_identity(&naming.trust_domain),
+                    ))
+                    .serve_with_incoming_shutdown(incoming, stopped(stopping)),
+            )
+        }
+        None => {
+            tracing::warn!(addr = %args.discovery_addr, source = %source_name, "serving discovery in plaintext, unauthenticated (no identity API)");
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            Box::pin(
+                strait_control_plane::limits::server()
+                    .add_service(DiscoveryServer::new(discovery))
+                    .serve_with_incoming_shutdown(incoming, stopped(stopping)),
+            )
+        }
+    };
     tokio::pin!(server);
     tokio::select! {
         r = &mut server => r?,

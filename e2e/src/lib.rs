@@ -15,20 +15,32 @@ pub struct Mesh {
     pub control_plane: Proc,
     /// Set for a mesh with identity (mTLS).
     pub ca: Option<CaFiles>,
+    /// The control plane's flags, to start it again the same way.
+    control_plane_args: Vec<String>,
 }
 
 impl Mesh {
-    /// A network with a running control plane and an empty config.
+    /// A network with a running control plane and an empty config, without identity: the
+    /// sidecars run without certificates, and discovery is plaintext (`--plaintext`).
     pub fn new(tag: &str) -> Result<Self> {
         let net = Net::new(tag)?;
         let config = MeshConfig::new(net.dir.join("config"))?;
-        let control_plane = net.start_control_plane(&config.dir)?;
+        let control_plane_args = vec!["--plaintext".to_string()];
+        let args: Vec<&str> = control_plane_args.iter().map(String::as_str).collect();
+        let control_plane = net.start_control_plane_with(&config.dir, &args)?;
         Ok(Self {
             net,
             config,
             control_plane,
             ca: None,
+            control_plane_args,
         })
+    }
+
+    /// Starts the control plane again (after a kill), with the flags it first had.
+    pub fn start_control_plane(&self) -> Result<Proc> {
+        let args: Vec<&str> = self.control_plane_args.iter().map(String::as_str).collect();
+        self.net.start_control_plane_with(&self.config.dir, &args)
     }
 
     /// A pod with its iptables rules and sidecar.
@@ -156,25 +168,30 @@ impl Mesh {
         std::fs::write(&files.anchor_key, &ca.anchor_key_pem)?;
         std::fs::write(&files.issuer_cert, &ca.issuer_cert_pem)?;
         std::fs::write(&files.issuer_key, &ca.issuer_key_pem)?;
-        let control_plane = net.start_control_plane_with(
-            &config.dir,
-            &[
-                "--issuer-cert",
-                &files.issuer_cert.to_string_lossy(),
-                "--issuer-key",
-                &files.issuer_key.to_string_lossy(),
-                "--identity-addr",
-                IDENTITY_ADDR,
-                "--leaf-lifetime",
-                leaf_lifetime,
-            ],
-        )?;
+        let control_plane_args: Vec<String> = [
+            "--issuer-cert",
+            &files.issuer_cert.to_string_lossy(),
+            "--issuer-key",
+            &files.issuer_key.to_string_lossy(),
+            "--trust-anchors",
+            &files.anchors.to_string_lossy(),
+            "--identity-addr",
+            IDENTITY_ADDR,
+            "--leaf-lifetime",
+            leaf_lifetime,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let args: Vec<&str> = control_plane_args.iter().map(String::as_str).collect();
+        let control_plane = net.start_control_plane_with(&config.dir, &args)?;
         net.wait_log(&control_plane, "serving identity", Duration::from_secs(10))?;
         Ok(Self {
             net,
             config,
             control_plane,
             ca: Some(files),
+            control_plane_args,
         })
     }
 

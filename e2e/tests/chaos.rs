@@ -43,7 +43,7 @@ fn the_control_plane_killed_and_restarted_under_load_costs_nothing() -> anyhow::
     mesh.net
         .kill(&mesh.control_plane, nix::sys::signal::Signal::SIGKILL)?;
     std::thread::sleep(Duration::from_secs(4));
-    let _cp = mesh.net.start_control_plane(&mesh.config.dir)?;
+    let _cp = mesh.start_control_plane()?;
     let (sent, ok) = mesh.finish_load(&load, Duration::from_secs(40))?;
     report("control plane killed 4 s", sent, ok, start.elapsed());
     assert!(sent >= 200, "sent {sent}");

@@ -85,7 +85,7 @@ fn traffic_keeps_flowing_when_the_control_plane_dies_and_streams_reconnect() -> 
     );
 
     // A new control plane: the proxy reconnects by itself and sees changes again.
-    let _cp = mesh.net.start_control_plane(&mesh.config.dir)?;
+    let _cp = mesh.start_control_plane()?;
     mesh.eventually(Duration::from_secs(10), || {
         Ok(metric(&mesh.metrics(&client)?, "strait_discovery_connected", &[]) == Some(1.0))
     })?;

@@ -330,3 +330,106 @@ fn a_mesh_connection_does_not_outlive_its_maximum_age() -> anyhow::Result<()> {
     assert!(log.contains("it reached --max-connection-age"), "{log}");
     Ok(())
 }
+
+#[test]
+fn the_control_channel_is_mtls_and_refuses_callers_without_a_workload_certificate(
+) -> anyhow::Result<()> {
+    let mesh = Mesh::with_identity("ctltls", "24h")?;
+    // Every byte of discovery and policy, at the control plane's side of the bridge.
+    let pcap = mesh.net.dir.join("control.pcap");
+    let dump = mesh.net.spawn_in(
+        &mesh.net.bridge_ns,
+        "tcpdump",
+        None,
+        &[
+            "tcpdump",
+            "--immediate-mode",
+            "-i",
+            "any",
+            "-n",
+            "-w",
+            &pcap.to_string_lossy(),
+            "tcp port 8086",
+        ],
+        &[],
+    )?;
+    mesh.net
+        .wait_log(&dump, "listening on any", Duration::from_secs(10))?;
+    let server = mesh.pod_as("server", "web", &SidecarOpts::default())?;
+    mesh.serve_web(&server)?;
+    let client = mesh.pod_as("client", "frontend", &SidecarOpts::default())?;
+    let out = mesh.curl(&client, &["http://10.96.0.10/"])?;
+    assert!(out.contains("hello from server"), "{out}");
+    let m = mesh.metrics(&client)?;
+    assert_eq!(
+        metric(&m, "strait_discovery_connected", &[]),
+        Some(1.0),
+        "{m}"
+    );
+
+    // A process in a pod without a workload certificate cannot open a stream: plain HTTP/2
+    // gets no gRPC answer, TLS without a client certificate is refused.
+    let outsider = mesh.net.pod("outsider")?;
+    let watch = "https://10.88.0.1:8086/strait.discovery.v1.Discovery/Watch";
+    let grpc = [
+        "-sS",
+        "-m",
+        "5",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-X",
+        "POST",
+        "-H",
+        "content-type: application/grpc",
+        "-H",
+        "te: trailers",
+        "--data-binary",
+        "",
+    ];
+    let plain = watch.replace("https", "http");
+    let mut args: Vec<&str> = vec!["curl", "--http2-prior-knowledge"];
+    args.extend(grpc);
+    args.push(&plain);
+    let (ok, out, err) = mesh.net.try_exec(&outsider, &args)?;
+    assert!(
+        !ok || !out.starts_with("200"),
+        "plaintext discovery answered: {out} {err}"
+    );
+    let mut args: Vec<&str> = vec!["curl", "-k", "--http2"];
+    args.extend(grpc);
+    args.push(watch);
+    let (ok, out, err) = mesh.net.try_exec(&outsider, &args)?;
+    assert!(
+        !ok,
+        "TLS without a client certificate was served: {out} {err}"
+    );
+
+    std::thread::sleep(Duration::from_millis(300));
+    mesh.net.kill(&dump, nix::sys::signal::Signal::SIGINT)?;
+    let captured = std::fs::read(&pcap)?;
+    let has = |needle: &[u8]| captured.windows(needle.len()).any(|w| w == needle);
+    assert!(
+        captured.len() > 2000,
+        "too little captured: {} bytes",
+        captured.len()
+    );
+    // (The ClientHello's SNI, identity.strait-system.svc.cluster.local, is the one name in
+    // clear, as in any TLS.)
+    for plaintext in [
+        "web.default.svc.cluster.local",
+        "spiffe://cluster.local/ns/default",
+        "hello from server",
+    ] {
+        assert!(
+            !has(plaintext.as_bytes()),
+            "{plaintext:?} crossed the control channel in plaintext"
+        );
+    }
+    assert!(
+        has(&[0x00, 0x2b, 0x00, 0x02, 0x03, 0x04]),
+        "no TLS 1.3 ServerHello on the control channel"
+    );
+    Ok(())
+}

@@ -239,6 +239,7 @@ pub fn pem_blocks(pem: &str, label: &str) -> Vec<Vec<u8>> {
 pub struct CertificateAuthority {
     issuer: Issuer<'static, KeyPair>,
     issuer_der: Vec<u8>,
+    issuer_pem: String,
     issuer_not_after: SystemTime,
 }
 
@@ -279,12 +280,18 @@ impl CertificateAuthority {
         Ok(Self {
             issuer,
             issuer_der,
+            issuer_pem: issuer_cert_pem.to_string(),
             issuer_not_after,
         })
     }
 
     pub fn issuer_not_after(&self) -> SystemTime {
         self.issuer_not_after
+    }
+
+    /// The issuer's certificate, PEM (no key).
+    pub fn cert_pem(&self) -> &str {
+        &self.issuer_pem
     }
 
     /// Checks `csr_der` and signs it for `caller`, valid for `lifetime` (capped by the issuer).

@@ -71,7 +71,12 @@ pub struct ProxyConfig {
     /// --identity-token-file and --identity.
     #[arg(long, env = "STRAIT_IDENTITY_ADDR", requires_all = ["identity_token_file", "identity"])]
     pub identity_addr: Option<String>,
-    /// DNS name the identity server's certificate must have.
+    /// SPIFFE ID the control plane's discovery server must present (mTLS, when this proxy
+    /// has an identity). Default: `spiffe://<trust-domain>/ns/strait-system/sa/strait-control-plane`.
+    #[arg(long, env = "STRAIT_CONTROL_PLANE_IDENTITY", value_parser = parse_spiffe_id)]
+    pub control_plane_identity: Option<strait_identity::SpiffeId>,
+    /// DNS name the identity server's certificate must have (also the SNI of the discovery
+    /// connection).
     #[arg(
         long,
         env = "STRAIT_IDENTITY_SERVER_NAME",

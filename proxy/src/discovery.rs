@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use strait_api::discovery::destination_update::Update;
 use strait_api::discovery::discovery_client::DiscoveryClient;
 use strait_api::discovery::{DestinationUpdate, ProtocolHint, WatchRequest};
+use strait_identity::SpiffeId;
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint as GrpcEndpoint};
 
@@ -98,13 +99,11 @@ impl Resolution {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "--control-plane-addr / STRAIT_CONTROL_PLANE_ADDR {addr:?} is not a valid address: {source}"
-)]
+#[error("--control-plane-addr / STRAIT_CONTROL_PLANE_ADDR {addr:?} cannot be used: {source}")]
 pub struct AddrError {
     addr: String,
     #[source]
-    source: tonic::transport::Error,
+    source: Box<dyn std::error::Error + Send + Sync>,
 }
 
 #[derive(Debug)]
@@ -125,6 +124,73 @@ struct Cache {
     entries: HashMap<SocketAddr, Arc<Resolution>>,
     swept: Option<Instant>,
 }
+
+/// The control plane's SPIFFE ID in `proxy`'s trust domain (what `strait install` and local
+/// mode give it).
+pub fn control_plane_id(proxy: &SpiffeId) -> SpiffeId {
+    SpiffeId::new(
+        proxy.trust_domain(),
+        "strait-system",
+        "strait-control-plane",
+    )
+    .unwrap_or_else(|_| proxy.clone())
+}
+
+/// The control channel over mTLS: the proxy presents its workload certificate (waiting for
+/// the first one) and accepts only a control plane whose certificate chains to the anchors
+/// and carries `expected`. Each new connection uses the current certificate; a renewal does
+/// not touch open streams.
+fn mtls_channel(
+    endpoint: GrpcEndpoint,
+    addr: &str,
+    identity: Arc<crate::identity::Identity>,
+    expected: SpiffeId,
+    server_name: &str,
+) -> Result<Channel, ControlTlsError> {
+    let config = strait_identity::tls::client_config(
+        identity.anchors.clone(),
+        identity.creds.clone(),
+        expected,
+        Some(strait_identity::tls::ALPN_H2),
+    )
+    .map_err(|e| ControlTlsError(e.to_string()))?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_string()).map_err(|e| {
+        ControlTlsError(format!(
+            "--identity-server-name {server_name:?} is not a DNS name: {e}"
+        ))
+    })?;
+    let host = addr
+        .split_once("://")
+        .map_or(addr, |(_, rest)| rest)
+        .to_string();
+    Ok(
+        endpoint.connect_with_connector_lazy(tower::service_fn(move |_uri| {
+            let (connector, name, host, identity) = (
+                connector.clone(),
+                name.clone(),
+                host.clone(),
+                identity.clone(),
+            );
+            async move {
+                // No certificate, no proof: wait for the first one (the proxy is not ready
+                // before it either).
+                while !identity.creds.is_ready() {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                let tcp = tokio::net::TcpStream::connect(&host).await?;
+                let _ = tcp.set_nodelay(true);
+                let tls = connector.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        })),
+    )
+}
+
+/// Why the control channel's TLS could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ControlTlsError(String);
 
 /// Resolutions unused this long, and held by no connection, are dropped (their streams end).
 const IDLE_EVICTION: Duration = Duration::from_secs(600);
@@ -150,15 +216,35 @@ impl Discovery {
         let endpoint = GrpcEndpoint::from_shared(uri)
             .map_err(|source| AddrError {
                 addr: addr.to_string(),
-                source,
+                source: source.into(),
             })?
             .connect_timeout(connect_timeout.max(Duration::from_millis(500)))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))
             .keep_alive_while_idle(true);
+        let channel = match &identity {
+            Some(id) => {
+                let expected = cfg
+                    .control_plane_identity
+                    .clone()
+                    .unwrap_or_else(|| control_plane_id(&id.id));
+                mtls_channel(
+                    endpoint,
+                    addr,
+                    id.clone(),
+                    expected,
+                    &cfg.identity_server_name,
+                )
+                .map_err(|e| AddrError {
+                    addr: addr.to_string(),
+                    source: e.into(),
+                })?
+            }
+            None => endpoint.connect_lazy(),
+        };
         Ok(Self {
-            client: DiscoveryClient::new(endpoint.connect_lazy()),
+            client: DiscoveryClient::new(channel),
             cache: Mutex::new(Cache::default()),
             workload,
             first_answer_timeout,
