@@ -216,6 +216,7 @@ fn control_plane(args: &InstallArgs) -> Value {
                  format!("--cluster-domain={}", args.cluster_domain),
                  "--issuer-cert=/var/run/strait/issuer/tls.crt",
                  "--issuer-key=/var/run/strait/issuer/tls.key",
+                 "--trust-anchors=/var/run/strait/anchors/ca-bundle.crt",
                  format!("--identity-server-name=identity.{}.svc.{}", args.namespace, args.cluster_domain),
                  format!("--leaf-lifetime={}", args.leaf_lifetime),
                  format!("--default-inbound-policy={}", args.default_inbound_policy)],
@@ -225,14 +226,16 @@ fn control_plane(args: &InstallArgs) -> Value {
         "readinessProbe": ready, "livenessProbe": live,
         "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "512Mi"}},
         "securityContext": container_security(),
-        "volumeMounts": [{"name": "issuer", "mountPath": "/var/run/strait/issuer", "readOnly": true}],
+        "volumeMounts": [{"name": "issuer", "mountPath": "/var/run/strait/issuer", "readOnly": true},
+                         {"name": "anchors", "mountPath": "/var/run/strait/anchors", "readOnly": true}],
     });
     deployment(
         args,
         "strait-control-plane",
         2103,
         container,
-        json!([{"name": "issuer", "secret": {"secretName": "strait-issuer"}}]),
+        json!([{"name": "issuer", "secret": {"secretName": "strait-issuer"}},
+               {"name": "anchors", "configMap": {"name": "strait-trust-anchors"}}]),
         true,
     )
 }
