@@ -374,7 +374,8 @@ pub fn manifests(args: &InstallArgs) -> anyhow::Result<Vec<Value>> {
         {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": ["split.smi-spec.io"], "resources": ["trafficsplits"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": ["specs.smi-spec.io"], "resources": ["httproutegroups"], "verbs": ["get", "list", "watch"]},
-        {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes", "referencegrants"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes/status"], "verbs": ["get", "patch", "update"]},
         {"apiGroups": ["policy.strait.io"], "resources": ["authorizationpolicies"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
     ]);

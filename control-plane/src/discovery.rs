@@ -132,9 +132,18 @@ impl Discovery for DiscoveryService {
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let caller = Caller::of(&request);
-        self.authenticate(&caller)?;
+        let authenticated = self.authenticate(&caller)?;
         let slot = self.watches.acquire(caller.addr.map(|a| a.ip()))?;
         let WatchRequest { target, proxy } = request.into_inner();
+        // The client's namespace picks its consumer routes (GAMMA): its certificate's over
+        // mTLS, else what the proxy says of itself (`<namespace>/<pod>`).
+        let client_ns: Option<String> = match &authenticated {
+            Some(id) => Some(id.namespace().to_string()),
+            None => proxy
+                .split_once('/')
+                .map(|(ns, _)| ns.to_string())
+                .filter(|ns| !ns.is_empty()),
+        };
         if normalize_target(&target).is_none() {
             return Err(Status::invalid_argument(format!(
                 "target {target:?} is not ip:port or host:port"
@@ -151,7 +160,9 @@ impl Discovery for DiscoveryService {
             let _slot = slot;
             let mut last: Option<Arc<DestinationUpdate>> = None;
             loop {
-                let answer = index.borrow_and_update().lookup(&target);
+                let answer = index
+                    .borrow_and_update()
+                    .lookup(&target, client_ns.as_deref());
                 if last.as_ref() != Some(&answer) {
                     if tx.send(Ok((*answer).clone())).await.is_err() {
                         return; // the proxy went away

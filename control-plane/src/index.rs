@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use strait_api::discovery::{
     allowed_client, destination_update::Update, AllowedClient, DefaultPolicy, Destination,
-    DestinationUpdate, Endpoint, InboundPolicy, NotInMesh, PortAuthorization, ProtocolHint, Route,
+    DestinationUpdate, Endpoint, InboundPolicy, NotInMesh, PortAuthorization, ProtocolHint,
 };
 
 use crate::resources::{
@@ -61,6 +61,9 @@ pub enum SidecarEvidence {
 #[derive(Debug, Default)]
 pub struct MeshIndex {
     answers: HashMap<String, Arc<DestinationUpdate>>,
+    /// (client namespace, target) -> the answer for clients of a namespace with consumer
+    /// routes for that service (GAMMA); everyone else gets `answers`.
+    consumer_answers: HashMap<(String, String), Arc<DestinationUpdate>>,
     services: usize,
     /// ServiceAccount token -> (namespace, service account), from token Secrets.
     tokens: HashMap<String, (String, String)>,
@@ -72,6 +75,8 @@ pub struct MeshIndex {
     default_inbound_policy: DefaultPolicy,
     /// AuthorizationPolicies whose `port` no endpoint of their workload serves.
     unmatched_policy_ports: usize,
+    /// The conditions of every HTTPRoute bound to Services.
+    route_statuses: Vec<crate::routes::RouteStatus>,
 }
 
 impl MeshIndex {
@@ -103,6 +108,7 @@ impl MeshIndex {
                 }
                 Resource::AuthorizationPolicy(p) => policies.push(p),
                 Resource::HttpRoute(r) => route_sources.http_routes.push(r),
+                Resource::ReferenceGrant(g) => route_sources.grants.push(g),
                 Resource::TrafficSplit(t) => route_sources.splits.push(t),
                 Resource::HttpRouteGroup(g) => {
                     route_sources
@@ -161,13 +167,24 @@ impl MeshIndex {
         let unmatched_policy_ports = unmatched_policy_ports(&policies, &port_endpoints, naming);
         let mut index = MeshIndex {
             answers: HashMap::new(),
+            consumer_answers: HashMap::new(),
             services: services.len(),
             tokens,
             inbound: inbound_policies(&policies),
             namespace_defaults,
             default_inbound_policy: naming.default_inbound_policy,
             unmatched_policy_ports,
+            route_statuses: Vec::new(),
         };
+        let service_names: std::collections::HashSet<(&str, &str)> = services
+            .iter()
+            .map(|s| (s.metadata.namespace.as_str(), s.metadata.name.as_str()))
+            .collect();
+        index.route_statuses = crate::routes::route_statuses(
+            &route_sources,
+            &|ns, name| service_names.contains(&(ns, name)),
+            &resolve,
+        );
         for svc in services {
             let ns = svc.metadata.namespace.as_str();
             let name = svc.metadata.name.as_str();
@@ -184,59 +201,82 @@ impl MeshIndex {
                     .map(|(_, e)| e)
                     .unwrap_or_default();
                 let protocol = protocol_hint(port, opaque.contains(&port.port));
-                let (routes, unmatched_to_service) = routes_for(
-                    &route_sources,
-                    ns,
-                    name,
-                    port.port,
-                    &naming.cluster_domain,
-                    &resolve,
-                );
-                let destination = |endpoints: Vec<Endpoint>, routes: Vec<Route>| {
+                let view = |client_ns: Option<&str>| {
+                    let (routes, unmatched_to_service) = routes_for(
+                        &route_sources,
+                        ns,
+                        name,
+                        port.port,
+                        &naming.cluster_domain,
+                        &resolve,
+                        client_ns,
+                    );
                     Arc::new(DestinationUpdate {
                         update: Some(Update::Destination(Destination {
                             service: authority.clone(),
                             protocol: protocol as i32,
-                            endpoints,
+                            endpoints: endpoints.clone(),
                             routes,
                             unmatched_to_service,
                         })),
                     })
                 };
-                // A direct call to one endpoint (a pod IP) still goes through the mesh.
+                // A direct call to one endpoint (a pod IP) still goes through the mesh, with
+                // no routes.
                 for ep in &endpoints {
                     if let Ok(ip) = ep.ip.parse::<IpAddr>() {
                         let key = SocketAddr::new(ip, ep.port as u16).to_string();
-                        index
-                            .answers
-                            .entry(key)
-                            .or_insert_with(|| destination(vec![ep.clone()], Vec::new()));
+                        index.answers.entry(key).or_insert_with(|| {
+                            Arc::new(DestinationUpdate {
+                                update: Some(Update::Destination(Destination {
+                                    service: authority.clone(),
+                                    protocol: protocol as i32,
+                                    endpoints: vec![ep.clone()],
+                                    routes: Vec::new(),
+                                    unmatched_to_service: true,
+                                })),
+                            })
+                        });
                     }
                 }
-                let answer = destination(endpoints, routes);
-                for ip in cluster_ips(svc) {
-                    index
-                        .answers
-                        .insert(SocketAddr::new(ip, port.port).to_string(), answer.clone());
+                let keys: Vec<String> = cluster_ips(svc)
+                    .into_iter()
+                    .map(|ip| SocketAddr::new(ip, port.port).to_string())
+                    .chain(
+                        [
+                            format!("{name}.{ns}.svc.{}", naming.cluster_domain),
+                            format!("{name}.{ns}.svc"),
+                            format!("{name}.{ns}"),
+                        ]
+                        .into_iter()
+                        .map(|host| format!("{host}:{}", port.port)),
+                    )
+                    .collect();
+                let answer = view(None);
+                for key in &keys {
+                    index.answers.insert(key.clone(), answer.clone());
                 }
-                for host in [
-                    format!("{name}.{ns}.svc.{}", naming.cluster_domain),
-                    format!("{name}.{ns}.svc"),
-                    format!("{name}.{ns}"),
-                ] {
-                    index
-                        .answers
-                        .insert(format!("{host}:{}", port.port), answer.clone());
+                for client_ns in route_sources.consumer_namespaces(ns, name, port.port) {
+                    let answer = view(Some(&client_ns));
+                    for key in &keys {
+                        index
+                            .consumer_answers
+                            .insert((client_ns.clone(), key.clone()), answer.clone());
+                    }
                 }
             }
         }
         index
     }
 
-    /// The answer for `target` (`ip:port` or `host:port`), "not in the mesh" when unknown.
-    pub fn lookup(&self, target: &str) -> Arc<DestinationUpdate> {
+    /// The answer for `target` (`ip:port` or `host:port`) as a client in namespace
+    /// `client_ns` sees it, "not in the mesh" when unknown.
+    pub fn lookup(&self, target: &str, client_ns: Option<&str>) -> Arc<DestinationUpdate> {
         match normalize_target(target) {
-            Some(key) => match self.answers.get(&key) {
+            Some(key) => match client_ns
+                .and_then(|ns| self.consumer_answers.get(&(ns.to_string(), key.clone())))
+                .or_else(|| self.answers.get(&key))
+            {
                 Some(answer) => answer.clone(),
                 None => not_in_mesh(format!("{target} is not a mesh service or endpoint")),
             },
@@ -270,6 +310,11 @@ impl MeshIndex {
     /// The `(namespace, service account)` a token proves, if any.
     pub fn token_account(&self, token: &str) -> Option<&(String, String)> {
         self.tokens.get(token)
+    }
+
+    /// The conditions of every HTTPRoute bound to Services.
+    pub fn route_statuses(&self) -> &[crate::routes::RouteStatus] {
+        &self.route_statuses
     }
 
     /// How many services the index holds.
@@ -601,14 +646,14 @@ spec: {serviceAccountName: other}
     #[test]
     fn cluster_ip_and_every_dns_form_resolve_to_the_same_answer() {
         let index = index();
-        let by_ip = index.lookup("10.96.0.10:80");
+        let by_ip = index.lookup("10.96.0.10:80", None);
         for name in [
             "web.shop.svc.cluster.local:80",
             "WEB.shop.svc.cluster.local.:80",
             "web.shop.svc:80",
             "web.shop:80",
         ] {
-            assert_eq!(index.lookup(name), by_ip, "{name}");
+            assert_eq!(index.lookup(name, None), by_ip, "{name}");
         }
         let d = destination(&by_ip);
         assert_eq!(d.service, "web.shop.svc.cluster.local:80");
@@ -627,7 +672,7 @@ spec: {serviceAccountName: other}
     #[test]
     fn identity_comes_from_the_pod_then_the_slice_and_meshed_from_annotations() {
         let index = index();
-        let answer = index.lookup("10.96.0.10:80");
+        let answer = index.lookup("10.96.0.10:80", None);
         let d = destination(&answer);
         assert_eq!(
             d.endpoints[0].identity,
@@ -646,10 +691,10 @@ spec: {serviceAccountName: other}
     fn protocol_hints_follow_annotations_and_app_protocol() {
         let index = index();
         assert_eq!(
-            destination(&index.lookup("10.96.0.10:6379")).protocol,
+            destination(&index.lookup("10.96.0.10:6379", None)).protocol,
             ProtocolHint::Opaque as i32
         );
-        let grpc = index.lookup("10.96.0.10:9000");
+        let grpc = index.lookup("10.96.0.10:9000", None);
         assert_eq!(destination(&grpc).protocol, ProtocolHint::Http2 as i32);
         assert_eq!(
             destination(&grpc).endpoints[0].port,
@@ -661,7 +706,7 @@ spec: {serviceAccountName: other}
     #[test]
     fn endpoint_addresses_resolve_to_themselves() {
         let index = index();
-        let d = index.lookup("10.0.0.3:8080");
+        let d = index.lookup("10.0.0.3:8080", None);
         let eps = &destination(&d).endpoints;
         assert_eq!(eps.len(), 1);
         assert_eq!(eps[0].ip, "10.0.0.3");
@@ -672,7 +717,7 @@ spec: {serviceAccountName: other}
         let index = index();
         for t in ["10.96.0.10:81", "nope.shop:80", "no-port", "[::1:80", ""] {
             assert!(
-                matches!(index.lookup(t).update, Some(Update::NotInMesh(_))),
+                matches!(index.lookup(t, None).update, Some(Update::NotInMesh(_))),
                 "{t}"
             );
         }

@@ -53,7 +53,7 @@ impl Kind {
 /// Everything watched. The issuer Secret is not among them: it is mounted into the control
 /// plane's pod (the kubelet keeps the files current), so the control plane needs no right to
 /// read Secrets.
-pub const KINDS: [Kind; 8] = [
+pub const KINDS: [Kind; 9] = [
     Kind {
         group: "",
         version: "v1",
@@ -102,6 +102,13 @@ pub const KINDS: [Kind; 8] = [
         version: "v1",
         kind: "HTTPRoute",
         plural: "httproutes",
+        required: false,
+    },
+    Kind {
+        group: "gateway.networking.k8s.io",
+        version: "v1beta1",
+        kind: "ReferenceGrant",
+        plural: "referencegrants",
         required: false,
     },
     Kind {
@@ -367,9 +374,43 @@ pub async fn run(
             if changed || !*ready.borrow() {
                 let index = MeshIndex::build(&store.resources(), &naming);
                 tracing::info!(services = index.service_count(), "mesh state updated");
+                let previous = tx.borrow().route_statuses().to_vec();
+                crate::routes::log_status_changes(&previous, index.route_statuses());
+                let changed: Vec<_> = index
+                    .route_statuses()
+                    .iter()
+                    .filter(|s| !previous.contains(s))
+                    .cloned()
+                    .collect();
+                if !changed.is_empty() {
+                    tokio::spawn(write_route_statuses(client.clone(), changed));
+                }
                 tx.send_replace(Arc::new(index));
             }
             ready.send_if_modified(|r| !std::mem::replace(r, true));
+        }
+    }
+}
+
+/// Writes routes' conditions to their `status` subresource (RBAC: `httproutes/status` only).
+/// A failure is logged; the next change writes again.
+pub async fn write_route_statuses(client: kube::Client, statuses: Vec<crate::routes::RouteStatus>) {
+    let kind = KINDS
+        .iter()
+        .find(|k| k.kind == "HTTPRoute")
+        .map(Kind::api_resource);
+    let Some(resource) = kind else { return };
+    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    for status in statuses {
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(client.clone(), &status.namespace, &resource);
+        let body = crate::routes::status_json(&status, &now);
+        let patch = kube::api::Patch::Merge(&body);
+        if let Err(e) = api
+            .patch_status(&status.name, &kube::api::PatchParams::default(), &patch)
+            .await
+        {
+            strait_admin::log_limited!(tracing::Level::WARN, "route status", "patch", route = %format!("{}/{}", status.namespace, status.name), error = %e, "cannot write the HTTPRoute's status (RBAC: patch on httproutes/status)");
         }
     }
 }

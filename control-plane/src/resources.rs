@@ -19,6 +19,9 @@ pub struct ObjectMeta {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub annotations: BTreeMap<String, String>,
+    /// Bumped by the API server on every spec change (status conditions report it).
+    #[serde(default)]
+    pub generation: Option<i64>,
 }
 
 fn default_namespace() -> String {
@@ -256,6 +259,7 @@ pub enum Resource {
     TrafficSplit(TrafficSplit),
     HttpRouteGroup(HttpRouteGroup),
     HttpRoute(HttpRoute),
+    ReferenceGrant(ReferenceGrant),
 }
 
 /// Annotations and labels Strait reads.
@@ -369,6 +373,56 @@ impl GroupHeaders {
             GroupHeaders::Map(m) => m.clone().into_iter().collect(),
             GroupHeaders::List(l) => l.iter().flat_map(|m| m.clone()).collect(),
         }
+    }
+}
+
+/// Gateway API `gateway.networking.k8s.io/v1beta1` ReferenceGrant: lives in the namespace of
+/// what it lets others refer to; an HTTPRoute's `backendRef` to a Service in another namespace
+/// needs one there.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct ReferenceGrant {
+    pub metadata: ObjectMeta,
+    pub spec: ReferenceGrantSpec,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+pub struct ReferenceGrantSpec {
+    #[serde(default)]
+    pub from: Vec<GrantFrom>,
+    #[serde(default)]
+    pub to: Vec<GrantTo>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct GrantFrom {
+    #[serde(default)]
+    pub group: String,
+    pub kind: String,
+    pub namespace: String,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct GrantTo {
+    #[serde(default)]
+    pub group: String,
+    pub kind: String,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+impl ReferenceGrant {
+    /// Whether this grant lets HTTPRoutes of `route_ns` refer to the Service `service` in the
+    /// grant's namespace.
+    pub fn allows_route_to_service(&self, route_ns: &str, service: &str) -> bool {
+        self.spec.from.iter().any(|f| {
+            f.group == "gateway.networking.k8s.io"
+                && f.kind == "HTTPRoute"
+                && f.namespace == route_ns
+        }) && self.spec.to.iter().any(|t| {
+            t.group.is_empty()
+                && t.kind == "Service"
+                && t.name.as_deref().is_none_or(|n| n == service)
+        })
     }
 }
 

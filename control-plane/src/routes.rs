@@ -20,7 +20,8 @@ use strait_api::discovery::{
 };
 
 use crate::resources::{
-    GroupMatch, HttpRoute, HttpRouteGroup, HttpRouteMatch, HttpRouteRule, TrafficSplit,
+    GroupMatch, HttpRoute, HttpRouteGroup, HttpRouteMatch, HttpRouteRule, ReferenceGrant,
+    TrafficSplit,
 };
 
 /// HTTPRoute annotation: gRPC status codes that are retried (comma-separated numbers; the
@@ -36,10 +37,60 @@ pub struct RouteSources<'a> {
     pub http_routes: Vec<&'a HttpRoute>,
     pub splits: Vec<&'a TrafficSplit>,
     pub groups: HashMap<(String, String), &'a HttpRouteGroup>,
+    pub grants: Vec<&'a ReferenceGrant>,
 }
 
-/// The routes of service `ns/name` port `port`, and whether unmatched requests go to the
-/// service itself (true) or get 404 (false). No routes: plain service.
+impl RouteSources<'_> {
+    /// Whether an HTTPRoute of `route_ns` may send to the Service `ns/name`: always within its
+    /// namespace, across namespaces only with a ReferenceGrant in the Service's.
+    pub fn may_refer(&self, route_ns: &str, ns: &str, name: &str) -> bool {
+        route_ns == ns
+            || self
+                .grants
+                .iter()
+                .any(|g| g.metadata.namespace == ns && g.allows_route_to_service(route_ns, name))
+    }
+
+    /// The HTTPRoutes whose parentRefs name the Service `ns/name` (port `port`).
+    fn attached(&self, ns: &str, name: &str, port: u16) -> Vec<&HttpRoute> {
+        self.http_routes
+            .iter()
+            .copied()
+            .filter(|r| {
+                r.spec.parent_refs.iter().any(|p| {
+                    p.kind.as_deref() == Some("Service")
+                        && p.group.as_deref().unwrap_or("").is_empty()
+                        && p.name == name
+                        && p.namespace.as_deref().unwrap_or(&r.metadata.namespace) == ns
+                        && p.port.is_none_or(|p| p == port)
+                })
+            })
+            .collect()
+    }
+
+    /// Namespaces with consumer routes for the Service port: their clients get their own
+    /// answer.
+    pub fn consumer_namespaces(&self, ns: &str, name: &str, port: u16) -> Vec<String> {
+        let mut namespaces: Vec<String> = self
+            .attached(ns, name, port)
+            .into_iter()
+            .map(|r| r.metadata.namespace.clone())
+            .filter(|route_ns| route_ns != ns)
+            .collect();
+        namespaces.sort();
+        namespaces.dedup();
+        namespaces
+    }
+}
+
+/// The routes of service `ns/name` port `port` as a client in `client_ns` sees them, and
+/// whether unmatched requests go to the service itself (true) or get 404 (false). No routes:
+/// plain service.
+///
+/// GAMMA: a producer route (in the Service's namespace) applies to every client; a consumer
+/// route (in another namespace) only to clients in the route's namespace, for whom it
+/// replaces the producer routes. A route elsewhere can never change what other namespaces'
+/// clients reach.
 pub fn routes_for(
     sources: &RouteSources<'_>,
     ns: &str,
@@ -47,21 +98,24 @@ pub fn routes_for(
     port: u16,
     cluster_domain: &str,
     resolve: &Resolve<'_>,
+    client_ns: Option<&str>,
 ) -> (Vec<Route>, bool) {
-    let attached: Vec<&HttpRoute> = sources
-        .http_routes
-        .iter()
-        .copied()
-        .filter(|r| {
-            r.spec.parent_refs.iter().any(|p| {
-                p.kind.as_deref() == Some("Service")
-                    && p.group.as_deref().unwrap_or("").is_empty()
-                    && p.name == name
-                    && p.namespace.as_deref().unwrap_or(&r.metadata.namespace) == ns
-                    && p.port.is_none_or(|p| p == port)
-            })
-        })
-        .collect();
+    let all = sources.attached(ns, name, port);
+    let consumer: Vec<&HttpRoute> = match client_ns {
+        Some(client) if client != ns => all
+            .iter()
+            .copied()
+            .filter(|r| r.metadata.namespace == client)
+            .collect(),
+        _ => Vec::new(),
+    };
+    let attached = if consumer.is_empty() {
+        all.into_iter()
+            .filter(|r| r.metadata.namespace == ns)
+            .collect()
+    } else {
+        consumer
+    };
     let splits: Vec<&TrafficSplit> = sources
         .splits
         .iter()
@@ -78,7 +132,7 @@ pub fn routes_for(
                 "an HTTPRoute also targets this service port; the HTTPRoute wins and the TrafficSplit is ignored"
             );
         }
-        return (http_routes(&attached, port, resolve), false);
+        return (http_routes(&attached, port, resolve, sources), false);
     }
     if let Some(split) = splits.first() {
         if splits.len() > 1 {
@@ -91,6 +145,213 @@ pub fn routes_for(
     }
     (Vec::new(), true)
 }
+
+/// A Gateway API condition of a route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Condition {
+    pub ok: bool,
+    /// The spec's reason (`Accepted`, `NoMatchingParent`, `ResolvedRefs`, `RefNotPermitted`,
+    /// `BackendNotFound`, `InvalidKind`).
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// The status Strait gives an HTTPRoute bound to Services.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteStatus {
+    pub namespace: String,
+    pub name: String,
+    pub generation: Option<i64>,
+    /// The Service parents, `(namespace, name, port)`.
+    pub parents: Vec<(String, String, Option<u16>)>,
+    pub accepted: Condition,
+    pub resolved_refs: Condition,
+}
+
+/// The status of every HTTPRoute with a Service parent: `Accepted` (its parent Services
+/// exist; a consumer route says whose clients it applies to) and `ResolvedRefs` (every backend
+/// exists and may be referred to).
+pub fn route_statuses(
+    sources: &RouteSources<'_>,
+    service_exists: &dyn Fn(&str, &str) -> bool,
+    resolve: &Resolve<'_>,
+) -> Vec<RouteStatus> {
+    let mut out = Vec::new();
+    for route in &sources.http_routes {
+        let route_ns = route.metadata.namespace.as_str();
+        let parents: Vec<(String, String, Option<u16>)> = route
+            .spec
+            .parent_refs
+            .iter()
+            .filter(|p| {
+                p.kind.as_deref() == Some("Service") && p.group.as_deref().unwrap_or("").is_empty()
+            })
+            .map(|p| {
+                (
+                    p.namespace.clone().unwrap_or_else(|| route_ns.to_string()),
+                    p.name.clone(),
+                    p.port,
+                )
+            })
+            .collect();
+        if parents.is_empty() {
+            continue; // a Gateway's route: not the mesh's to report on
+        }
+        let missing: Vec<String> = parents
+            .iter()
+            .filter(|(ns, name, _)| !service_exists(ns, name))
+            .map(|(ns, name, _)| format!("{ns}/{name}"))
+            .collect();
+        let consumer_of: Vec<String> = parents
+            .iter()
+            .filter(|(ns, _, _)| ns != route_ns)
+            .map(|(ns, name, _)| format!("{ns}/{name}"))
+            .collect();
+        let accepted = if !missing.is_empty() {
+            Condition {
+                ok: false,
+                reason: "NoMatchingParent",
+                message: format!("parent Service {} does not exist", missing.join(", ")),
+            }
+        } else if !consumer_of.is_empty() {
+            Condition {
+                ok: true,
+                reason: "Accepted",
+                message: format!(
+                    "consumer route for {}: applies to clients in namespace {route_ns} only",
+                    consumer_of.join(", ")
+                ),
+            }
+        } else {
+            Condition {
+                ok: true,
+                reason: "Accepted",
+                message: "producer route: applies to every client".into(),
+            }
+        };
+        let mut resolved_refs = Condition {
+            ok: true,
+            reason: "ResolvedRefs",
+            message: "every backend resolved".into(),
+        };
+        'rules: for rule in &route.spec.rules {
+            for b in &rule.backend_refs {
+                let ns = b.namespace.as_deref().unwrap_or(route_ns);
+                let port = b.port.or(parents.first().and_then(|p| p.2)).unwrap_or(0);
+                let problem = if b.kind.as_deref().unwrap_or("Service") != "Service"
+                    || !b.group.as_deref().unwrap_or("").is_empty()
+                {
+                    Some((
+                        "InvalidKind",
+                        format!("backend {} is not a Service", b.name),
+                    ))
+                } else if !sources.may_refer(route_ns, ns, &b.name) {
+                    Some((
+                        "RefNotPermitted",
+                        format!(
+                            "backend {ns}/{} is in another namespace and no ReferenceGrant there allows HTTPRoutes of {route_ns}; its share gets 500",
+                            b.name
+                        ),
+                    ))
+                } else if b.port.is_some() && resolve(ns, &b.name, port).is_none()
+                    || !service_exists(ns, &b.name)
+                {
+                    Some((
+                        "BackendNotFound",
+                        format!("backend Service {ns}/{} (port {port}) does not exist; its share gets 500", b.name),
+                    ))
+                } else {
+                    None
+                };
+                if let Some((reason, message)) = problem {
+                    resolved_refs = Condition {
+                        ok: false,
+                        reason,
+                        message,
+                    };
+                    break 'rules;
+                }
+            }
+        }
+        out.push(RouteStatus {
+            namespace: route_ns.to_string(),
+            name: route.metadata.name.clone(),
+            generation: route.metadata.generation,
+            parents,
+            accepted,
+            resolved_refs,
+        });
+    }
+    out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    out
+}
+
+/// Logs the status of every route that is new or changed since `previous` (one line each:
+/// what `kubectl get httproute -o yaml` would show in Kubernetes mode).
+pub fn log_status_changes(previous: &[RouteStatus], now: &[RouteStatus]) {
+    for status in now.iter().filter(|s| !previous.contains(s)) {
+        let level_ok = status.accepted.ok && status.resolved_refs.ok;
+        let route = format!("{}/{}", status.namespace, status.name);
+        let accepted = format!(
+            "{} ({}: {})",
+            if status.accepted.ok { "True" } else { "False" },
+            status.accepted.reason,
+            status.accepted.message
+        );
+        let resolved = format!(
+            "{} ({}: {})",
+            if status.resolved_refs.ok {
+                "True"
+            } else {
+                "False"
+            },
+            status.resolved_refs.reason,
+            status.resolved_refs.message
+        );
+        if level_ok {
+            tracing::info!(%route, %accepted, resolved_refs = %resolved, "HTTPRoute status");
+        } else {
+            tracing::warn!(%route, %accepted, resolved_refs = %resolved, "HTTPRoute status");
+        }
+    }
+}
+
+/// The `status` of an HTTPRoute as the Gateway API writes it: one entry per Service parent,
+/// with the `Accepted` and `ResolvedRefs` conditions.
+pub fn status_json(status: &RouteStatus, now_rfc3339: &str) -> serde_json::Value {
+    let condition = |type_: &str, c: &Condition| {
+        let mut v = serde_json::json!({
+            "type": type_,
+            "status": if c.ok { "True" } else { "False" },
+            "reason": c.reason,
+            "message": c.message,
+            "lastTransitionTime": now_rfc3339,
+        });
+        if let Some(g) = status.generation {
+            v["observedGeneration"] = g.into();
+        }
+        v
+    };
+    let parents: Vec<serde_json::Value> = status
+        .parents
+        .iter()
+        .map(|(ns, name, port)| {
+            let mut parent = serde_json::json!({"group": "", "kind": "Service", "name": name, "namespace": ns});
+            if let Some(port) = port {
+                parent["port"] = (*port).into();
+            }
+            serde_json::json!({
+                "parentRef": parent,
+                "controllerName": CONTROLLER_NAME,
+                "conditions": [condition("Accepted", &status.accepted), condition("ResolvedRefs", &status.resolved_refs)],
+            })
+        })
+        .collect();
+    serde_json::json!({"status": {"parents": parents}})
+}
+
+/// The controller name in route status entries.
+pub const CONTROLLER_NAME: &str = "strait.io/mesh";
 
 /// `web`, `web.shop`, `web.shop.svc`, `web.shop.svc.cluster.local` -> `web`.
 fn short_name<'a>(service: &'a str, ns: &str, cluster_domain: &str) -> &'a str {
@@ -117,7 +378,12 @@ fn millis(d: Option<&String>, what: &str, route: &str) -> u64 {
     }
 }
 
-fn http_routes(attached: &[&HttpRoute], port: u16, resolve: &Resolve<'_>) -> Vec<Route> {
+fn http_routes(
+    attached: &[&HttpRoute],
+    port: u16,
+    resolve: &Resolve<'_>,
+    sources: &RouteSources<'_>,
+) -> Vec<Route> {
     // One route per (rule, match), so precedence can be sorted per match.
     let mut keyed = Vec::new();
     let mut sorted: Vec<&&HttpRoute> = attached.iter().collect();
@@ -128,7 +394,7 @@ fn http_routes(attached: &[&HttpRoute], port: u16, resolve: &Resolve<'_>) -> Vec
         let route_ns = route.metadata.namespace.as_str();
         for (i, rule) in route.spec.rules.iter().enumerate() {
             let name = format!("httproute {route_ns}/{}#{i}", route.metadata.name);
-            let mut base = rule_route(&name, rule, route_ns, port, resolve);
+            let mut base = rule_route(&name, rule, route_ns, port, resolve, sources);
             if let (Some(retry), Some(codes)) = (
                 base.retry.as_mut(),
                 route.metadata.annotations.get(RETRY_GRPC_CODES),
@@ -214,6 +480,7 @@ fn rule_route(
     route_ns: &str,
     parent_port: u16,
     resolve: &Resolve<'_>,
+    sources: &RouteSources<'_>,
 ) -> Route {
     let backends = rule
         .backend_refs
@@ -223,6 +490,15 @@ fn rule_route(
             let ns = b.namespace.as_deref().unwrap_or(route_ns);
             let port = b.port.unwrap_or(parent_port);
             let weight = b.weight.unwrap_or(1);
+            if kind_ok && !sources.may_refer(route_ns, ns, &b.name) {
+                tracing::warn!(route = name, backend = %format!("{ns}/{}:{port}", b.name), "backend in another namespace without a ReferenceGrant there; its share gets 500");
+                return Backend {
+                    service: format!("{}.{ns}:{port}", b.name),
+                    weight,
+                    endpoints: Vec::new(),
+                    exists: false,
+                };
+            }
             match resolve(ns, &b.name, port).filter(|_| kind_ok) {
                 Some((service, endpoints)) => Backend {
                     service,
@@ -444,7 +720,7 @@ spec: {clusterIP: 10.96.0.20, ports: [{name: grpc, port: 9000}]}
         let mut docs = parse_documents(SERVICES).expect("services");
         docs.extend(parse_documents(extra).expect("routes"));
         match MeshIndex::build(&docs, &Naming::default())
-            .lookup(target)
+            .lookup(target, None)
             .update
             .clone()
         {
@@ -567,5 +843,129 @@ spec:
             "{:?}",
             r.backends
         );
+    }
+
+    const OTHER_NAMESPACE: &str = r#"
+kind: Service
+metadata: {name: evil, namespace: plain}
+spec: {ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+kind: EndpointSlice
+metadata: {name: evil, namespace: plain, labels: {kubernetes.io/service-name: evil}}
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.0.9.9]}]
+"#;
+
+    fn destination_for(extra: &str, target: &str, client_ns: Option<&str>) -> Destination {
+        let mut docs = parse_documents(SERVICES).expect("services");
+        docs.extend(parse_documents(OTHER_NAMESPACE).expect("other"));
+        docs.extend(parse_documents(extra).expect("routes"));
+        match MeshIndex::build(&docs, &Naming::default())
+            .lookup(target, client_ns)
+            .update
+            .clone()
+        {
+            Some(Update::Destination(d)) => d,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The hijack seen against a real API server: a route in another namespace naming the
+    /// Service as its parent.
+    const CONSUMER_ROUTE: &str = r#"
+kind: HTTPRoute
+metadata: {name: takeover, namespace: plain}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web, namespace: shop, port: 80}]
+  rules: [{backendRefs: [{name: evil, port: 80}]}]
+"#;
+
+    #[test]
+    fn a_route_in_another_namespace_applies_to_its_own_clients_only() {
+        // Clients in the Service's namespace and in any third namespace: untouched.
+        for client in [Some("shop"), Some("default"), None] {
+            let d = destination_for(CONSUMER_ROUTE, "10.96.0.10:80", client);
+            assert!(d.routes.is_empty(), "{client:?}: {:#?}", d.routes);
+            assert!(d.unmatched_to_service);
+        }
+        // Clients in the route's own namespace: their consumer route.
+        let d = destination_for(
+            CONSUMER_ROUTE,
+            "web.shop.svc.cluster.local:80",
+            Some("plain"),
+        );
+        assert_eq!(d.routes.len(), 1, "{:#?}", d.routes);
+        assert_eq!(
+            d.routes[0].backends[0].service,
+            "evil.plain.svc.cluster.local:80"
+        );
+        assert!(d.routes[0].backends[0].exists);
+    }
+
+    #[test]
+    fn a_consumer_route_replaces_the_producer_route_for_its_namespace_only() {
+        let producer = r#"
+kind: HTTPRoute
+metadata: {name: producer, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+  rules: [{backendRefs: [{name: web-v1, port: 80}]}]
+"#;
+        let both = format!("{producer}---\n{CONSUMER_ROUTE}");
+        let everyone = destination_for(&both, "10.96.0.10:80", Some("default"));
+        assert_eq!(
+            everyone.routes[0].backends[0].service,
+            "web-v1.shop.svc.cluster.local:80"
+        );
+        let consumer = destination_for(&both, "10.96.0.10:80", Some("plain"));
+        assert_eq!(consumer.routes.len(), 1);
+        assert_eq!(
+            consumer.routes[0].backends[0].service,
+            "evil.plain.svc.cluster.local:80"
+        );
+    }
+
+    #[test]
+    fn a_backend_in_another_namespace_needs_a_reference_grant_there() {
+        let route = r#"
+kind: HTTPRoute
+metadata: {name: producer, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+  rules: [{backendRefs: [{name: web-v1, port: 80, weight: 50}, {name: evil, namespace: plain, port: 80, weight: 50}]}]
+"#;
+        let d = destination_for(route, "10.96.0.10:80", Some("shop"));
+        let evil = &d.routes[0].backends[1];
+        assert!(!evil.exists, "no ReferenceGrant: its share gets 500");
+        assert!(evil.endpoints.is_empty());
+        assert!(d.routes[0].backends[0].exists);
+        // A grant for another Service, or from another namespace, is not enough.
+        let wrong = r#"
+---
+kind: ReferenceGrant
+metadata: {name: g, namespace: plain}
+spec:
+  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: default}]
+  to: [{group: "", kind: Service}]
+---
+kind: ReferenceGrant
+metadata: {name: g2, namespace: plain}
+spec:
+  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: shop}]
+  to: [{group: "", kind: Service, name: other}]
+"#;
+        let d = destination_for(&format!("{route}{wrong}"), "10.96.0.10:80", Some("shop"));
+        assert!(!d.routes[0].backends[1].exists);
+        let grant = r#"
+---
+kind: ReferenceGrant
+metadata: {name: allow-shop, namespace: plain}
+spec:
+  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: shop}]
+  to: [{group: "", kind: Service, name: evil}]
+"#;
+        let d = destination_for(&format!("{route}{grant}"), "10.96.0.10:80", Some("shop"));
+        assert!(d.routes[0].backends[1].exists);
+        assert_eq!(d.routes[0].backends[1].endpoints[0].ip, "10.0.9.9");
     }
 }

@@ -42,7 +42,7 @@ fn cluster() -> Vec<Resource> {
 
 /// `ip -> (meshed, identity)` of the endpoints discovery announces for `target`.
 fn endpoints(index: &MeshIndex, target: &str) -> BTreeMap<String, (bool, String)> {
-    match &index.lookup(target).update {
+    match &index.lookup(target, None).update {
         Some(Update::Destination(d)) => d
             .endpoints
             .iter()

@@ -84,6 +84,8 @@ struct Api {
     /// Token -> (status, TokenReview answer).
     reviews: HashMap<&'static str, (u16, String)>,
     calls: Vec<String>,
+    /// PATCH requests: (path, body).
+    patches: Vec<(String, Value)>,
     /// The API server is down: every request gets a 503.
     down: bool,
     /// Watch streams held open.
@@ -102,6 +104,7 @@ fn full(status: u16, body: String) -> Response<Body> {
 
 async fn answer(api: Arc<Mutex<Api>>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
+    let method = req.method().clone();
     let query = req.uri().query().unwrap_or("").to_string();
     let is_watch = query.contains("watch=true") || query.contains("watch=1");
     let body = req
@@ -122,6 +125,11 @@ async fn answer(api: Arc<Mutex<Api>>, req: Request<Incoming>) -> Response<Body> 
             "reason": "ServiceUnavailable", "code": 503, "message": "etcd is down"})
             .to_string(),
         );
+    }
+    if method == hyper::Method::PATCH {
+        let patch: Value = serde_json::from_slice(&body).unwrap_or_default();
+        api.patches.push((path, patch.clone()));
+        return full(200, json!({"kind": "HTTPRoute", "apiVersion": "gateway.networking.k8s.io/v1", "metadata": {"name": "x"}}).to_string());
     }
     if path == "/apis/authentication.k8s.io/v1/tokenreviews" {
         let review: Value = serde_json::from_slice(&body).unwrap_or_default();
@@ -292,7 +300,7 @@ const TARGETS: [&str; 6] = [
 ];
 
 fn endpoints(index: &MeshIndex, target: &str) -> Vec<String> {
-    match &index.lookup(target).update {
+    match &index.lookup(target, None).update {
         Some(Update::Destination(d)) => d
             .endpoints
             .iter()
@@ -308,13 +316,13 @@ async fn converge(rx: &watch::Receiver<Arc<MeshIndex>>, expected: &MeshIndex) {
         let current = rx.borrow().clone();
         if TARGETS
             .iter()
-            .all(|t| current.lookup(t) == expected.lookup(t))
+            .all(|t| current.lookup(t, None) == expected.lookup(t, None))
         {
             return;
         }
         if tokio::time::Instant::now() > deadline {
             for t in TARGETS {
-                assert_eq!(current.lookup(t), expected.lookup(t), "{t}");
+                assert_eq!(current.lookup(t, None), expected.lookup(t, None), "{t}");
             }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -393,7 +401,7 @@ async fn listed_endpoints_are_served_with_their_identity_and_kept_through_an_out
         eps,
         ["10.244.1.11:8080", "10.244.1.12:8080", "10.244.2.17:8080"]
     );
-    let Some(Update::Destination(d)) = &index.lookup("10.96.0.107:80").update else {
+    let Some(Update::Destination(d)) = &index.lookup("10.96.0.107:80", None).update else {
         panic!("web is in the mesh");
     };
     assert!(d
@@ -417,8 +425,8 @@ async fn listed_endpoints_are_served_with_their_identity_and_kept_through_an_out
     assert!(during > before, "the watchers retried");
     for t in TARGETS {
         assert_eq!(
-            rx.borrow().lookup(t),
-            expected.lookup(t),
+            rx.borrow().lookup(t, None),
+            expected.lookup(t, None),
             "{t} kept during the outage"
         );
     }
@@ -561,4 +569,118 @@ async fn token_review_decides_which_identity_is_signed() {
         assert!(text.contains(needle), "{needle} in {text}");
     }
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// GAMMA against the API server: the hijack seen on a real v1.32 cluster (a route in another
+/// namespace naming `shop/web` as its parent) reaches only its own namespace's clients, a
+/// cross-namespace backend without a ReferenceGrant gets no endpoints, and both routes get
+/// their conditions written to `status`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_routes_stay_in_their_namespace_and_route_status_is_written() {
+    let mut api = cluster_api();
+    api.lists.insert(
+        "/apis/gateway.networking.k8s.io/v1/httproutes",
+        list(
+            "HTTPRouteList",
+            "gateway.networking.k8s.io/v1",
+            vec![
+                json!({"metadata": {"name": "takeover", "namespace": "plain", "generation": 3},
+                       "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "web", "namespace": "shop", "port": 80}],
+                                "rules": [{"backendRefs": [{"name": "orders", "namespace": "shop", "port": 9000}]}]}}),
+            ],
+        ),
+    );
+    api.lists.insert(
+        "/apis/gateway.networking.k8s.io/v1beta1/referencegrants",
+        list(
+            "ReferenceGrantList",
+            "gateway.networking.k8s.io/v1beta1",
+            vec![],
+        ),
+    );
+    let (addr, api) = start(api).await;
+    let (tx, rx) = watch::channel(Arc::new(MeshIndex::default()));
+    let (ready_tx, mut ready) = watch::channel(false);
+    tokio::spawn(strait_control_plane::kubernetes::run(
+        client(addr),
+        Naming::default(),
+        tx,
+        ready_tx,
+    ));
+    tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|r| *r))
+        .await
+        .expect("ready")
+        .expect("ready");
+    let routes_seen_by = |ns: Option<&str>| -> Vec<String> {
+        match &rx
+            .borrow()
+            .lookup("web.shop.svc.cluster.local:80", ns)
+            .update
+        {
+            Some(Update::Destination(d)) => d
+                .routes
+                .iter()
+                .flat_map(|r| {
+                    r.backends
+                        .iter()
+                        .map(|b| format!("{}:{}", b.service, b.exists))
+                })
+                .collect(),
+            _ => vec!["not in mesh".into()],
+        }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while routes_seen_by(Some("plain")).is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The consumer route applies to `plain` only; its backend in `shop` has no grant.
+    assert_eq!(routes_seen_by(Some("plain")), ["orders.shop:9000:false"]);
+    // Everyone else keeps the producer's view (the captured TrafficSplit of shop/web).
+    for ns in [Some("shop"), Some("default"), None] {
+        let seen = routes_seen_by(ns);
+        assert!(
+            !seen.iter().any(|b| b.starts_with("orders")),
+            "{ns:?}: {seen:?}"
+        );
+        assert!(
+            seen.iter().any(|b| b.starts_with("web-v1")),
+            "{ns:?}: {seen:?}"
+        );
+    }
+    // Its status: accepted as a consumer route, refs not permitted.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let patch = loop {
+        let found = api
+            .lock()
+            .expect("lock")
+            .patches
+            .iter()
+            .find(|(p, _)| p == "/apis/gateway.networking.k8s.io/v1/namespaces/plain/httproutes/takeover/status")
+            .cloned();
+        if let Some(found) = found {
+            break found.1;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no status PATCH");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let parent = &patch["status"]["parents"][0];
+    assert_eq!(parent["parentRef"]["name"], "web");
+    assert_eq!(parent["parentRef"]["namespace"], "shop");
+    assert_eq!(parent["controllerName"], "strait.io/mesh");
+    let conditions = parent["conditions"].as_array().expect("conditions");
+    let find = |t: &str| {
+        conditions
+            .iter()
+            .find(|c| c["type"] == t)
+            .cloned()
+            .expect(t)
+    };
+    assert_eq!(find("Accepted")["status"], "True");
+    assert!(find("Accepted")["message"]
+        .as_str()
+        .unwrap_or("")
+        .contains("clients in namespace plain only"));
+    assert_eq!(find("ResolvedRefs")["status"], "False");
+    assert_eq!(find("ResolvedRefs")["reason"], "RefNotPermitted");
+    assert_eq!(find("ResolvedRefs")["observedGeneration"], 3);
 }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use strait_e2e::{served_by, Mesh, ServiceDef};
-use strait_testbed::Pod;
+use strait_testbed::{Pod, SidecarOpts};
 
 /// `n` sequential requests on one connection (curl URL globbing), with extra curl arguments.
 fn requests(
@@ -217,6 +217,52 @@ fn an_endpoint_50ms_slower_receives_clearly_less_traffic() -> anyhow::Result<()>
     assert!(
         slow * 5 < fast,
         "the slow endpoint must get clearly less than a fast one: {counts:?}"
+    );
+    Ok(())
+}
+
+/// The takeover seen against a real API server, in local mode: an HTTPRoute in namespace
+/// `plain` naming `default/web` as its parent changes what `plain`'s clients reach, and nobody
+/// else's; its status (a consumer route) is in the control plane's log.
+#[test]
+fn a_route_in_another_namespace_cannot_take_over_a_service_for_other_clients() -> anyhow::Result<()>
+{
+    let mesh = Mesh::with_identity("gamma", "24h")?;
+    let server = mesh.pod_as("server", "web", &SidecarOpts::default())?;
+    mesh.serve_web(&server)?;
+    let evil = mesh.pod_in("evil", "plain", "evil", &SidecarOpts::default())?;
+    mesh.net.start_app(
+        &evil,
+        "http",
+        &["http", "--listen", "0.0.0.0:8080", "--name", "evil"],
+    )?;
+    let mut evil_svc = ServiceDef::new("evil", "10.96.0.40", 80, 8080, &[&evil]);
+    evil_svc.namespace = "plain".into();
+    evil_svc.service_account = "evil".into();
+    mesh.config.service(&evil_svc)?;
+    mesh.config.write(
+        "takeover.yaml",
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: takeover, namespace: plain}\n\
+         spec:\n  parentRefs: [{group: \"\", kind: Service, name: web, namespace: default, port: 80}]\n\
+         \x20 rules: [{backendRefs: [{name: evil, port: 80}]}]\n",
+    )?;
+    let client = mesh.pod_in("client", "default", "frontend", &SidecarOpts::default())?;
+    let insider = mesh.pod_in("insider", "plain", "frontend", &SidecarOpts::default())?;
+    // The route's own namespace follows it ...
+    mesh.eventually(Duration::from_secs(10), || {
+        Ok(mesh
+            .curl(&insider, &["http://10.96.0.10/"])
+            .is_ok_and(|o| o.contains("hello from evil")))
+    })?;
+    // ... every other client still reaches the service.
+    for _ in 0..10 {
+        let out = mesh.curl(&client, &["http://10.96.0.10/"])?;
+        assert!(out.contains("hello from server"), "{out}");
+    }
+    let logs = mesh.net.output(&mesh.control_plane);
+    assert!(
+        logs.contains("plain/takeover") && logs.contains("clients in namespace plain only"),
+        "route status in the log:\n{logs}"
     );
     Ok(())
 }

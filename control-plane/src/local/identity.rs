@@ -208,6 +208,7 @@ impl BootstrapTokens {
                         sa.to_string(),
                     )]
                     .into(),
+                    generation: None,
                 },
                 type_: Some("kubernetes.io/service-account-token".into()),
                 data: Default::default(),

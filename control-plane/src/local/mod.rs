@@ -171,6 +171,7 @@ fn publish(source: &LocalSource, naming: &Naming, tx: &watch::Sender<Arc<MeshInd
     }
     let index = MeshIndex::build(&resources, naming);
     tracing::info!(services = index.service_count(), "mesh state updated");
+    crate::routes::log_status_changes(tx.borrow().route_statuses(), index.route_statuses());
     tx.send_replace(Arc::new(index));
 }
 

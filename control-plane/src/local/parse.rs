@@ -81,6 +81,7 @@ fn parse_value(doc: usize, value: Value, out: &mut Vec<Resource>) -> Result<(), 
         "TrafficSplit" => Resource::TrafficSplit(typed(value).map_err(shape)?),
         "HTTPRouteGroup" => Resource::HttpRouteGroup(typed(value).map_err(shape)?),
         "HTTPRoute" => Resource::HttpRoute(typed(value).map_err(shape)?),
+        "ReferenceGrant" => Resource::ReferenceGrant(typed(value).map_err(shape)?),
         list if list.ends_with("List") => {
             // `kubectl get -o yaml` output: a List of items.
             if let Some(Value::Sequence(items)) = value.get("items") {
