@@ -75,6 +75,17 @@ pub struct InstallArgs {
     /// `strait.io/access-log`).
     #[arg(long, default_value = "off", value_parser = ["off", "json"])]
     pub access_log: String,
+    /// CNI mode: a DaemonSet chains the `strait-cni` plugin into each node's CNI
+    /// configuration, and injected pods get no `strait-init` container (no NET_ADMIN/NET_RAW:
+    /// they pass PodSecurity `restricted`).
+    #[arg(long)]
+    pub cni: bool,
+    /// CNI mode: the node's CNI binary directory.
+    #[arg(long, default_value = "/opt/cni/bin")]
+    pub cni_bin_dir: String,
+    /// CNI mode: the node's CNI configuration directory.
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    pub cni_conf_dir: String,
 }
 
 struct Pki {
@@ -260,6 +271,9 @@ fn injector(args: &InstallArgs) -> Value {
     if let Some(collector) = &args.trace_collector {
         injector_args.push(format!("--trace-collector={collector}"));
     }
+    if args.cni {
+        injector_args.push("--cni".into());
+    }
     let container = json!({
         "name": "injector",
         "image": args.image,
@@ -282,6 +296,51 @@ fn injector(args: &InstallArgs) -> Value {
                {"name": "anchors", "configMap": {"name": "strait-trust-anchors"}}]),
         false,
     )
+}
+
+/// The namespace of the CNI DaemonSet (PodSecurity `privileged`: it writes host paths).
+const CNI_NAMESPACE: &str = "strait-cni";
+
+/// CNI mode: on every node, a pod that copies `strait-cni` into the CNI binary directory and
+/// chains it into the node's configuration list (and takes it out when it stops). It needs
+/// no API access: pod annotations reach the plugin from the runtime.
+fn cni_daemonset(args: &InstallArgs) -> Value {
+    let ns = CNI_NAMESPACE;
+    let name = "strait-cni";
+    json!({
+        "apiVersion": "apps/v1", "kind": "DaemonSet",
+        "metadata": meta(name, ns, name),
+        "spec": {
+            "selector": {"matchLabels": {"app.kubernetes.io/name": name}},
+            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},
+            "template": {
+                "metadata": {"labels": labels(name), "annotations": {"strait.io/inject": "disabled"}},
+                "spec": {
+                    "serviceAccountName": name,
+                    "automountServiceAccountToken": false,
+                    "priorityClassName": "system-node-critical",
+                    "tolerations": [{"operator": "Exists"}],
+                    "containers": [{
+                        "name": "install-cni",
+                        "image": args.image,
+                        "command": ["strait-cni", "install", "--bin-dir", "/host/opt/cni/bin", "--conf-dir", "/host/etc/cni/net.d"],
+                        "lifecycle": {"preStop": {"exec": {"command": ["strait-cni", "install", "--uninstall", "--conf-dir", "/host/etc/cni/net.d"]}}},
+                        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
+                        // Writes root-owned host directories: root, but no capabilities beyond
+                        // the defaults and a read-only root filesystem.
+                        "securityContext": {"runAsUser": 0, "allowPrivilegeEscalation": false,
+                                            "readOnlyRootFilesystem": true,
+                                            "capabilities": {"drop": ["ALL"], "add": ["CHOWN", "DAC_OVERRIDE", "FOWNER"]},
+                                            "seccompProfile": {"type": "RuntimeDefault"}},
+                        "volumeMounts": [{"name": "cni-bin", "mountPath": "/host/opt/cni/bin"},
+                                         {"name": "cni-conf", "mountPath": "/host/etc/cni/net.d"}],
+                    }],
+                    "volumes": [{"name": "cni-bin", "hostPath": {"path": args.cni_bin_dir, "type": "DirectoryOrCreate"}},
+                                {"name": "cni-conf", "hostPath": {"path": args.cni_conf_dir, "type": "DirectoryOrCreate"}}],
+                }
+            }
+        }
+    })
 }
 
 fn service(ns: &str, name: &str, component: &str, ports: Value) -> Value {
@@ -363,6 +422,20 @@ pub fn manifests(args: &InstallArgs) -> anyhow::Result<Vec<Value>> {
         "metadata": {"name": ns, "labels": {"app.kubernetes.io/part-of": "strait",
                                             "strait.io/inject": "disabled"}}
     })];
+    if args.cni {
+        // The CNI installer writes host directories (hostPath): the one privileged part, in a
+        // namespace of its own so the control plane's stays restricted.
+        docs.push(json!({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": CNI_NAMESPACE, "labels": {"app.kubernetes.io/part-of": "strait",
+                                                     "strait.io/inject": "disabled",
+                                                     "pod-security.kubernetes.io/enforce": "privileged"}}
+        }));
+        docs.push(json!({"apiVersion": "v1", "kind": "ServiceAccount",
+                         "metadata": meta("strait-cni", CNI_NAMESPACE, "strait-cni"),
+                         "automountServiceAccountToken": false}));
+        docs.push(cni_daemonset(args));
+    }
     for (i, crd) in CRDS.iter().enumerate() {
         if args.skip_smi_crds && i > 0 {
             continue;
@@ -375,7 +448,7 @@ pub fn manifests(args: &InstallArgs) -> anyhow::Result<Vec<Value>> {
         {"apiGroups": ["split.smi-spec.io"], "resources": ["trafficsplits"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": ["specs.smi-spec.io"], "resources": ["httproutegroups"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes", "referencegrants"], "verbs": ["get", "list", "watch"]},
-        {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes/status"], "verbs": ["get", "patch", "update"]},
+        {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes/status"], "verbs": ["patch"]},
         {"apiGroups": ["policy.strait.io"], "resources": ["authorizationpolicies"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
     ]);

@@ -206,11 +206,16 @@ fn every_installed_manifest_is_valid_for_kubernetes_1_29_to_1_33_and_least_privi
             "{rule}"
         );
         let verbs = rule["verbs"].as_array().expect("verbs");
-        assert!(verbs
-            .iter()
-            .all(|v| ["get", "list", "watch", "create"].contains(&v.as_str().unwrap_or(""))));
+        assert!(verbs.iter().all(
+            |v| ["get", "list", "watch", "create", "patch"].contains(&v.as_str().unwrap_or(""))
+        ));
         if verbs.iter().any(|v| v == "create") {
             assert_eq!(rule["resources"], json!(["tokenreviews"]));
+        }
+        // The one write besides TokenReviews: the conditions of HTTPRoutes.
+        if verbs.iter().any(|v| v == "patch") {
+            assert_eq!(rule["resources"], json!(["httproutes/status"]));
+            assert_eq!(rule["verbs"], json!(["patch"]));
         }
     }
     let injector = find(&docs, "Deployment", "strait-injector");
@@ -592,4 +597,49 @@ fn with_failure_policy_fail_only_pods_that_asked_for_the_mesh_reach_the_webhook(
     let opted_in = json!({"strait.io/inject": "enabled"});
     assert_eq!(calls(&namespaces["plain"], &opted_in), 1);
     assert_eq!(calls(&namespaces["kube-system"], &opted_in), 0);
+}
+
+#[test]
+fn cni_mode_installs_the_plugin_daemonset_and_injects_without_an_init_container() {
+    let dir = tempdir("install-cni");
+    let out = strait(&["install", "--cni"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let yaml = String::from_utf8(out.stdout).expect("UTF-8");
+    std::fs::write(dir.join("install.yaml"), &yaml).expect("write");
+    validate(&dir.join("install.yaml"));
+    let docs = docs(&yaml);
+    // Only the CNI installer's own namespace is privileged; the control plane's stays as is.
+    let cni_ns = find(&docs, "Namespace", "strait-cni");
+    assert_eq!(
+        cni_ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"],
+        "privileged"
+    );
+    assert!(
+        find(&docs, "Namespace", "strait-system")["metadata"]["labels"]
+            .get("pod-security.kubernetes.io/enforce")
+            .is_none()
+    );
+    let ds = find(&docs, "DaemonSet", "strait-cni");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["automountServiceAccountToken"], false, "no API access");
+    let container = &pod["containers"][0];
+    assert_eq!(container["command"][0], "strait-cni");
+    assert_eq!(container["command"][1], "install");
+    let paths: Vec<&str> = pod["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .filter_map(|v| v["hostPath"]["path"].as_str())
+        .collect();
+    assert_eq!(paths, ["/opt/cni/bin", "/etc/cni/net.d"]);
+    let injector = find(&docs, "Deployment", "strait-injector");
+    let args = injector["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .expect("args");
+    assert!(args.iter().any(|a| a == "--cni"), "{args:?}");
+    std::fs::remove_dir_all(&dir).ok();
 }

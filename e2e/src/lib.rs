@@ -242,6 +242,7 @@ impl Mesh {
         let opts = SidecarOpts {
             env: env_refs,
             skip_outbound_ports: opts.skip_outbound_ports,
+            skip_init: opts.skip_init,
         };
         self.net.start_sidecar(&pod, &opts)?;
         Ok(pod)

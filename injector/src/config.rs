@@ -71,6 +71,11 @@ pub struct InjectConfig {
         default_value = "identity.strait.io"
     )]
     pub token_audience: String,
+    /// CNI mode: the `strait-cni` plugin (installed by `strait install --cni`) writes each
+    /// injected pod's redirection rules, so pods get no `strait-init` container with
+    /// NET_ADMIN/NET_RAW and pass PodSecurity `restricted`.
+    #[arg(long, env = "STRAIT_CNI")]
+    pub cni: bool,
     /// Default sidecar mode; the pod annotation `strait.io/sidecar-mode` overrides it.
     #[arg(long, env = "STRAIT_SIDECAR_MODE", value_enum, default_value_t = SidecarMode::Native)]
     pub sidecar_mode: SidecarMode,
@@ -131,6 +136,7 @@ impl InjectConfig {
             trust_domain: "cluster.local".into(),
             trust_anchors: None,
             token_audience: "identity.strait.io".into(),
+            cni: false,
             sidecar_mode: SidecarMode::Native,
             proxy_cpu_request: "50m".into(),
             proxy_cpu_limit: "1".into(),

@@ -11,8 +11,8 @@ use std::path::PathBuf;
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, ExecAction, HTTPGetAction,
     Lifecycle, LifecycleHandler, ObjectFieldSelector, Probe, ProjectedVolumeSource,
-    ResourceRequirements, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount,
-    VolumeProjection,
+    ResourceRequirements, SeccompProfile, SecurityContext, ServiceAccountTokenProjection, Volume,
+    VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -473,25 +473,30 @@ fn patch(
         ops.push(json!({"op": "add", "path": "/metadata/annotations", "value": map}));
     }
 
-    let mut volumes = vec![xtables_volume()];
+    // In CNI mode the node's plugin writes the rules: no init container, no xtables lock.
+    let mut volumes = Vec::new();
+    if !cfg.cni {
+        volumes.push(xtables_volume());
+    }
     if anchors.is_some() {
         volumes.push(token_volume(&cfg.token_audience));
     }
-    add_all(&mut ops, spec, "volumes", 0, volumes, true);
+    if !volumes.is_empty() {
+        add_all(&mut ops, spec, "volumes", 0, volumes, true);
+    }
 
-    let init = to_value(init_container(cfg, o));
+    let init = (!cfg.cni).then(|| to_value(init_container(cfg, o)));
     let proxy = to_value(proxy_container(cfg, o, anchors, &probes.probes));
     match o.mode {
-        SidecarMode::Native => add_all(
-            &mut ops,
-            spec,
-            "initContainers",
-            0,
-            vec![init, proxy],
-            false,
-        ),
+        SidecarMode::Native => {
+            let mut first: Vec<Value> = init.into_iter().collect();
+            first.push(proxy);
+            add_all(&mut ops, spec, "initContainers", 0, first, false);
+        }
         SidecarMode::Classic => {
-            add_all(&mut ops, spec, "initContainers", 0, vec![init], false);
+            if let Some(init) = init {
+                add_all(&mut ops, spec, "initContainers", 0, vec![init], false);
+            }
             add_all(&mut ops, spec, "containers", 0, vec![proxy], false);
         }
     }
@@ -725,6 +730,8 @@ fn proxy_container(
         startup_probe: Some(http_probe("/ready", 1, Some(120))),
         readiness_probe: Some(http_probe("/ready", 5, None)),
         liveness_probe: Some(http_probe("/live", 10, None)),
+        // PodSecurity `restricted` as it is: non-root, no capabilities, no escalation, the
+        // runtime's default seccomp profile.
         security_context: Some(SecurityContext {
             run_as_user: Some(cfg.proxy_uid),
             run_as_non_root: Some(true),
@@ -733,6 +740,10 @@ fn proxy_container(
             capabilities: Some(Capabilities {
                 add: None,
                 drop: Some(vec!["ALL".into()]),
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                localhost_profile: None,
             }),
             ..Default::default()
         }),

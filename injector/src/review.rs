@@ -42,7 +42,7 @@ pub fn review(
 /// What a pod gets instead of a sidecar in a namespace whose PodSecurity admission enforces
 /// `baseline` or `restricted`: the iptables init container needs NET_ADMIN and NET_RAW, which
 /// both levels forbid, so injecting it would make the API server reject the pod.
-pub const POD_SECURITY_WARNING: &str = "the namespace enforces PodSecurity baseline or restricted, which forbids the NET_ADMIN and NET_RAW capabilities of the strait-init container: the pod was admitted without the sidecar (label the namespace pod-security.kubernetes.io/enforce=privileged to mesh it; a CNI mode that needs no such container is not available yet)";
+pub const POD_SECURITY_WARNING: &str = "the namespace enforces PodSecurity baseline or restricted, which forbids the NET_ADMIN and NET_RAW capabilities of the strait-init container: the pod was admitted without the sidecar (install Strait in CNI mode, `strait install --cni`, whose pods need no such container and pass restricted; or label the namespace pod-security.kubernetes.io/enforce=privileged)";
 
 /// [`review`] for a namespace whose PodSecurity level is known to forbid the init container
 /// (`pod_security`): such a pod is admitted unchanged, with [`POD_SECURITY_WARNING`].
@@ -73,7 +73,8 @@ pub fn review_in(
         Outcome::Ignored
     } else if let Some(pod) = request.get("object") {
         match decide(pod, namespace_enabled, cfg, &mut response) {
-            Outcome::Injected if pod_security => {
+            // In CNI mode the pod has no such container: it passes restricted as injected.
+            Outcome::Injected if pod_security && !cfg.cni => {
                 // Undo: the patch would make the API server reject the pod.
                 if let Some(r) = response.as_object_mut() {
                     r.remove("patch");

@@ -650,3 +650,47 @@ fn in_a_pod_security_namespace_the_pod_is_admitted_unchanged_with_a_warning() {
     assert!(matches!(outcome, Outcome::Skipped(_)), "{outcome:?}");
     assert!(answer["response"].get("warnings").is_none());
 }
+
+#[test]
+fn in_cni_mode_the_injected_pod_has_no_init_container_and_its_proxy_passes_restricted() {
+    for mode in [SidecarMode::Native, SidecarMode::Classic] {
+        let cfg = InjectConfig {
+            cni: true,
+            ..config(mode)
+        };
+        // Even on the PodSecurity path: nothing the restricted level forbids is added.
+        let body = serde_json::to_vec(&fixture("pod-create-k8s-1.32.json")).expect("json");
+        let (answer, outcome) =
+            strait_injector::review::review_in(&body, true, true, &cfg).expect("a review");
+        assert_eq!(outcome, Outcome::Injected, "{mode:?}");
+        assert!(answer["response"].get("warnings").is_none());
+        let (_, _, pod) = run(&fixture("pod-create-k8s-1.32.json"), true, &cfg);
+        assert!(
+            !init_names(&pod).iter().any(|n| n == "strait-init"),
+            "{mode:?}: {:?}",
+            init_names(&pod)
+        );
+        let spec = pod.spec.as_ref().expect("spec");
+        assert!(
+            !spec
+                .volumes
+                .iter()
+                .flatten()
+                .any(|v| v.name.contains("xtables")),
+            "no iptables lock volume"
+        );
+        let proxy = proxy_of(&pod);
+        let sc = proxy.security_context.as_ref().expect("securityContext");
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        let caps = sc.capabilities.as_ref().expect("capabilities");
+        assert!(caps.add.as_ref().is_none_or(Vec::is_empty));
+        assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]));
+        assert_eq!(
+            sc.seccomp_profile.as_ref().map(|p| p.type_.as_str()),
+            Some("RuntimeDefault")
+        );
+        let text = serde_json::to_string(&pod).expect("json");
+        assert!(!text.contains("NET_ADMIN") && !text.contains("NET_RAW"));
+    }
+}

@@ -50,7 +50,7 @@ pub struct InitConfig {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Cidrs(Vec<(IpAddr, u8)>);
 
-fn parse_cidrs(s: &str) -> Result<Cidrs, String> {
+pub fn parse_cidrs(s: &str) -> Result<Cidrs, String> {
     let mut out = Vec::new();
     for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
         let bad = || format!("{item:?} is not a CIDR like 10.0.0.0/8 or fd00::/8");

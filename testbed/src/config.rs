@@ -145,6 +145,8 @@ impl MeshConfig {
 pub struct SidecarOpts<'a> {
     pub env: Vec<(&'a str, &'a str)>,
     pub skip_outbound_ports: Option<&'a str>,
+    /// The pod's rules are already there (written by the CNI plugin): no `strait-proxy init`.
+    pub skip_init: bool,
 }
 
 impl Net {
@@ -260,7 +262,9 @@ impl Net {
         if let Some(p) = opts.skip_outbound_ports {
             init.extend(["--skip-outbound-ports", p]);
         }
-        self.exec(pod, &init).context("strait-proxy init")?;
+        if !opts.skip_init {
+            self.exec(pod, &init).context("strait-proxy init")?;
+        }
         let cp = format!("{BRIDGE_IP}:{DISCOVERY_PORT}");
         let workload = format!("default/{}", pod.name);
         let pod_ip = pod.ip.to_string();
