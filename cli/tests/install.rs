@@ -399,6 +399,15 @@ fn check_passes_on_an_installed_mesh_and_names_what_is_missing() {
         }
         objects.insert(path_of(&doc), doc);
     }
+    let namespaces = |extra: Vec<Value>| {
+        let mut items = vec![
+            json!({"metadata": {"name": "default"}}),
+            json!({"metadata": {"name": "shop", "labels": {"strait.io/inject": "enabled"}}}),
+        ];
+        items.extend(extra);
+        json!({"kind": "NamespaceList", "apiVersion": "v1", "metadata": {}, "items": items})
+    };
+    objects.insert("/api/v1/namespaces".into(), namespaces(Vec::new()));
     let dir = tempdir("check");
     let run_check = |objects: HashMap<String, Value>| {
         let bodies = objects
@@ -421,8 +430,57 @@ fn check_passes_on_an_installed_mesh_and_names_what_is_missing() {
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("all 10 checks passed"), "{stdout}");
+    assert!(stdout.contains("all 12 checks passed"), "{stdout}");
     assert!(stdout.contains("2/2 replicas ready"), "{stdout}");
+    assert!(
+        stdout
+            .contains("verifies the injector's certificate for strait-injector.strait-system.svc"),
+        "{stdout}"
+    );
+
+    // Read-only, no Secrets: still passes, saying what it could not check.
+    let mut no_secrets = objects.clone();
+    for name in ["strait-issuer", "strait-injector-tls"] {
+        no_secrets.insert(
+            format!("/api/v1/namespaces/strait-system/secrets/{name}"),
+            Value::String("403".into()),
+        );
+    }
+    let out = run_check(no_secrets);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("no permission to read Secrets"), "{stdout}");
+
+    // A caBundle that is not the injector's CA, and a meshed namespace enforcing restricted.
+    let mut broken = objects.clone();
+    let webhook_path =
+        "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/strait-injector";
+    let other_ca = strait(&["install"], None);
+    let other_docs = self::docs(&String::from_utf8(other_ca.stdout).expect("UTF-8"));
+    let other_bundle = find(
+        &other_docs,
+        "MutatingWebhookConfiguration",
+        "strait-injector",
+    )["webhooks"][0]["clientConfig"]["caBundle"]
+        .clone();
+    if let Some(w) = broken.get_mut(webhook_path) {
+        for entry in w["webhooks"].as_array_mut().expect("entries") {
+            entry["clientConfig"]["caBundle"] = other_bundle.clone();
+        }
+    }
+    broken.insert(
+        "/api/v1/namespaces".into(),
+        namespaces(vec![json!({"metadata": {"name": "payments", "labels": {
+            "strait.io/inject": "enabled", "pod-security.kubernetes.io/enforce": "restricted"}}})]),
+    );
+    let out = run_check(broken);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(!out.status.success());
+    assert!(stdout.contains("FAIL webhook caBundle"), "{stdout}");
+    assert!(
+        stdout.contains("FAIL PodSecurity") && stdout.contains("payments (restricted)"),
+        "{stdout}"
+    );
 
     objects.remove(
         "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/strait-injector",

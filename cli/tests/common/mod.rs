@@ -53,6 +53,16 @@ pub async fn fake_api(
                         });
                         async move {
                             let mut r = match body {
+                                // A body "403" stands for RBAC refusing the request.
+                                Some(b) if b.trim_matches('"') == "403" => {
+                                    let mut r = Response::new(Full::new(Bytes::from(
+                                        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                               "reason": "Forbidden", "code": 403,
+                                               "message": "secrets is forbidden"}).to_string(),
+                                    )));
+                                    *r.status_mut() = StatusCode::FORBIDDEN;
+                                    r
+                                }
                                 Some(b) => Response::new(Full::new(Bytes::from(b))),
                                 None => {
                                     let mut r = Response::new(Full::new(Bytes::from(
