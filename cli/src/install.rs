@@ -86,6 +86,16 @@ pub struct InstallArgs {
     /// CNI mode: the node's CNI configuration directory.
     #[arg(long, default_value = "/etc/cni/net.d")]
     pub cni_conf_dir: String,
+    /// Generate a new trust anchor, issuer and webhook certificate even when the cluster
+    /// (`KUBECONFIG`) already runs Strait: a root rotation by replacement, which breaks mTLS
+    /// between pods started before and after it (docs/identity.md has the rotation without
+    /// downtime). Without it, an existing install's PKI is kept.
+    #[arg(long, conflicts_with = "anchors")]
+    pub fresh_pki: bool,
+    /// Where the existing install is looked up: never (`offline`: always new PKI unless
+    /// --anchors is given) or the current `KUBECONFIG` context (`cluster`, the default).
+    #[arg(long, default_value = "cluster", value_parser = ["cluster", "offline"])]
+    pub existing: String,
 }
 
 struct Pki {
@@ -96,34 +106,42 @@ struct Pki {
 }
 
 fn pki(args: &InstallArgs) -> anyhow::Result<Pki> {
-    let (anchors, issuer_cert, issuer_key) =
-        match (&args.anchors, &args.issuer_cert, &args.issuer_key) {
-            (Some(a), Some(c), Some(k)) => {
-                let read = |p: &PathBuf, flag: &str| {
-                    std::fs::read_to_string(p).with_context(|| format!("{flag} {}", p.display()))
-                };
-                let (a, c, k) = (
-                    read(a, "--anchors")?,
-                    read(c, "--issuer-cert")?,
-                    read(k, "--issuer-key")?,
-                );
-                ca::CertificateAuthority::from_pem(&c, &k)
-                    .context("--issuer-cert/--issuer-key are not a usable issuer")?;
-                (a, c, k)
+    let (anchors, issuer_cert, issuer_key) = match (
+        &args.anchors,
+        &args.issuer_cert,
+        &args.issuer_key,
+    ) {
+        (Some(a), Some(c), Some(k)) => {
+            let read = |p: &PathBuf, flag: &str| {
+                std::fs::read_to_string(p).with_context(|| format!("{flag} {}", p.display()))
+            };
+            let (a, c, k) = (
+                read(a, "--anchors")?,
+                read(c, "--issuer-cert")?,
+                read(k, "--issuer-key")?,
+            );
+            ca::CertificateAuthority::from_pem(&c, &k)
+                .context("--issuer-cert/--issuer-key are not a usable issuer")?;
+            (a, c, k)
+        }
+        _ if !args.fresh_pki && args.existing == "cluster" => match existing_pki(args) {
+            Ok(Some(existing)) => {
+                eprintln!(
+                        "strait install: keeping the cluster's trust anchors, issuer and webhook certificate (namespace {}); --fresh-pki replaces them",
+                        args.namespace
+                    );
+                return Ok(existing);
             }
-            _ => {
-                let generated = ca::generate(
-                    &args.trust_domain,
-                    Duration::from_secs(10 * 365 * 86_400),
-                    Duration::from_secs(365 * 86_400),
-                )?;
-                (
-                    generated.anchor_cert_pem,
-                    generated.issuer_cert_pem,
-                    generated.issuer_key_pem,
-                )
+            Ok(None) => generate(args)?,
+            Err(e) => {
+                eprintln!(
+                        "strait install: could not look for an existing install ({e:#}); generated a NEW trust anchor. Applying this to a cluster that runs Strait would replace its root: fix KUBECONFIG, or say --existing offline / --fresh-pki to mean it"
+                    );
+                generate(args)?
             }
-        };
+        },
+        _ => generate(args)?,
+    };
     let service = format!("strait-injector.{}.svc", args.namespace);
     let webhook = ca::generate_serving(
         "strait-injector-ca",
@@ -138,6 +156,88 @@ fn pki(args: &InstallArgs) -> anyhow::Result<Pki> {
         issuer_cert,
         issuer_key,
         webhook,
+    })
+}
+
+/// A new anchor and issuer.
+fn generate(args: &InstallArgs) -> anyhow::Result<(String, String, String)> {
+    let generated = ca::generate(
+        &args.trust_domain,
+        Duration::from_secs(10 * 365 * 86_400),
+        Duration::from_secs(365 * 86_400),
+    )?;
+    Ok((
+        generated.anchor_cert_pem,
+        generated.issuer_cert_pem,
+        generated.issuer_key_pem,
+    ))
+}
+
+/// The PKI of the install already in the cluster (`KUBECONFIG`), if there is one: the anchors
+/// ConfigMap, the issuer Secret, the injector's serving Secret and the webhook's caBundle.
+/// `None` when the cluster has no Strait yet; an error when it cannot be asked (or the install
+/// there is incomplete, which needs an operator's eye).
+fn existing_pki(args: &InstallArgs) -> anyhow::Result<Option<Pki>> {
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+    let ns = args.namespace.clone();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let lookup = async {
+            let client = kube::Client::try_default().await?;
+            let configmaps: kube::Api<ConfigMap> = kube::Api::namespaced(client.clone(), &ns);
+            let Some(anchors) = configmaps.get_opt("strait-trust-anchors").await? else {
+                return Ok(None);
+            };
+            let secrets: kube::Api<Secret> = kube::Api::namespaced(client.clone(), &ns);
+            let field = |s: &Secret, key: &str| -> anyhow::Result<String> {
+                s.data
+                    .as_ref()
+                    .and_then(|d| d.get(key))
+                    .map(|b| String::from_utf8_lossy(&b.0).to_string())
+                    .with_context(|| {
+                        format!("Secret {} has no {key}", s.metadata.name.as_deref().unwrap_or("?"))
+                    })
+            };
+            let issuer = secrets
+                .get_opt("strait-issuer")
+                .await?
+                .context("the cluster has the anchors but no Secret strait-issuer")?;
+            let serving = secrets
+                .get_opt("strait-injector-tls")
+                .await?
+                .context("the cluster has the anchors but no Secret strait-injector-tls")?;
+            let webhooks: kube::Api<MutatingWebhookConfiguration> = kube::Api::all(client);
+            let ca_bundle = webhooks
+                .get_opt("strait-injector")
+                .await?
+                .and_then(|w| w.webhooks?.into_iter().next()?.client_config.ca_bundle)
+                .map(|b| String::from_utf8_lossy(&b.0).to_string())
+                .context("the cluster has the anchors but no caBundle in MutatingWebhookConfiguration strait-injector")?;
+            let pki = Pki {
+                anchors: anchors
+                    .data
+                    .as_ref()
+                    .and_then(|d| d.get("ca-bundle.crt"))
+                    .cloned()
+                    .context("ConfigMap strait-trust-anchors has no ca-bundle.crt")?,
+                issuer_cert: field(&issuer, "tls.crt")?,
+                issuer_key: field(&issuer, "tls.key")?,
+                webhook: ca::ServingPki {
+                    ca_cert_pem: ca_bundle,
+                    cert_pem: field(&serving, "tls.crt")?,
+                    key_pem: field(&serving, "tls.key")?,
+                },
+            };
+            ca::CertificateAuthority::from_pem(&pki.issuer_cert, &pki.issuer_key)
+                .context("the cluster's issuer is not usable")?;
+            Ok::<_, anyhow::Error>(Some(pki))
+        };
+        tokio::time::timeout(Duration::from_secs(10), lookup)
+            .await
+            .map_err(|_| anyhow::anyhow!("the Kubernetes API did not answer within 10 s"))?
     })
 }
 

@@ -701,3 +701,62 @@ fn cni_mode_installs_the_plugin_daemonset_and_injects_without_an_init_container(
     assert!(args.iter().any(|a| a == "--cni"), "{args:?}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn reinstalling_against_a_cluster_keeps_its_trust_root_unless_asked_to_replace_it() {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let first = strait(&["install", "--existing", "offline"], None);
+    assert!(first.status.success());
+    let first = docs(&String::from_utf8(first.stdout).expect("UTF-8"));
+    let bodies: HashMap<String, Vec<String>> = first
+        .iter()
+        .map(|d| (path_of(d), vec![d.to_string()]))
+        .filter(|(p, _)| !p.is_empty())
+        .collect();
+    let (addr, _) = runtime.block_on(fake_api(bodies));
+    let dir = tempdir("reinstall");
+    let kubeconfig = dir.join("kubeconfig");
+    write_kubeconfig(&kubeconfig, addr);
+    let install = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_strait"))
+            .arg("install")
+            .args(extra)
+            .env("KUBECONFIG", &kubeconfig)
+            .output()
+            .expect("strait install");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            docs(&String::from_utf8(out.stdout).expect("UTF-8")),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let pki = |docs: &[Value]| {
+        (
+            find(docs, "ConfigMap", "strait-trust-anchors")["data"]["ca-bundle.crt"].clone(),
+            find(docs, "Secret", "strait-issuer")["data"].clone(),
+            find(docs, "Secret", "strait-injector-tls")["data"].clone(),
+            find(docs, "MutatingWebhookConfiguration", "strait-injector")["webhooks"][0]
+                ["clientConfig"]["caBundle"]
+                .clone(),
+        )
+    };
+    let (again, stderr) = install(&[]);
+    assert!(
+        stderr.contains("keeping the cluster's trust anchors"),
+        "{stderr}"
+    );
+    assert_eq!(
+        pki(&again),
+        pki(&first),
+        "an upgrade keeps the root, issuer and webhook PKI"
+    );
+    let (fresh, _) = install(&["--fresh-pki"]);
+    let (a, b) = (pki(&fresh), pki(&first));
+    assert_ne!(a.0, b.0, "--fresh-pki replaces the anchors");
+    assert_ne!(a.3, b.3);
+    std::fs::remove_dir_all(&dir).ok();
+}
