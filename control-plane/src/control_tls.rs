@@ -133,9 +133,19 @@ impl AnchorSource {
             .map_err(|e| format!("the trust anchors are unusable (--trust-anchors): {e}"))
     }
 
-    /// Keeps `anchors` in step with the source (a rotation adds or removes anchors without a
-    /// restart); a bad bundle is logged and the current one kept.
-    pub async fn watch(self, anchors: Arc<TrustAnchors>) {
+    /// The bundle now, PEM.
+    pub fn current_pem(&self) -> Result<String, String> {
+        self.pem()
+    }
+
+    /// Keeps `anchors` (and `published`, what proxies follow) in step with the source (a
+    /// rotation adds or removes anchors without a restart); a bad bundle is logged and the
+    /// current one kept.
+    pub async fn watch(
+        self,
+        anchors: Arc<TrustAnchors>,
+        published: tokio::sync::watch::Sender<String>,
+    ) {
         let mut last = self.pem().unwrap_or_default();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
@@ -145,9 +155,10 @@ impl AnchorSource {
                 continue;
             }
             match anchors.replace_pem(&pem) {
-                Ok(()) => tracing::info!(
-                    "trust anchors changed; new control connections verify against them"
-                ),
+                Ok(()) => {
+                    tracing::info!("trust anchors changed; proxies follow them");
+                    published.send_replace(pem.clone());
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "the new trust anchors are unusable; keeping the current ones")
                 }

@@ -4,7 +4,10 @@
 use std::sync::Arc;
 
 use strait_api::discovery::discovery_server::Discovery;
-use strait_api::discovery::{DestinationUpdate, InboundPolicy, InboundRequest, WatchRequest};
+use strait_api::discovery::{
+    DestinationUpdate, InboundPolicy, InboundRequest, TrustAnchors, TrustAnchorsRequest,
+    WatchRequest,
+};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -27,6 +30,8 @@ pub struct DiscoveryService {
     /// Set when discovery is served over mTLS: callers must be mesh identities of this trust
     /// domain, and may watch only their own inbound policy.
     trust_domain: Option<String>,
+    /// The trust-anchor bundle (PEM) proxies follow, when identity is on.
+    anchors: Option<watch::Receiver<String>>,
 }
 
 impl DiscoveryService {
@@ -41,7 +46,14 @@ impl DiscoveryService {
             stopping,
             watches: crate::limits::WatchLimit::new(crate::limits::MAX_WATCHES_PER_CALLER),
             trust_domain: None,
+            anchors: None,
         }
+    }
+
+    /// The same service, streaming `anchors` (PEM) to proxies that watch them.
+    pub fn with_trust_anchors(mut self, anchors: watch::Receiver<String>) -> Self {
+        self.anchors = Some(anchors);
+        self
     }
 
     /// The same service, authorizing every call by its caller's SPIFFE ID (served over mTLS).
@@ -78,6 +90,40 @@ impl DiscoveryService {
 impl Discovery for DiscoveryService {
     type WatchStream = ReceiverStream<Result<DestinationUpdate, Status>>;
     type WatchInboundStream = ReceiverStream<Result<InboundPolicy, Status>>;
+    type WatchTrustAnchorsStream = ReceiverStream<Result<TrustAnchors, Status>>;
+
+    async fn watch_trust_anchors(
+        &self,
+        request: Request<TrustAnchorsRequest>,
+    ) -> Result<Response<Self::WatchTrustAnchorsStream>, Status> {
+        let caller = Caller::of(&request);
+        if self.authenticate(&caller)?.is_none() {
+            return Err(Status::failed_precondition(
+                "this control plane has no identity API: there are no trust anchors to follow",
+            ));
+        }
+        let Some(mut anchors) = self.anchors.clone() else {
+            return Err(Status::failed_precondition("no trust anchors configured"));
+        };
+        let slot = self.watches.acquire(caller.addr.map(|a| a.ip()))?;
+        let mut stopping = self.stopping.clone();
+        let (tx, rx) = mpsc::channel(2);
+        tokio::spawn(async move {
+            let _slot = slot;
+            loop {
+                let pem = anchors.borrow_and_update().clone();
+                if tx.send(Ok(TrustAnchors { pem })).await.is_err() {
+                    return;
+                }
+                tokio::select! {
+                    changed = anchors.changed() => if changed.is_err() { return },
+                    _ = tx.closed() => return,
+                    _ = stopping.wait_for(|s| *s) => return,
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
 
     async fn watch_inbound(
         &self,

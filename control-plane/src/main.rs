@@ -207,6 +207,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 
     // With an issuer, the control channel is mTLS: this is its server side.
     let mut control_tls = None;
+    let mut anchors_published = None;
     if let Some((cert, key)) = issuer_files {
         let issuer = Arc::new(Issuer::load(cert, key)?);
         let creds = Arc::new(Credentials::default());
@@ -227,7 +228,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             None => AnchorSource::Issuer(issuer.clone()),
         };
         let anchors = anchor_source.load()?;
-        tokio::spawn(anchor_source.watch(anchors.clone()));
+        let (published_tx, published_rx) = watch::channel(anchor_source.current_pem()?);
+        anchors_published = Some(published_rx);
+        tokio::spawn(anchor_source.watch(anchors.clone(), published_tx));
         control_tls = Some(strait_control_plane::control_tls::server_config(
             anchors,
             creds.clone(),
@@ -274,9 +277,13 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             );
             Box::pin(
                 strait_control_plane::limits::server()
-                    .add_service(DiscoveryServer::new(
-                        discovery.requiring_identity(&naming.trust_domain),
-                    ))
+                    .add_service(DiscoveryServer::new({
+                        let d = discovery.requiring_identity(&naming.trust_domain);
+                        match anchors_published {
+                            Some(rx) => d.with_trust_anchors(rx),
+                            None => d,
+                        }
+                    }))
                     .serve_with_incoming_shutdown(incoming, stopped(stopping)),
             )
         }

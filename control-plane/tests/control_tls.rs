@@ -48,6 +48,13 @@ fn control_plane_id() -> SpiffeId {
 
 /// Serves discovery over mTLS on a loopback port, as the control plane does.
 async fn serve(pki: &Pki) -> std::net::SocketAddr {
+    serve_with_anchors(pki, None).await
+}
+
+async fn serve_with_anchors(
+    pki: &Pki,
+    anchors: Option<watch::Receiver<String>>,
+) -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -69,8 +76,11 @@ async fn serve(pki: &Pki) -> std::net::SocketAddr {
     let (_stop_tx, stopping) = watch::channel(false);
     // Keep the senders alive for the test's life.
     std::mem::forget((_tx, _stop_tx));
-    let service = DiscoveryService::new(rx, Arc::new(Metrics::default()), stopping)
+    let mut service = DiscoveryService::new(rx, Arc::new(Metrics::default()), stopping)
         .requiring_identity("cluster.local");
+    if let Some(anchors) = anchors {
+        service = service.with_trust_anchors(anchors);
+    }
     let incoming =
         strait_control_plane::identity::accept_tls(listener, config, "discovery", MtlsIo::new);
     tokio::spawn(
@@ -178,4 +188,33 @@ async fn plaintext_and_tls_without_a_certificate_are_refused() {
         Ok(mut c) => c.watch(watch_request()).await.is_err(),
     };
     assert!(refused, "a certificate of another root was served");
+}
+
+#[tokio::test]
+async fn proxies_follow_the_trust_anchors_over_the_control_channel() {
+    let pki = new_pki("cluster.local");
+    let (tx, rx) = watch::channel("-----BEGIN CERTIFICATE-----\nfirst\n".to_string());
+    let addr = serve_with_anchors(&pki, Some(rx)).await;
+    let web = SpiffeId::new("cluster.local", "default", "web").expect("id");
+    let mut c = client(addr, pki.anchors.clone(), workload(&pki, &web))
+        .await
+        .expect("mTLS connection");
+    let mut stream = c
+        .watch_trust_anchors(strait_api::discovery::TrustAnchorsRequest {
+            proxy: "default/web".into(),
+        })
+        .await
+        .expect("served")
+        .into_inner();
+    let first = stream.message().await.expect("answer").expect("a bundle");
+    assert!(first.pem.contains("first"));
+    // A rotation step: the bundle changes, every follower hears it.
+    tx.send_replace("-----BEGIN CERTIFICATE-----\nfirst+second\n".to_string());
+    let next = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("in time")
+        .expect("answer")
+        .expect("a bundle");
+    assert!(next.pem.contains("first+second"));
+    std::mem::forget(tx);
 }

@@ -222,10 +222,13 @@ impl Mesh {
                 ),
             )?;
             env.push(("STRAIT_IDENTITY_ADDR".into(), IDENTITY_ADDR.into()));
-            env.push((
-                "STRAIT_TRUST_ANCHORS".into(),
-                ca.anchors.to_string_lossy().into(),
-            ));
+            // Anchors given inline (as the injector does) replace the file.
+            if !env.iter().any(|(k, _)| k == "STRAIT_TRUST_ANCHORS_PEM") {
+                env.push((
+                    "STRAIT_TRUST_ANCHORS".into(),
+                    ca.anchors.to_string_lossy().into(),
+                ));
+            }
             env.push((
                 "STRAIT_IDENTITY_TOKEN_FILE".into(),
                 token_file.to_string_lossy().into(),

@@ -433,3 +433,44 @@ fn the_control_channel_is_mtls_and_refuses_callers_without_a_workload_certificat
     );
     Ok(())
 }
+
+#[test]
+fn a_proxy_with_inline_anchors_follows_a_new_bundle_from_the_control_plane() -> anyhow::Result<()> {
+    let mesh = Mesh::with_identity("anchfollow", "24h")?;
+    let ca = mesh.ca.as_ref().expect("identity mesh");
+    let server = mesh.pod_as("server", "web", &SidecarOpts::default())?;
+    mesh.serve_web(&server)?;
+    // As in Kubernetes: the anchors were given inline when the pod was created.
+    let pem = std::fs::read_to_string(&ca.anchors)?;
+    let client = mesh.pod_as(
+        "client",
+        "frontend",
+        &SidecarOpts {
+            env: vec![("STRAIT_TRUST_ANCHORS_PEM", pem.as_str())],
+            ..Default::default()
+        },
+    )?;
+    assert!(mesh
+        .curl(&client, &["http://10.96.0.10/"])?
+        .contains("hello from server"));
+    // Step 1 of a rotation: a second anchor joins the bundle the control plane mounts.
+    let next = strait_identity::ca::generate(
+        "cluster.local",
+        Duration::from_secs(86400 * 365),
+        Duration::from_secs(86400 * 30),
+    )?;
+    std::fs::write(&ca.anchors, format!("{pem}{}", next.anchor_cert_pem))?;
+    let proxy_log = mesh.net.dir.join("client-proxy.log");
+    mesh.eventually(Duration::from_secs(15), || {
+        Ok(std::fs::read_to_string(&proxy_log)
+            .unwrap_or_default()
+            .contains("trust anchors reloaded source=\"control plane\""))
+    })?;
+    // The mesh keeps working under the two-anchor bundle.
+    for _ in 0..5 {
+        assert!(mesh
+            .curl(&client, &["http://10.96.0.10/"])?
+            .contains("hello from server"));
+    }
+    Ok(())
+}

@@ -357,16 +357,67 @@ impl Identity {
             if pem == last {
                 continue;
             }
-            match self.anchors.replace_pem(&pem) {
-                Ok(()) => {
-                    tracing::info!(path = %path.display(), "trust anchors reloaded");
-                    self.anchors_changed.send_modify(|g| *g += 1);
+            self.install_anchors(&pem, &path.display().to_string());
+            last = pem;
+        }
+    }
+
+    /// Replaces the anchors with `pem` (from `source`, for the log); open mesh connections
+    /// re-check their peers. An unusable bundle is logged and the current one kept.
+    fn install_anchors(&self, pem: &str, source: &str) {
+        match self.anchors.replace_pem(pem) {
+            Ok(()) => {
+                tracing::info!(source, "trust anchors reloaded");
+                self.anchors_changed.send_modify(|g| *g += 1);
+            }
+            Err(e) => {
+                tracing::warn!(source, error = %e, "new trust anchors unusable; keeping the current ones")
+            }
+        }
+    }
+
+    /// With anchors given inline (Kubernetes: the injector set them when the pod was created),
+    /// follows the control plane's bundle over the mTLS control channel, so a root rotation
+    /// reaches running proxies without a restart. A file source is followed by
+    /// [`Identity::watch_anchors`] instead.
+    pub async fn follow_control_plane_anchors(
+        self: Arc<Self>,
+        mut client: strait_api::discovery::discovery_client::DiscoveryClient<
+            tonic::transport::Channel,
+        >,
+        proxy: String,
+    ) {
+        // What the pod started with: the first answer is usually the same bundle.
+        let AnchorSource::Inline(initial) = &self.anchors_source else {
+            return;
+        };
+        let mut last = initial.clone();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let request = strait_api::discovery::TrustAnchorsRequest {
+                proxy: proxy.clone(),
+            };
+            match client.watch_trust_anchors(request).await {
+                Ok(stream) => {
+                    let mut stream = stream.into_inner();
+                    while let Ok(Some(update)) = stream.message().await {
+                        backoff = Duration::from_millis(100);
+                        if update.pem.trim() != last.trim() && !update.pem.is_empty() {
+                            self.install_anchors(&update.pem, "control plane");
+                            last = update.pem;
+                        }
+                    }
                 }
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "new trust anchors unusable; keeping the current ones")
+                Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                    tracing::info!(reason = %status.message(), "the control plane publishes no trust anchors");
+                    return;
+                }
+                Err(status) => {
+                    tracing::debug!(error = %status, "trust-anchor stream unavailable; retrying")
                 }
             }
-            last = pem;
+            tokio::time::sleep(backoff.mul_f64(0.5 + fastrand::f64() / 2.0)).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
 }

@@ -215,6 +215,13 @@ pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
         let (first_tx, mut first_rx) = tokio::sync::oneshot::channel();
         tokio::spawn(identity.clone().maintain(ctx.metrics.clone(), first_tx));
         tokio::spawn(identity.clone().watch_anchors());
+        if let Some(discovery) = &ctx.discovery {
+            tokio::spawn(
+                identity
+                    .clone()
+                    .follow_control_plane_anchors(discovery.client(), ctx.cfg.workload.clone()),
+            );
+        }
         // Not ready, and not accepting, until there is a certificate to prove who we are.
         loop {
             tokio::select! {
