@@ -10,7 +10,8 @@ fuzz_target!(|data: &[u8]| {
     };
     if let Ok(resources) = strait_control_plane::local::parse::parse_documents(text) {
         let index = MeshIndex::build(&resources, &Naming::default());
-        let _ = index.lookup("10.96.0.10:80");
+        let _ = index.lookup("10.96.0.10:80", None);
+        let _ = index.lookup("web.default.svc.cluster.local:80", Some("other"));
         let _ = index.inbound("default", "default");
     }
 });
