@@ -44,6 +44,15 @@ pub struct ProxyConfig {
     /// during detection): a slower one is cut (slowloris). Also each HTTP/1 request's headers.
     #[arg(long, env = "STRAIT_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub header_read_timeout: Duration,
+    /// Most headers a request may have; past it the proxy answers 431 naming this setting.
+    #[arg(long, env = "STRAIT_MAX_REQUEST_HEADERS", default_value_t = 500, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub max_request_headers: u16,
+    /// Most headers an upstream's response may have; past it the proxy answers 502.
+    #[arg(long, env = "STRAIT_MAX_RESPONSE_HEADERS", default_value_t = 500, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub max_response_headers: u16,
+    /// Largest header section (request or response: names, values, 4 bytes each), in bytes.
+    #[arg(long, env = "STRAIT_MAX_HEADER_BYTES", default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1024..=4_194_304))]
+    pub max_header_bytes: u32,
     /// How long a mesh (mTLS) connection may live: pooled connections to peers are made again
     /// after it, inbound ones are closed gracefully, so that none outlives the certificates
     /// and anchors it was verified with. Keep it under 30% of the certificate lifetime.
@@ -289,6 +298,18 @@ pub enum InboundMode {
 }
 
 impl ProxyConfig {
+    /// How HTTP connections are served: the header-read timeout and the header limits.
+    pub fn serve_settings(&self) -> crate::http::server::ServeSettings {
+        crate::http::server::ServeSettings {
+            header_read_timeout: self.header_read_timeout,
+            limits: crate::http::limits::Limits {
+                max_request_headers: usize::from(self.max_request_headers),
+                max_response_headers: usize::from(self.max_response_headers),
+                max_header_bytes: self.max_header_bytes as usize,
+            },
+        }
+    }
+
     pub fn retry_budget(&self) -> crate::retry::BudgetSettings {
         crate::retry::BudgetSettings {
             ratio: self.retry_budget_ratio,

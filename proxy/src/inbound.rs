@@ -324,7 +324,7 @@ async fn serve_http<I, E>(
             _ = end => {}
         }
     };
-    serve(io, protocol, stop, handler, ctx.cfg.header_read_timeout).await;
+    serve(io, protocol, stop, handler, ctx.cfg.serve_settings()).await;
 }
 
 struct InboundHttp {

@@ -174,7 +174,7 @@ pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: So
                 protocol,
                 ctx.drain.clone().signaled(),
                 handler,
-                ctx.cfg.header_read_timeout,
+                ctx.cfg.serve_settings(),
             )
             .await;
         }
@@ -278,6 +278,19 @@ impl Handler for OutboundHttp {
     ) -> Result<Response<Incoming>, ProxyError> {
         let upgrade = is_upgrade(&req);
         strip_hop_by_hop(req.headers_mut(), upgrade);
+        if crate::http::headers::authority(&req).is_none() {
+            // HTTP/1.0 without Host (1.1 without one was refused): the destination the
+            // client connected to is the request's authority.
+            let mut parts = req.uri().clone().into_parts();
+            parts.scheme = Some(http::uri::Scheme::HTTP);
+            parts.authority = self.orig_dst.to_string().parse().ok();
+            if parts.path_and_query.is_none() {
+                parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+            }
+            if let Ok(uri) = http::Uri::from_parts(parts) {
+                *req.uri_mut() = uri;
+            }
+        }
         if let Target::Unavailable = target {
             self.ctx.metrics.discovery_unavailable.inc();
             return Err(ProxyError::DiscoveryUnavailable(self.orig_dst));

@@ -21,6 +21,8 @@ use crate::identity::TlsTarget;
 /// HTTP/2 flow-control windows: large enough that one stream can fill a fast link.
 pub const WINDOW: u32 = 2 * 1024 * 1024;
 pub const CONN_WINDOW: u32 = 8 * 1024 * 1024;
+/// HTTP/2 header list accepted from upstreams: above any configurable header limit.
+pub const MAX_HEADER_LIST: u32 = 1024 * 1024;
 
 /// Connects with a timeout, `TCP_NODELAY` set.
 pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ProxyError> {
@@ -131,7 +133,10 @@ impl H2Conn {
             .initial_stream_window_size(WINDOW)
             .initial_connection_window_size(CONN_WINDOW)
             .keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5));
+            .keep_alive_timeout(Duration::from_secs(5))
+            // A peer's response within any allowed header limit passes; the limits
+            // themselves are checked where the request entered the mesh.
+            .max_header_list_size(MAX_HEADER_LIST);
         let failed = |e| ProxyError::Upstream {
             addr: self.addr,
             source: Box::new(e),
@@ -205,7 +210,10 @@ async fn spawn_h1_upgradable<I>(
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        .max_headers(super::limits::LIBRARY_MAX_HEADERS)
+        .handshake(TokioIo::new(io))
+        .await?;
     tokio::spawn(async move {
         if let Err(e) = conn.with_upgrades().await {
             tracing::debug!(%addr, error = %e, "upgrade connection ended");
@@ -257,6 +265,7 @@ pub fn h1_client(connect_timeout: Duration) -> H1Client {
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .http1_preserve_header_case(false)
+        .http1_max_headers(super::limits::LIBRARY_MAX_HEADERS)
         .build(connector)
 }
 

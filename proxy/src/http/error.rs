@@ -58,6 +58,19 @@ pub enum ProxyError {
         #[source]
         source: std::io::Error,
     },
+    /// A request the RFCs say to refuse (the connection is closed after the answer).
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("not implemented: {0}")]
+    NotImplemented(String),
+    /// A header section past a limit: 431 for a request, 502 for an upstream's response.
+    #[error("{what}, over {setting} ({limit})")]
+    HeadersTooLarge {
+        what: String,
+        setting: &'static str,
+        limit: usize,
+        response: bool,
+    },
 }
 
 impl ProxyError {
@@ -75,7 +88,27 @@ impl ProxyError {
             ProxyError::RequestBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::NoBackend(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
+            ProxyError::HeadersTooLarge {
+                response: false, ..
+            } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::HeadersTooLarge { response: true, .. } => StatusCode::BAD_GATEWAY,
         }
+    }
+
+    /// Whether the client's connection is closed after this answer (the request was
+    /// malformed: what follows it on the connection cannot be trusted).
+    pub fn closes_connection(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::BadRequest(_)
+                | ProxyError::NotImplemented(_)
+                | ProxyError::HeadersTooLarge {
+                    response: false,
+                    ..
+                }
+        )
     }
 
     /// A short, bounded label for metrics.
@@ -93,6 +126,12 @@ impl ProxyError {
             ProxyError::RequestBody(_) => "request body",
             ProxyError::NoBackend(_) => "no backend",
             ProxyError::Timeout { .. } => "timeout",
+            ProxyError::BadRequest(_) => "bad request",
+            ProxyError::NotImplemented(_) => "not implemented",
+            ProxyError::HeadersTooLarge {
+                response: false, ..
+            } => "request headers too large",
+            ProxyError::HeadersTooLarge { response: true, .. } => "response headers too large",
         }
     }
 
@@ -103,6 +142,8 @@ impl ProxyError {
             ProxyError::NoRoute(_) => 12,           // UNIMPLEMENTED
             ProxyError::Timeout { .. } => 4,        // DEADLINE_EXCEEDED
             ProxyError::NoAuthority => 13,          // INTERNAL
+            ProxyError::BadRequest(_) | ProxyError::NotImplemented(_) => 13, // INTERNAL
+            ProxyError::HeadersTooLarge { .. } => 8, // RESOURCE_EXHAUSTED
             _ => 14,                                // UNAVAILABLE
         }
     }
@@ -150,6 +191,11 @@ impl ProxyError {
             r
         };
         response.headers_mut().insert(PROXY_ERROR, marker);
+        if self.closes_connection() {
+            response
+                .headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
         response
     }
 }

@@ -5,6 +5,7 @@ pub mod client;
 pub mod error;
 pub mod forward;
 pub mod headers;
+pub mod limits;
 pub mod metered;
 pub mod server;
 

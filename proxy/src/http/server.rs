@@ -16,6 +16,7 @@ use http_body_util::Either;
 
 use super::error::ProxyError;
 use super::headers::{is_grpc, strip_hop_by_hop};
+use super::limits::{check_request, check_response, Limits, LIBRARY_MAX_HEADERS};
 use super::metered::{grpc_status, Metered};
 use super::Body;
 use crate::detect::Protocol;
@@ -42,9 +43,21 @@ pub trait Handler: Send + Sync + 'static {
     fn telemetry(&self) -> &crate::telemetry::Telemetry;
 }
 
-/// One request: forward it, map a failure to the proxy's own response, drop hop-by-hop
-/// response headers, answer in the client's HTTP version, and count it.
-async fn handle<H: Handler>(handler: &H, mut req: Request<Incoming>) -> Response<Metered<Body>> {
+/// How a connection is served: the header-read timeout and the header limits.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeSettings {
+    pub header_read_timeout: Duration,
+    pub limits: Limits,
+}
+
+/// One request: check it, forward it, check the response, map a failure to the proxy's own
+/// response, drop hop-by-hop response headers, answer in the client's HTTP version, and count
+/// it.
+async fn handle<H: Handler>(
+    handler: &H,
+    mut req: Request<Incoming>,
+    limits: &Limits,
+) -> Response<Metered<Body>> {
     let start = std::time::Instant::now();
     let target = handler.target(&req).await;
     let metrics = handler.metrics(&target);
@@ -52,7 +65,14 @@ async fn handle<H: Handler>(handler: &H, mut req: Request<Incoming>) -> Response
     let grpc = is_grpc(&req);
     let version = req.version();
     let observation = handler.telemetry().observe(&mut req, metrics);
-    let (mut resp, error) = match handler.forward(req, &target).await {
+    let forwarded = match check_request(&req, limits) {
+        Err(e) => Err(e),
+        Ok(()) => match handler.forward(req, &target).await {
+            Ok(resp) => check_response(&resp, limits).map(|()| resp),
+            Err(e) => Err(e),
+        },
+    };
+    let (mut resp, error) = match forwarded {
         Ok(mut resp) => {
             if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
                 strip_hop_by_hop(resp.headers_mut(), false);
@@ -86,16 +106,17 @@ pub async fn serve<I, H, S>(
     protocol: Protocol,
     stop: S,
     handler: Arc<H>,
-    header_read_timeout: Duration,
+    settings: ServeSettings,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Handler,
     S: Future<Output = ()> + Send,
 {
     tokio::pin!(stop);
+    let limits = settings.limits;
     let svc = service_fn(move |req| {
         let handler = handler.clone();
-        async move { Ok::<_, Infallible>(handle(&*handler, req).await) }
+        async move { Ok::<_, Infallible>(handle(&*handler, req, &limits).await) }
     });
     let io = TokioIo::new(io);
     let result = match protocol {
@@ -104,7 +125,9 @@ pub async fn serve<I, H, S>(
                 .timer(TokioTimer::new())
                 // The response is the upstream's: no Date of the proxy's own.
                 .auto_date_header(false)
-                .header_read_timeout(header_read_timeout)
+                .header_read_timeout(settings.header_read_timeout)
+                // Above the proxy's own limits, which answer with the setting's name.
+                .max_headers(LIBRARY_MAX_HEADERS)
                 .serve_connection(io, svc)
                 .with_upgrades();
             tokio::pin!(conn);
@@ -123,6 +146,7 @@ pub async fn serve<I, H, S>(
                 .initial_stream_window_size(super::client::WINDOW)
                 .initial_connection_window_size(super::client::CONN_WINDOW)
                 .max_concurrent_streams(1024)
+                .max_header_list_size(settings.limits.h2_header_list_size())
                 .keep_alive_interval(Duration::from_secs(20))
                 .serve_connection(io, svc);
             tokio::pin!(conn);

@@ -59,7 +59,11 @@ pub async fn serve(
                     Ok::<_, Infallible>(handle(req, &name).await)
                 }
             });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            // As permissive as common servers: many headers pass to the application.
+            builder.http1().max_headers(4096);
+            builder.http2().max_header_list_size(1 << 20);
+            let _ = builder
                 .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                 .await;
         });
@@ -90,6 +94,17 @@ async fn handle(mut req: Request<Incoming>, name: &str) -> Response<Body> {
     {
         tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
         Response::new(full(format!("delayed {ms} ms by {name}\n")))
+    } else if let Some(n) = path
+        .strip_prefix("/many-headers/")
+        .and_then(|n| n.parse::<usize>().ok())
+    {
+        let mut r = Response::new(full(format!("{n} headers from {name}\n")));
+        for i in 0..n.min(10_000) {
+            if let Ok(h) = http::HeaderName::from_bytes(format!("x-many-{i}").as_bytes()) {
+                r.headers_mut().insert(h, HeaderValue::from_static("v"));
+            }
+        }
+        r
     } else if path == "/headers" {
         let mut text = format!("version: {:?}\n", req.version());
         for (k, v) in req.headers() {

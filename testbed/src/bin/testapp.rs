@@ -17,7 +17,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// HTTP/1.1 and h2c server: /, /echo, /bytes/N, /status/N, /delay/MS, /headers, /ws.
+    /// HTTP/1.1 and h2c server: /, /echo, /bytes/N, /status/N, /delay/MS, /headers, /many-headers/N, /ws.
     Http {
         #[arg(long)]
         listen: SocketAddr,
