@@ -448,21 +448,10 @@ fn bench(cli: &Cli) -> Result<()> {
         8081,
         &[&mserver],
     ))?;
-    let proxy_of = |pod: &Pod| -> Result<Proc> {
-        let pids = strait_testbed::netns::sh("ip", &["netns", "pids", &pod.ns])?;
-        for pid in pids.split_whitespace() {
-            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            if comm.trim() == "strait-proxy" {
-                return Ok(Proc {
-                    name: format!("{}-proxy", pod.name),
-                    pid: pid.parse()?,
-                    log: net.dir.join(format!("{}-proxy.log", pod.name)),
-                });
-            }
-        }
-        bail!("no proxy in {}", pod.name)
-    };
-    let mproxies = vec![proxy_of(&mclient)?, proxy_of(&mserver)?];
+    let mproxies = vec![
+        soak::proxy_of(&mesh, &mclient)?,
+        soak::proxy_of(&mesh, &mserver)?,
+    ];
 
     let paths = [
         Path {

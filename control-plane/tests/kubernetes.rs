@@ -206,6 +206,31 @@ fn client(addr: SocketAddr) -> kube::Client {
     strait_control_plane::kubernetes::client(kube::Config::new(url)).expect("client")
 }
 
+/// Starts the fake API server with `api` and the control plane's Kubernetes mode against it;
+/// returns once it is ready, with its published state, what the server saw and its readiness.
+async fn run_against(
+    api: Api,
+) -> (
+    watch::Receiver<Arc<MeshIndex>>,
+    Arc<Mutex<Api>>,
+    watch::Receiver<bool>,
+) {
+    let (addr, api) = start(api).await;
+    let (tx, rx) = watch::channel(Arc::new(MeshIndex::default()));
+    let (ready_tx, mut ready) = watch::channel(false);
+    tokio::spawn(strait_control_plane::kubernetes::run(
+        client(addr),
+        Naming::default(),
+        tx,
+        ready_tx,
+    ));
+    tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|r| *r))
+        .await
+        .expect("ready (a missing optional CRD does not hold it back)")
+        .expect("ready");
+    (rx, api, ready)
+}
+
 fn cluster_api() -> Api {
     let mut api = Api::default();
     api.lists
@@ -340,19 +365,7 @@ async fn watch_events_and_a_410_relist_give_the_same_state_as_local_yaml() {
             testdata("watch/endpointslices-watch.jsonl"),
         ],
     );
-    let (addr, api) = start(api).await;
-    let (tx, rx) = watch::channel(Arc::new(MeshIndex::default()));
-    let (ready_tx, mut ready) = watch::channel(false);
-    tokio::spawn(strait_control_plane::kubernetes::run(
-        client(addr),
-        Naming::default(),
-        tx,
-        ready_tx,
-    ));
-    tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|r| *r))
-        .await
-        .expect("ready although a CRD is missing")
-        .expect("ready");
+    let (rx, api, _) = run_against(api).await;
 
     let last_event = testdata("watch/endpointslices-watch.jsonl")
         .lines()
@@ -377,19 +390,7 @@ async fn watch_events_and_a_410_relist_give_the_same_state_as_local_yaml() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listed_endpoints_are_served_with_their_identity_and_kept_through_an_outage() {
-    let (addr, api) = start(cluster_api()).await;
-    let (tx, rx) = watch::channel(Arc::new(MeshIndex::default()));
-    let (ready_tx, mut ready) = watch::channel(false);
-    tokio::spawn(strait_control_plane::kubernetes::run(
-        client(addr),
-        Naming::default(),
-        tx,
-        ready_tx,
-    ));
-    tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|r| *r))
-        .await
-        .expect("ready")
-        .expect("ready");
+    let (rx, api, ready) = run_against(cluster_api()).await;
     let listed: Value =
         serde_json::from_str(&testdata("watch/endpointslices-list.json")).expect("list");
     let expected = local_index(&listed["items"][0]);
@@ -598,19 +599,7 @@ async fn consumer_routes_stay_in_their_namespace_and_route_status_is_written() {
             vec![],
         ),
     );
-    let (addr, api) = start(api).await;
-    let (tx, rx) = watch::channel(Arc::new(MeshIndex::default()));
-    let (ready_tx, mut ready) = watch::channel(false);
-    tokio::spawn(strait_control_plane::kubernetes::run(
-        client(addr),
-        Naming::default(),
-        tx,
-        ready_tx,
-    ));
-    tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|r| *r))
-        .await
-        .expect("ready")
-        .expect("ready");
+    let (rx, api, _) = run_against(api).await;
     let routes_seen_by = |ns: Option<&str>| -> Vec<String> {
         match &rx
             .borrow()

@@ -413,6 +413,31 @@ pub fn degraded_wait(cfg: &crate::config::ProxyConfig, wait: Duration) -> Durati
     wait + cfg.detect_timeout + Duration::from_millis(200)
 }
 
+/// The end of a degraded start (no speculation permit, see [`degraded_wait`]): a client still
+/// silent is opaque TCP (the old rule), unless meanwhile another connection's speculation
+/// found that this destination's clients speak first; then this one waits for its client's
+/// first bytes too, up to `idle`. Returns the start and whether a silent client is TCP;
+/// `None` when the connection failed.
+pub async fn after_degraded<T: AsyncRead + Unpin>(
+    io: &mut T,
+    start: Start,
+    degraded: bool,
+    clients_speak_first: bool,
+    mut timing: Timing,
+    idle: Duration,
+) -> Option<(Start, bool)> {
+    if !(degraded && matches!(start, Start::Idle)) {
+        return Some((start, degraded));
+    }
+    if !clients_speak_first {
+        return Some((start, true));
+    }
+    timing.idle = idle;
+    let no_speculation = None::<std::future::Pending<_>>;
+    let (start, _) = self::start(io, timing, no_speculation, |_| {}).await.ok()?;
+    Some((start, false))
+}
+
 /// [`start`] on a proxied connection: counted in the detection and speculation metrics, and
 /// `learn` hears the outcome as soon as it is known. A connection that failed or was cut
 /// during detection is logged and gives `None`.

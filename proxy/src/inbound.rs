@@ -104,24 +104,16 @@ pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: So
     let started =
         first_bytes::start_counted(&mut io, &ctx, Direction::Inbound, timing, speculate, learn)
             .await;
-    let Some((mut start, outcome)) = started else {
+    let Some((start, outcome)) = started else {
         return;
     };
-    let mut tcp_when_idle = degraded;
-    if degraded
-        && !opaque_port
-        && matches!(start, Start::Idle)
-        && ctx.protocols.inbound.get(&port) == Some(Speaker::ClientFirst)
-    {
-        // Learned meanwhile by another connection: this port's clients speak first.
-        timing.idle = ctx.cfg.detect_idle_timeout;
-        let no_speculation = None::<std::future::Pending<_>>;
-        start = match first_bytes::start(&mut io, timing, no_speculation, |_| {}).await {
-            Ok((start, _)) => start,
-            Err(_) => return,
-        };
-        tcp_when_idle = false;
-    }
+    let clients_first =
+        !opaque_port && ctx.protocols.inbound.get(&port) == Some(Speaker::ClientFirst);
+    let idle = ctx.cfg.detect_idle_timeout;
+    let after = first_bytes::after_degraded(&mut io, start, degraded, clients_first, timing, idle);
+    let Some((start, tcp_when_idle)) = after.await else {
+        return;
+    };
     let (protocol, prefix, upstream) = match start {
         Start::Idle if tcp_when_idle => (Protocol::Opaque, bytes::Bytes::new(), None),
         Start::Silent | Start::Idle => return,

@@ -108,23 +108,16 @@ pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: So
             },
         )
         .await;
-        let Some((mut start, _)) = started else {
+        let Some((start, _)) = started else {
             return;
         };
-        let mut tcp_when_idle = degraded;
-        if degraded && matches!(start, Start::Idle) {
-            // Meanwhile another connection's speculation may have found that this
-            // destination's clients speak first: then this one waits for its client too.
-            if ctx.protocols.outbound.get(&orig_dst) == Some(Speaker::ClientFirst) {
-                timing.idle = ctx.cfg.detect_idle_timeout;
-                let no_speculation = None::<std::future::Pending<_>>;
-                start = match first_bytes::start(&mut io, timing, no_speculation, |_| {}).await {
-                    Ok((start, _)) => start,
-                    Err(_) => return,
-                };
-                tcp_when_idle = false;
-            }
-        }
+        let clients_first = ctx.protocols.outbound.get(&orig_dst) == Some(Speaker::ClientFirst);
+        let idle = ctx.cfg.detect_idle_timeout;
+        let after =
+            first_bytes::after_degraded(&mut io, start, degraded, clients_first, timing, idle);
+        let Some((start, tcp_when_idle)) = after.await else {
+            return;
+        };
         match start {
             Start::Idle if tcp_when_idle => (Protocol::Opaque, bytes::Bytes::new(), None),
             Start::Silent | Start::Idle => return,
