@@ -42,7 +42,8 @@ fn certificates_living_20s_rotate_under_2_minutes_of_traffic_without_a_lost_requ
     // once, and stayed open through every new certificate.
     let log = std::fs::read_to_string(mesh.net.dir.join("client-proxy.log"))?;
     assert_eq!(
-        log.matches("discovery stream open target=10.96.0.10:80").count(),
+        log.matches("discovery stream open target=10.96.0.10:80")
+            .count(),
         1,
         "the discovery stream reconnected during renewals"
     );
