@@ -68,6 +68,20 @@ fn hosts_codings_and_header_limits_follow_the_rfcs_on_both_sides() -> anyhow::Re
         assert_eq!(status(&out), 200, "{addr}: {out}");
     }
 
+    // The version the client spoke reaches the application (HTTP/1.0 over the HTTP/2 hop
+    // between the proxies), and its answer comes back in it.
+    let (out, _) = raw(
+        &mesh,
+        &client,
+        "10.96.0.10:80",
+        "GET /headers HTTP/1.0\r\nHost: web\r\n\r\n",
+    )?;
+    assert!(out.starts_with("HTTP/1.0 200"), "{out}");
+    assert!(
+        out.contains("version: HTTP/1.0"),
+        "the application saw HTTP/1.0: {out}"
+    );
+
     // Transfer codings: only a single chunked.
     let (out, closed) = raw(
         &mesh,

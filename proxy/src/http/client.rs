@@ -297,7 +297,11 @@ pub async fn send_h1(
             source: Box::new(e),
         })?;
     *req.uri_mut() = uri;
-    *req.version_mut() = http::Version::HTTP_11;
+    // The client's version reaches the application: HTTP/1.0 stays 1.0 (with its keep-alive
+    // rules); anything else is sent as HTTP/1.1.
+    if req.version() != http::Version::HTTP_10 {
+        *req.version_mut() = http::Version::HTTP_11;
+    }
     client.request(req).await.map_err(|e| {
         let timed_out = std::error::Error::source(&e)
             .and_then(|s| s.source())
