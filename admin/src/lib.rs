@@ -1,6 +1,7 @@
 //! What every Strait server shares: the admin endpoints kubelet probes and Prometheus read
 //! (`/live`, `/ready`, `/metrics`, plaintext HTTP/1), and the signal that stops a server.
 
+pub mod exposition;
 pub mod listen;
 pub mod log;
 
@@ -28,8 +29,12 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     resp
 }
 
-/// The answer to a GET of `path`.
-pub fn respond<H: Health + ?Sized>(health: &H, path: &str) -> Response<Full<Bytes>> {
+/// The answer to a GET of `path`; `accept` chooses the metrics format.
+pub fn respond<H: Health + ?Sized>(
+    health: &H,
+    path: &str,
+    accept: Option<&str>,
+) -> Response<Full<Bytes>> {
     match path {
         "/live" => text(StatusCode::OK, "live\n"),
         "/ready" => match health.ready() {
@@ -37,12 +42,11 @@ pub fn respond<H: Health + ?Sized>(health: &H, path: &str) -> Response<Full<Byte
             Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
         },
         "/metrics" => {
-            let mut r = text(StatusCode::OK, health.metrics());
+            let (content_type, body) = exposition::negotiate(health.metrics(), accept);
+            let mut r = text(StatusCode::OK, body);
             r.headers_mut().insert(
                 hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static(
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                ),
+                hyper::header::HeaderValue::from_static(content_type),
             );
             r
         }
@@ -64,7 +68,11 @@ pub async fn serve<H: Health>(listener: tokio::net::TcpListener, health: Arc<H>)
         let health = health.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let resp = respond(&*health, req.uri().path());
+                let accept = req
+                    .headers()
+                    .get(hyper::header::ACCEPT)
+                    .and_then(|v| v.to_str().ok());
+                let resp = respond(&*health, req.uri().path(), accept);
                 async move { Ok::<_, Infallible>(resp) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
@@ -122,17 +130,21 @@ mod tests {
     #[tokio::test]
     async fn probes_and_metrics_answer_with_the_servers_state() {
         let h = Fake(AtomicBool::new(false));
-        assert_eq!(respond(&h, "/live").status(), StatusCode::OK);
-        let r = respond(&h, "/ready");
+        assert_eq!(respond(&h, "/live", None).status(), StatusCode::OK);
+        let r = respond(&h, "/ready", None);
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(body(r).await, "state not loaded yet\n");
         h.0.store(true, Ordering::Relaxed);
-        assert_eq!(respond(&h, "/ready").status(), StatusCode::OK);
-        let r = respond(&h, "/metrics");
+        assert_eq!(respond(&h, "/ready", None).status(), StatusCode::OK);
+        let r = respond(
+            &h,
+            "/metrics",
+            Some("application/openmetrics-text; version=1.0.0"),
+        );
         assert!(r.headers()[hyper::header::CONTENT_TYPE]
             .to_str()
             .is_ok_and(|v| v.starts_with("application/openmetrics-text")));
         assert_eq!(body(r).await, "up 1\n");
-        assert_eq!(respond(&h, "/x").status(), StatusCode::NOT_FOUND);
+        assert_eq!(respond(&h, "/x", None).status(), StatusCode::NOT_FOUND);
     }
 }

@@ -259,5 +259,46 @@ fn prometheus_scrapes_the_proxies_and_every_dashboard_query_returns_data() -> Re
         empty.is_empty(),
         "dashboard queries without data: {empty:#?}"
     );
+    // Every binary's /metrics passes `promtool check metrics` as a plain scrape (text 0.0.4,
+    // after traffic: every family present), and offers OpenMetrics to a scraper that asks.
+    let control_plane = "http://10.88.0.1:9990/metrics".to_string();
+    for url in ["http://127.0.0.1:4191/metrics".to_string(), control_plane] {
+        let body = mesh.curl(&client, &[&url])?;
+        let mut check = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        check
+            .stdin
+            .take()
+            .map(|mut s| std::io::Write::write_all(&mut s, body.as_bytes()))
+            .transpose()?;
+        let out = check.wait_with_output()?;
+        assert!(
+            out.status.success(),
+            "promtool check metrics {url}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let negotiated = mesh.curl(
+            &client,
+            &[
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{content_type}",
+                "-H",
+                "Accept: application/openmetrics-text; version=1.0.0",
+                &url,
+            ],
+        )?;
+        assert!(
+            negotiated.starts_with("application/openmetrics-text"),
+            "{url}: {negotiated}"
+        );
+    }
     Ok(())
 }

@@ -98,10 +98,16 @@ impl Admin {
                 }
             }
             (&Method::GET, "/metrics") => {
-                let mut r = Response::new(Full::new(Bytes::from(self.metrics.encode())));
+                let accept = req
+                    .headers()
+                    .get(http::header::ACCEPT)
+                    .and_then(|v| v.to_str().ok());
+                let (content_type, body) =
+                    strait_admin::exposition::negotiate(self.metrics.encode(), accept);
+                let mut r = Response::new(Full::new(Bytes::from(body)));
                 r.headers_mut().insert(
                     http::header::CONTENT_TYPE,
-                    http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                    http::HeaderValue::from_static(content_type),
                 );
                 r
             }
