@@ -213,6 +213,8 @@ async fn run_mesh(args: &DemoArgs) -> Result<()> {
                 "-sS",
                 "--max-time",
                 "2",
+                "-H",
+                "Accept: application/openmetrics-text; version=1.0.0",
                 "http://127.0.0.1:4191/metrics",
             ],
         );

@@ -168,7 +168,10 @@ async fn read(source: &Source, direction: &str, by: By) -> Result<Scrape> {
                 let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
                 let name = pod.metadata.name.as_deref().unwrap_or("");
                 let path = format!("/api/v1/namespaces/{ns}/pods/{name}:4191/proxy/metrics");
-                let request = http::Request::get(path).body(Vec::new())?;
+                // OpenMetrics: its `# EOF` tells a complete answer from a cut one.
+                let request = http::Request::get(path)
+                    .header(http::header::ACCEPT, strait_admin::exposition::OPENMETRICS)
+                    .body(Vec::new())?;
                 let client = client.clone();
                 let who = format!("{ns}/{name}");
                 reads.spawn(async move {
@@ -235,6 +238,7 @@ async fn fetch(addr: &str) -> Result<String> {
         tokio::spawn(conn);
         let req = http::Request::get("/metrics")
             .header(http::header::HOST, addr)
+            .header(http::header::ACCEPT, strait_admin::exposition::OPENMETRICS)
             .body(Empty::<Bytes>::new())?;
         let resp = sender.send_request(req).await?;
         if !resp.status().is_success() {
