@@ -81,44 +81,51 @@ pub fn check_request<B>(req: &Request<B>, limits: &Limits) -> Result<(), ProxyEr
             "Transfer-Encoding names chunked more than once (RFC 9112 section 6.1)".into(),
         ));
     }
-    if headers.len() > limits.max_request_headers {
-        return Err(ProxyError::HeadersTooLarge {
-            what: format!("the request has {} headers", headers.len()),
-            setting: "STRAIT_MAX_REQUEST_HEADERS",
-            limit: limits.max_request_headers,
-            response: false,
-        });
-    }
-    let bytes = section_bytes(headers);
-    if bytes > limits.max_header_bytes {
-        return Err(ProxyError::HeadersTooLarge {
-            what: format!("the request's headers are {bytes} bytes"),
-            setting: "STRAIT_MAX_HEADER_BYTES",
-            limit: limits.max_header_bytes,
-            response: false,
-        });
-    }
-    Ok(())
+    check_section(
+        headers,
+        (limits.max_request_headers, "STRAIT_MAX_REQUEST_HEADERS"),
+        limits.max_header_bytes,
+        false,
+    )
 }
 
 /// Checks an upstream's response before it is returned.
 pub fn check_response<B>(resp: &Response<B>, limits: &Limits) -> Result<(), ProxyError> {
-    let headers = resp.headers();
-    if headers.len() > limits.max_response_headers {
+    check_section(
+        resp.headers(),
+        (limits.max_response_headers, "STRAIT_MAX_RESPONSE_HEADERS"),
+        limits.max_header_bytes,
+        true,
+    )
+}
+
+/// The count and size limits of one header section (a request's, or a response's).
+fn check_section(
+    headers: &HeaderMap,
+    (max_count, count_setting): (usize, &'static str),
+    max_bytes: usize,
+    response: bool,
+) -> Result<(), ProxyError> {
+    let whose = if response {
+        "the upstream's response"
+    } else {
+        "the request"
+    };
+    if headers.len() > max_count {
         return Err(ProxyError::HeadersTooLarge {
-            what: format!("the upstream's response has {} headers", headers.len()),
-            setting: "STRAIT_MAX_RESPONSE_HEADERS",
-            limit: limits.max_response_headers,
-            response: true,
+            what: format!("{whose} has {} headers", headers.len()),
+            setting: count_setting,
+            limit: max_count,
+            response,
         });
     }
     let bytes = section_bytes(headers);
-    if bytes > limits.max_header_bytes {
+    if bytes > max_bytes {
         return Err(ProxyError::HeadersTooLarge {
-            what: format!("the upstream's response headers are {bytes} bytes"),
+            what: format!("{whose} headers are {bytes} bytes"),
             setting: "STRAIT_MAX_HEADER_BYTES",
-            limit: limits.max_header_bytes,
-            response: true,
+            limit: max_bytes,
+            response,
         });
     }
     Ok(())
