@@ -82,10 +82,17 @@ fn a_server_first_port_nobody_declared_is_found_on_the_first_connection_and_reme
             && learned.contains("\"speaker\":\"server-first\""),
         "{learned}"
     );
-    // Every connection rode mTLS to the server's proxy (its inbound counts TLS clients).
+    // Every connection rode mTLS to the server's proxy, by its mesh port: counted there under
+    // the application's port.
     let sm = mesh.metrics(&server)?;
     assert!(
-        metric(&sm, "strait_tcp_open_total", &["direction=\"inbound\""]).unwrap_or(0.0) >= 5.0,
+        metric(
+            &sm,
+            "strait_tcp_open_total",
+            &["direction=\"inbound\"", "target=\"3307\""]
+        )
+        .unwrap_or(0.0)
+            >= 5.0,
         "{sm}"
     );
 
@@ -99,16 +106,86 @@ fn a_server_first_port_nobody_declared_is_found_on_the_first_connection_and_reme
         plain[1..].iter().all(|ms| *ms < 100.0),
         "later connections must not wait: {plain:?}"
     );
-    // Learned from the first: the port speaks first, and this client speaks plaintext (so its
-    // next connections go to the application at once, without looking for a ClientHello).
+    // Learned from the first: the port speaks first.
     let learned = mesh.curl(&server, &["http://127.0.0.1:4191/protocols"])?;
     assert!(
         learned.contains("\"destination\":\"port 3307\""),
         "{learned}"
     );
-    assert!(learned.contains(&outsider.ip.to_string()), "{learned}");
     // ... and still serves mesh TLS on it: the meshed client keeps its greeting over mTLS.
     assert_eq!(greetings(&mesh, &client, "10.96.0.30:3307", 2)?.len(), 2);
+
+    // A declared opaque port (3306), unmeshed clients: no timer looks for a ClientHello (a mesh
+    // peer would have come by the mesh port), the greeting decides at once. Each from a new
+    // address, so nothing learned about one client helps the next.
+    mesh.net.start_app(
+        &server,
+        "mysql",
+        &[
+            "banner",
+            "--listen",
+            "0.0.0.0:3306",
+            "--text",
+            "MARIADB-GREETING",
+        ],
+    )?;
+    let mut firsts = Vec::new();
+    for name in ["outsider-a", "outsider-b"] {
+        let outsider = mesh.net.pod(name)?;
+        firsts.extend(greetings(
+            &mesh,
+            &outsider,
+            &format!("{}:3306", server.ip),
+            1,
+        )?);
+    }
+    println!(
+        "unmeshed clients' first connection to an opaque port, time to greeting (ms): {firsts:?}"
+    );
+    assert!(
+        firsts.iter().copied().fold(f64::MAX, f64::min) < 40.0,
+        "a first connection from an unmeshed client waited for a ClientHello: {firsts:?} ms"
+    );
+    // The meshed client reaches it over mTLS by the mesh port.
+    greetings(&mesh, &client, &format!("{}:3306", server.ip), 1)?;
+    let sm = mesh.metrics(&server)?;
+    assert_eq!(
+        metric(
+            &sm,
+            "strait_tcp_open_total",
+            &["direction=\"inbound\"", "target=\"3306\""]
+        ),
+        Some(3.0),
+        "{sm}"
+    );
+
+    // A peer cannot use the mesh port to reach the proxy's own ports: a Service that sends
+    // the client's proxy to the server's port 4143 makes it send a header naming 4143, which
+    // is refused and closed unanswered.
+    mesh.config.service(&ServiceDef::new(
+        "loop",
+        "10.96.0.40",
+        4143,
+        4143,
+        &[&server],
+    ))?;
+    mesh.eventually(Duration::from_secs(10), || {
+        let sm = mesh.metrics(&server)?;
+        let _ = mesh.net.exec(
+            &client,
+            &[
+                "python3",
+                "-c",
+                "import socket\ns = socket.create_connection(('10.96.0.40', 4143), timeout=2)\ns.sendall(b'hello')\ns.settimeout(2)\nprint('read', s.recv(100))",
+            ],
+        );
+        Ok(metric(
+            &sm,
+            "strait_inbound_refused_total",
+            &["reason=\"proxy port\"", "target=\"4143\""],
+        )
+        .is_some())
+    })?;
 
     // HTTP on the same machinery pays nothing: the client speaks first, no speculation.
     let out = mesh.curl(&client, &["http://10.96.0.10/"])?;

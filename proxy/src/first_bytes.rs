@@ -117,9 +117,6 @@ pub struct Protocols {
     pub outbound: Memory<std::net::SocketAddr, Speaker>,
     /// Inbound, per application port.
     pub inbound: Memory<u16, Speaker>,
-    /// Inbound clients that spoke plaintext on an opaque port (not mesh peers): their next
-    /// connections go to the application at once, without waiting for a mesh ClientHello.
-    pub plaintext_peers: Memory<std::net::IpAddr, ()>,
     speculating: [std::sync::Arc<tokio::sync::Semaphore>; 2],
 }
 
@@ -128,7 +125,6 @@ impl Protocols {
         Self {
             outbound: Memory::new(ttl),
             inbound: Memory::new(ttl),
-            plaintext_peers: Memory::new(ttl),
             speculating: [(); 2]
                 .map(|()| std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_SPECULATING))),
         }
@@ -150,7 +146,6 @@ impl Protocols {
         serde_json::json!({
             "outbound": self.outbound.snapshot().into_iter().map(|(k, v, l)| entry(k.to_string(), v, l)).collect::<Vec<_>>(),
             "inbound": self.inbound.snapshot().into_iter().map(|(k, v, l)| entry(format!("port {k}"), v, l)).collect::<Vec<_>>(),
-            "plaintext_peers": self.plaintext_peers.snapshot().into_iter().map(|(k, (), _)| k.to_string()).collect::<Vec<_>>(),
         })
     }
 
@@ -178,9 +173,22 @@ impl Upstream {
         tls: Option<&crate::identity::TlsTarget>,
     ) -> Result<Self, ProxyError> {
         Ok(match tls {
-            Some(target) => Upstream::Tls(Box::new(
-                crate::http::client::connect_tls(addr, timeout, target).await?,
-            )),
+            Some(target) => match target.mesh_port {
+                // Opaque TCP to a peer: its mesh port, then the application's port in the
+                // transport header.
+                Some(mesh_port) => {
+                    let via = std::net::SocketAddr::new(addr.ip(), mesh_port);
+                    let mut tls = crate::http::client::connect_tls(via, timeout, target).await?;
+                    let header = crate::transport_header::encode(addr.port());
+                    tokio::io::AsyncWriteExt::write_all(&mut tls, &header)
+                        .await
+                        .map_err(|source| ProxyError::Connect { addr: via, source })?;
+                    Upstream::Tls(Box::new(tls))
+                }
+                None => Upstream::Tls(Box::new(
+                    crate::http::client::connect_tls(addr, timeout, target).await?,
+                )),
+            },
             None => Upstream::Plain(crate::http::client::connect(addr, timeout).await?),
         })
     }

@@ -53,6 +53,10 @@ pub struct TlsTarget {
     /// A pooled connection older than this is made again, so none outlives the certificates
     /// it was verified with.
     pub max_age: Duration,
+    /// Opaque TCP: the peer proxy's mesh port, dialled instead of the destination's port,
+    /// which follows the handshake in a [`transport header`](crate::transport_header); the
+    /// peer then never has to guess whether TLS is coming.
+    pub mesh_port: Option<u16>,
 }
 
 /// The TLS targets of one peer proxy, by what is carried.
@@ -95,6 +99,9 @@ impl AnchorSource {
 pub struct Identity {
     /// How long a mesh connection may live (`--max-connection-age`); set by the proxy.
     pub max_connection_age: Duration,
+    /// The port on which peer proxies take opaque TCP with a transport header: the inbound
+    /// port, the same on every proxy of the mesh (4143); set by the proxy.
+    pub mesh_port: u16,
     /// Bumped when the trust anchors are replaced: open inbound mesh connections re-check.
     pub anchors_changed: tokio::sync::watch::Sender<u64>,
     pub id: SpiffeId,
@@ -140,6 +147,7 @@ impl Identity {
         );
         Ok(Self {
             max_connection_age: Duration::from_secs(6 * 3600),
+            mesh_port: 4143,
             anchors_changed: tokio::sync::watch::Sender::new(0),
             sni: mesh_sni(&id),
             id,
@@ -180,7 +188,7 @@ impl Identity {
     pub fn peer(&self, expected: &SpiffeId) -> Result<PeerTls, IdentityError> {
         let server_name = ServerName::try_from(mesh_sni(expected))
             .map_err(|e| IdentityError::Local(e.to_string()))?;
-        let target = |alpn: Option<&[u8]>| -> Result<TlsTarget, IdentityError> {
+        let target = |alpn: Option<&[u8]>, mesh_port| -> Result<TlsTarget, IdentityError> {
             let config = tls::client_config(
                 self.anchors.clone(),
                 self.creds.clone(),
@@ -193,12 +201,13 @@ impl Identity {
                 server_name: server_name.clone(),
                 anchors: self.anchors.clone(),
                 max_age: self.max_connection_age,
+                mesh_port,
             })
         };
         Ok(PeerTls {
-            h2: target(Some(ALPN_H2))?,
-            http1: target(Some(ALPN_HTTP1))?,
-            tcp: target(None)?,
+            h2: target(Some(ALPN_H2), None)?,
+            http1: target(Some(ALPN_HTTP1), None)?,
+            tcp: target(None, Some(self.mesh_port))?,
         })
     }
 

@@ -8,8 +8,11 @@
 //!   plaintext on a strict port: refused
 //!   other HTTP: to the app in the client's protocol; TCP (and the app's own TLS): spliced
 //!
-//! On opaque ports only TLS is looked for, briefly: a meshed peer starts TLS at once, so a
-//! server-speaks-first application is not held up.
+//! A connection to the mesh port itself (4143) is opaque TCP from a peer proxy: mesh TLS, then
+//! a transport header naming the application's port ([`crate::transport_header`]). So on an
+//! application's opaque port no timer looks for a ClientHello: the application is connected at
+//! once and whoever speaks first decides (a server-speaks-first greeting goes to the client at
+//! once; a client's first bytes are classified as everywhere else).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,7 +26,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use crate::detect::Protocol;
-use crate::first_bytes::{self, Outcome, Protocols, Speaker, Start, Timing, Upstream};
+use crate::first_bytes::{self, Protocols, Speaker, Start, Timing, Upstream};
 use crate::http::client::{send_h1, H2Conn};
 use crate::http::error::ProxyError;
 use crate::http::forward::{direct, restore_orig_proto};
@@ -34,13 +37,12 @@ use crate::io::{CountingIo, PrefixedIo};
 use crate::metrics::{Direction, HttpMetrics};
 use crate::Context;
 
-/// How long an opaque port waits for a mesh ClientHello before treating the connection as
-/// plaintext TCP.
-const OPAQUE_TLS_SNIFF: Duration = Duration::from_millis(50);
-
 pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: SocketAddr) {
     let port = orig_dst.port();
-    let peer_ip = stream.peer_addr().ok().map(|a| a.ip());
+    if port == ctx.cfg.inbound_addr.port() {
+        serve_mesh_port(ctx, stream, orig_dst).await;
+        return;
+    }
     let label = port.to_string();
     let tcp = ctx.metrics.tcp(Direction::Inbound, &label);
     let mut io = CountingIo::new(stream, tcp.read.clone(), tcp.written.clone());
@@ -60,16 +62,10 @@ pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: So
     // plaintext TCP at all (not on a strict port, allowed unauthenticated).
     let plaintext_allowed = !(ctx.identity.is_some() && ctx.cfg.is_strict(port))
         && ctx.authz.authorize(port, None).is_ok();
-    let plaintext_peer = peer_ip.is_some_and(|ip| ctx.protocols.plaintext_peers.get(&ip).is_some());
     let (wait, speculate) = if opaque_port {
-        // A mesh peer sends its ClientHello at once; a client known to speak plaintext here
-        // gets the application at once; an unknown one after a brief look for a ClientHello.
-        let wait = if plaintext_peer {
-            Duration::ZERO
-        } else {
-            ctx.cfg.detect_timeout.min(OPAQUE_TLS_SNIFF)
-        };
-        (wait, plaintext_allowed)
+        // Mesh peers bring opaque TCP to the mesh port, so nothing here is worth waiting for:
+        // the application is connected at once and whoever speaks first decides.
+        (Duration::ZERO, plaintext_allowed)
     } else {
         (
             ctx.cfg.server_first_wait,
@@ -104,7 +100,7 @@ pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: So
     let started =
         first_bytes::start_counted(&mut io, &ctx, Direction::Inbound, timing, speculate, learn)
             .await;
-    let Some((start, outcome)) = started else {
+    let Some((start, _)) = started else {
         return;
     };
     let clients_first =
@@ -118,9 +114,6 @@ pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: So
         Start::Idle if tcp_when_idle => (Protocol::Opaque, bytes::Bytes::new(), None),
         Start::Silent | Start::Idle => return,
         Start::Server { greeting, upstream } => {
-            if let Some(ip) = peer_ip.filter(|_| opaque_port || outcome == Outcome::ServerFirst) {
-                ctx.protocols.plaintext_peers.remember(ip, ());
-            }
             let end = std::future::pending();
             forward_tcp(&ctx, io, orig_dst, None, end, Some(upstream), &greeting).await;
             return;
@@ -139,13 +132,6 @@ pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: So
             .identity
             .as_ref()
             .is_some_and(|id| client_hello_sni(&prefix).as_deref() == Some(id.sni.as_str()));
-    if let Some(ip) = peer_ip.filter(|_| opaque_port) {
-        if mesh_tls {
-            ctx.protocols.plaintext_peers.forget(&ip);
-        } else {
-            ctx.protocols.plaintext_peers.remember(ip, ());
-        }
-    }
     let io = PrefixedIo::new(prefix, io);
 
     if mesh_tls {
@@ -236,6 +222,65 @@ where
         }
         _ => forward_tcp(&ctx, tls, orig_dst, client, end, None, &[]).await,
     }
+}
+
+/// A connection to the mesh port: mesh TLS from a peer proxy, then the transport header naming
+/// the application's port, then opaque TCP to it under the same policy as on that port.
+async fn serve_mesh_port(ctx: Arc<Context>, stream: TcpStream, local: SocketAddr) {
+    let Some(identity) = ctx.identity.clone() else {
+        strait_admin::log_limited!(tracing::Level::INFO, "refused", "mesh port without identity", %local, "refused a connection to the mesh port: this proxy has no identity, so it serves no mesh TLS");
+        return;
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(identity.server_config.clone());
+    let handshake = async {
+        let mut tls = acceptor.accept(stream).await.map_err(|e| e.to_string())?;
+        let port = crate::transport_header::read(&mut tls)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>((tls, port))
+    };
+    let (tls, target) = match tokio::time::timeout(Duration::from_secs(10), handshake).await {
+        Ok(Ok(accepted)) => accepted,
+        Ok(Err(e)) => {
+            strait_admin::log_limited!(tracing::Level::INFO, "refused", "mesh port", %local, error = %e, "refused a connection to the mesh port");
+            ctx.metrics.refused("tls handshake", local.port(), None);
+            return;
+        }
+        Err(_) => {
+            strait_admin::log_limited!(tracing::Level::INFO, "refused", "mesh port timeout", %local, "a connection to the mesh port sent no TLS handshake and transport header within 10 s");
+            return;
+        }
+    };
+    let (_, session) = tls.get_ref();
+    let client = strait_identity::tls::peer_identity(session.peer_certificates());
+    let chain: Vec<_> = session
+        .peer_certificates()
+        .unwrap_or_default()
+        .iter()
+        .map(|c| c.clone().into_owned())
+        .collect();
+    // The proxy's own ports are not applications: no loop through them.
+    let cfg = &ctx.cfg;
+    if [cfg.inbound_addr, cfg.outbound_addr, cfg.admin_addr]
+        .iter()
+        .any(|a| a.port() == target)
+    {
+        strait_admin::log_limited!(tracing::Level::INFO, "refused", "proxy port", %local, target, client = %display_client(client.as_ref()), "refused a transport header naming one of the proxy's own ports");
+        ctx.metrics.refused("proxy port", target, client.as_ref());
+        return;
+    }
+    let app = SocketAddr::new(local.ip(), target);
+    let tcp = ctx.metrics.tcp(Direction::Inbound, &target.to_string());
+    let io = CountingIo::new(tls, tcp.read.clone(), tcp.written.clone());
+    let end = {
+        let client = client.clone();
+        async move {
+            let why = identity.connection_end(chain).await;
+            tracing::info!(%app, client = %display_client(client.as_ref()), why, "closing a mesh connection");
+        }
+    };
+    forward_tcp(&ctx, io, app, client, end, None, &[]).await;
+    drop(tcp);
 }
 
 /// Splices an inbound TCP connection to the application (over `upstream` when already open,

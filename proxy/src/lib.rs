@@ -27,6 +27,7 @@ pub mod retry;
 pub mod router;
 pub mod tcp;
 pub mod telemetry;
+pub mod transport_header;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -143,6 +144,7 @@ pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
                 token.clone(),
             )?;
             identity.max_connection_age = cfg.max_connection_age;
+            identity.mesh_port = cfg.inbound_addr.port();
             Some(Arc::new(identity))
         }
         (Some(_), ..) => {
@@ -260,6 +262,7 @@ pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
         loops.push(tokio::spawn(listen::accept_loop(
             "outbound",
             listener,
+            listen::ToItself::Refuse,
             drain.clone(),
             tracker.clone(),
             move |s, dst| outbound::serve_connection(ctx.clone(), s, dst),
@@ -270,6 +273,7 @@ pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
         loops.push(tokio::spawn(listen::accept_loop(
             "inbound",
             listener,
+            listen::ToItself::Handle,
             drain.clone(),
             tracker.clone(),
             move |s, dst| inbound::serve_connection(ctx.clone(), s, dst),

@@ -26,12 +26,21 @@ pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
     })
 }
 
+/// What a listener does with a connection made straight to it (not redirected elsewhere).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToItself {
+    /// It would loop back into the proxy (outbound): refused.
+    Refuse,
+    /// The inbound listener is also the mesh port: handled.
+    Handle,
+}
+
 /// Accepts until the drain starts. Each connection runs `handle(stream, original_dst)` as a
-/// task of `tracker`. A connection made straight to the listener (not redirected) would loop
-/// back into the proxy, so it is refused.
+/// task of `tracker`; one made straight to the listener is handled as `to_itself` says.
 pub async fn accept_loop<F, Fut>(
     name: &'static str,
     listener: TcpListener,
+    to_itself: ToItself,
     drain: Drain,
     tracker: TaskTracker,
     handle: F,
@@ -64,7 +73,8 @@ pub async fn accept_loop<F, Fut>(
                 continue;
             }
         };
-        if Some(orig_dst.port()) == local.map(|l| l.port())
+        if to_itself == ToItself::Refuse
+            && Some(orig_dst.port()) == local.map(|l| l.port())
             && stream.local_addr().ok() == Some(orig_dst)
         {
             strait_admin::log_limited!(tracing::Level::WARN, "loop", name, %peer, "connection addressed to the proxy itself; closing to avoid a loop");
