@@ -13,6 +13,7 @@
 //!
 //! with each proxy's CPU per request and RSS. Nothing asserts on time: this prints figures.
 
+mod detection;
 mod fixed_rate;
 mod soak;
 
@@ -69,6 +70,13 @@ enum Cmd {
         #[arg(long, default_value_t = 10_000)]
         connections: u32,
     },
+    /// What protocol detection costs a new connection: server-speaks-first on an undeclared
+    /// port (first and later connections), on an opaque port from an unmeshed client, and a
+    /// client-first HTTP request; each against a direct connection.
+    Detection {
+        #[arg(long, default_value_t = 200)]
+        connections: u32,
+    },
 }
 
 fn main() -> Result<()> {
@@ -83,6 +91,7 @@ fn main() -> Result<()> {
             return soak::soak((*duration).min(Duration::from_secs(3600)), *interval)
         }
         Some(Cmd::Idle { connections }) => return soak::idle((*connections).min(50_000)),
+        Some(Cmd::Detection { connections }) => return detection::detection(*connections),
         _ => {}
     }
     if let Some(Cmd::FixedRate {

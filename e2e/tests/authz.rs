@@ -44,7 +44,7 @@ fn a_policy_allowing_namespace_a_lets_a_in_and_keeps_b_out() -> anyhow::Result<(
     assert!(out.starts_with("HTTP/1.1 403"), "{out}");
     // The caller learns it was refused, not by which policy (the server's log says).
     assert!(
-        out.contains("strait-proxy-error: forbidden by the destination's inbound policy"),
+        out.contains("Strait-Proxy-Error: forbidden by the destination's inbound policy"),
         "{out}"
     );
     assert!(

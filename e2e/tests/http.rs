@@ -139,7 +139,7 @@ fn a_service_without_endpoints_gets_a_503_from_the_proxy() -> anyhow::Result<()>
     assert!(out.starts_with("HTTP/1.1 503"), "{out}");
     assert!(
         out.contains(
-            "strait-proxy-error: no endpoint is available for empty.default.svc.cluster.local:80"
+            "Strait-Proxy-Error: no endpoint is available for empty.default.svc.cluster.local:80"
         ),
         "{out}"
     );

@@ -294,7 +294,7 @@ fn a_client_from_a_foreign_ca_and_a_server_with_another_identity_are_refused() -
     let out = mesh.curl(&client, &["-i", "http://10.96.0.10/"])?;
     assert!(out.starts_with("HTTP/1.1 502"), "{out}");
     assert!(
-        out.contains("strait-proxy-error: mTLS with")
+        out.contains("Strait-Proxy-Error: mTLS with")
             && out.contains("but discovery said spiffe://cluster.local/ns/default/sa/web"),
         "{out}"
     );

@@ -147,7 +147,7 @@ fn a_header_match_routes_to_the_canary_only_and_a_missing_backend_gets_500() -> 
     let out = mesh.curl(&client, &["-i", "http://10.96.0.10/ghost"])?;
     assert!(out.starts_with("HTTP/1.1 500"), "{out}");
     assert!(
-        out.contains("strait-proxy-error: no backend:") && out.contains("does not exist"),
+        out.contains("Strait-Proxy-Error: no backend:") && out.contains("does not exist"),
         "{out}"
     );
     Ok(())
@@ -172,7 +172,7 @@ fn a_200ms_route_timeout_answers_504_against_a_2s_backend() -> anyhow::Result<()
     let took = start.elapsed();
     assert!(out.starts_with("HTTP/1.1 504"), "{out}");
     assert!(
-        out.contains("strait-proxy-error: no response within the timeout of 200ms"),
+        out.contains("Strait-Proxy-Error: no response within the timeout of 200ms"),
         "{out}"
     );
     assert!(

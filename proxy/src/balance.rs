@@ -59,7 +59,7 @@ pub struct Endpoint {
     pub h2: H2Conn,
     /// Set when this proxy has an identity and the endpoint is a meshed peer with one: every
     /// connection to it is mTLS, checked against that identity.
-    pub tls: Option<PeerTls>,
+    pub tls: Option<Arc<PeerTls>>,
     load: PeakEwma,
     breaker: Breaker,
 }

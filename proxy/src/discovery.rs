@@ -50,6 +50,9 @@ impl Resolved {
     }
 }
 
+/// The largest discovery answer accepted.
+pub const MAX_ANSWER_BYTES: usize = 64 * 1024 * 1024;
+
 /// One destination's live resolution. Connections hold it while they use its balancer.
 #[derive(Debug)]
 pub struct Resolution {
@@ -244,7 +247,9 @@ impl Discovery {
             None => endpoint.connect_lazy(),
         };
         Ok(Self {
-            client: DiscoveryClient::new(channel),
+            // tonic's default 4 MiB caps a destination near 25,000 endpoints; 64 MiB holds
+            // 100,000 with room (about 150 bytes each).
+            client: DiscoveryClient::new(channel).max_decoding_message_size(MAX_ANSWER_BYTES),
             cache: Mutex::new(Cache::default()),
             workload,
             first_answer_timeout,

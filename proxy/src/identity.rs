@@ -67,6 +67,13 @@ pub struct PeerTls {
     pub tcp: TlsTarget,
 }
 
+/// Peer TLS configurations by peer identity, held by the endpoints that use them.
+#[derive(Debug, Default)]
+struct PeerCache {
+    map: std::collections::HashMap<SpiffeId, std::sync::Weak<PeerTls>>,
+    prune_at: usize,
+}
+
 /// The SNI a client sends to reach the workload `id` through its proxy: a DNS-shaped name the
 /// inbound side compares with its own, to tell mesh TLS from the application's own TLS.
 pub fn mesh_sni(id: &SpiffeId) -> String {
@@ -113,6 +120,7 @@ pub struct Identity {
     server_name: String,
     anchors_source: AnchorSource,
     token_path: PathBuf,
+    peers: std::sync::Mutex<PeerCache>,
 }
 
 impl Identity {
@@ -158,6 +166,7 @@ impl Identity {
             server_name,
             anchors_source,
             token_path,
+            peers: std::sync::Mutex::default(),
         })
     }
 
@@ -184,8 +193,26 @@ impl Identity {
         }
     }
 
-    /// Client configurations for connections to the peer `expected`.
-    pub fn peer(&self, expected: &SpiffeId) -> Result<PeerTls, IdentityError> {
+    /// Client configurations for connections to the peer `expected`: one set per peer
+    /// identity, shared by all its endpoints (a 5,000-endpoint service of one ServiceAccount
+    /// holds one, not 5,000). They follow anchor and certificate rotation on their own (they
+    /// hold the shared anchors and credentials), so a cached set never goes stale.
+    pub fn peer(&self, expected: &SpiffeId) -> Result<Arc<PeerTls>, IdentityError> {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tls) = peers.map.get(expected).and_then(std::sync::Weak::upgrade) {
+            return Ok(tls);
+        }
+        let tls = Arc::new(self.new_peer(expected)?);
+        // Forget identities no endpoint uses any more, each time the map has doubled.
+        if peers.map.len() >= peers.prune_at {
+            peers.map.retain(|_, t| t.strong_count() > 0);
+            peers.prune_at = (2 * peers.map.len()).max(64);
+        }
+        peers.map.insert(expected.clone(), Arc::downgrade(&tls));
+        Ok(tls)
+    }
+
+    fn new_peer(&self, expected: &SpiffeId) -> Result<PeerTls, IdentityError> {
         let server_name = ServerName::try_from(mesh_sni(expected))
             .map_err(|e| IdentityError::Local(e.to_string()))?;
         let target = |alpn: Option<&[u8]>, mesh_port| -> Result<TlsTarget, IdentityError> {

@@ -31,6 +31,8 @@ pub struct CompiledRoute {
     matches: Vec<CompiledMatch>,
     pub backends: Vec<RouteBackend>,
     total_weight: u64,
+    /// Requests that picked a backend so far: the position in the split's sequence.
+    picks: std::sync::atomic::AtomicU64,
     pub request_timeout: Option<Duration>,
     pub backend_timeout: Option<Duration>,
     pub retry: Option<crate::retry::RetryPolicy>,
@@ -222,6 +224,7 @@ impl Router {
                         .map(|m| compile_match(m, &r.name))
                         .collect(),
                     total_weight: backends.iter().map(|b| u64::from(b.weight)).sum(),
+                    picks: std::sync::atomic::AtomicU64::new(0),
                     backends,
                     request_timeout: (r.request_timeout_ms > 0)
                         .then(|| Duration::from_millis(r.request_timeout_ms)),
@@ -278,7 +281,15 @@ impl CompiledRoute {
         if self.total_weight == 0 {
             return None;
         }
-        let mut n = fastrand::u64(..self.total_weight);
+        // A Weyl sequence (k times the golden ratio, mod 1) in place of a random draw: as
+        // uniform, but every run of requests splits by weight to within a request or two,
+        // where random choice drifts by sqrt(n) (an 80/20 split over 1,000 requests: 800 +-2,
+        // not 800 +-13). One relaxed atomic add per request.
+        let k = self
+            .picks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let point = k.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut n = ((u128::from(point) * u128::from(self.total_weight)) >> 64) as u64;
         for b in &self.backends {
             let w = u64::from(b.weight);
             if n < w {
@@ -447,9 +458,14 @@ mod tests {
             .filter(|_| split.pick_backend().is_some_and(|b| &*b.service == "b0"))
             .count();
         assert!(
-            (7_700..8_300).contains(&first),
+            (7_998..=8_002).contains(&first),
             "{first}/10000 to the 80% backend"
         );
+        // Every window splits by weight too, not only the whole run.
+        let window = (0..100)
+            .filter(|_| split.pick_backend().is_some_and(|b| &*b.service == "b0"))
+            .count();
+        assert!((78..=82).contains(&window), "{window}/100");
         let zero = compile(&[route("zero", prefix("/"), &[(0, true), (0, true)])]);
         assert!(zero
             .route(&req("/", &[]))

@@ -57,14 +57,14 @@ mod tests {
     #[test]
     fn round_trips_every_port_edge() {
         for port in [1, 80, 3306, 4143, 65535] {
-            assert_eq!(decode(&encode(port)).unwrap(), port);
+            assert_eq!(decode(&encode(port)).expect("a header"), port);
         }
     }
 
     #[test]
     fn refuses_what_is_not_a_header() {
         assert!(matches!(
-            decode(b"GET / HTTP"[..LEN].try_into().unwrap()),
+            decode(b"GET / HTTP"[..LEN].try_into().expect("9 bytes")),
             Err(HeaderError::Magic)
         ));
         let mut other_version = encode(80);
@@ -78,7 +78,7 @@ mod tests {
         let mut wire = encode(3306).to_vec();
         wire.extend_from_slice(b"client bytes");
         let mut io = &wire[..];
-        assert_eq!(read(&mut io).await.unwrap(), 3306);
+        assert_eq!(read(&mut io).await.expect("a header"), 3306);
         assert_eq!(io, b"client bytes");
         let mut short = &wire[..4];
         assert!(matches!(read(&mut short).await, Err(HeaderError::Read(_))));

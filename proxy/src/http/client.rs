@@ -212,6 +212,8 @@ where
 {
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
         .max_headers(super::limits::LIBRARY_MAX_HEADERS)
+        .preserve_header_case(true)
+        .title_case_headers(true)
         .handshake(TokioIo::new(io))
         .await?;
     tokio::spawn(async move {
@@ -264,7 +266,10 @@ pub fn h1_client(connect_timeout: Duration) -> H1Client {
     hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(90))
-        .http1_preserve_header_case(false)
+        // As the server side: the client's names as written, Title-Case for those that
+        // crossed HTTP/2.
+        .http1_preserve_header_case(true)
+        .http1_title_case_headers(true)
         .http1_max_headers(super::limits::LIBRARY_MAX_HEADERS)
         .build(connector)
 }

@@ -77,7 +77,15 @@ async fn handle<H: Handler>(
             if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
                 strip_hop_by_hop(resp.headers_mut(), false);
             }
-            *resp.version_mut() = version;
+            // hyper answers an HTTP/1.0 client in 1.0 on the wire whatever this says; saying
+            // 1.1 lets it keep the connection when the client asked for keep-alive (and add
+            // `Connection: keep-alive`), which a 1.0 response without that header (stripped
+            // above: hop-by-hop) would refuse.
+            *resp.version_mut() = if version == http::Version::HTTP_10 {
+                http::Version::HTTP_11
+            } else {
+                version
+            };
             (resp.map(Either::Left), "")
         }
         Err(e) => {
@@ -126,6 +134,11 @@ pub async fn serve<I, H, S>(
                 // The response is the upstream's: no Date of the proxy's own.
                 .auto_date_header(false)
                 .header_read_timeout(settings.header_read_timeout)
+                // Header names as the client wrote them reach an HTTP/1 upstream through this
+                // proxy, and the upstream's reach the client; names that crossed HTTP/2
+                // (lowercased there) are written in canonical Title-Case.
+                .preserve_header_case(true)
+                .title_case_headers(true)
                 // Above the proxy's own limits, which answer with the setting's name.
                 .max_headers(LIBRARY_MAX_HEADERS)
                 .serve_connection(io, svc)
