@@ -106,11 +106,12 @@ fn main() -> Result<()> {
             .build()?;
         let r = rt.block_on(fixed_rate::run(&url, rate, conns, duration))?;
         println!(
-            "requests={} errors={} p50_us={} p99_us={} max_us={}",
+            "requests={} errors={} p50_us={} p99_us={} p999_us={} max_us={}",
             r.requests,
             r.errors,
             r.percentile(0.5),
             r.percentile(0.99),
+            r.percentile(0.999),
             r.latencies_us.last().copied().unwrap_or(0)
         );
         return Ok(());
