@@ -226,7 +226,7 @@ async fn run_mesh(args: &DemoArgs) -> Result<()> {
                 let rows = stats::rows(&previous.0, &scrape, previous.1.elapsed().as_secs_f64());
                 previous = (scrape, Instant::now());
                 println!("--- {at:>5.0}s ---");
-                print!("{}", stats::render(&rows));
+                print!("{}", stats::render(&rows, "SERVICE"));
             }
             Ok(_) => println!("--- {at:>5.0}s --- the client's proxy sent cut-short metrics"),
             Err(e) => println!("--- {at:>5.0}s --- cannot read the client's proxy metrics: {e:#}"),

@@ -34,6 +34,17 @@ pub enum By {
 }
 
 impl By {
+    /// The title of the table's first column.
+    fn title(self) -> &'static str {
+        match self {
+            By::Target => "SERVICE",
+            By::Route => "ROUTE",
+            By::Backend => "BACKEND",
+            By::ClientId => "CLIENT ID",
+            By::ServerId => "SERVER ID",
+        }
+    }
+
     fn label(self) -> &'static str {
         match self {
             By::Target => "target",
@@ -122,7 +133,7 @@ pub async fn run(args: StatArgs) -> Result<()> {
         let rows = stats::rows(&previous.1, &now, (at - previous.0).as_secs_f64());
         previous = (at, now);
         match args.output {
-            Output::Table => print!("{}", stats::render(&rows)),
+            Output::Table => print!("{}", stats::render(&rows, args.by.title())),
             Output::Json => println!("{}", serde_json::to_string(&json_rows(&rows))?),
         }
         printed += 1;

@@ -138,7 +138,19 @@ pub fn rows(before: &Scrape, after: &Scrape, seconds: f64) -> Vec<Row> {
         // A target that never had a response (a counter registered ahead) is no row.
         .filter(|(_, now)| now.success + now.failure > 0.0)
         .map(|(target, now)| {
-            let prev = before.get(target).cloned().unwrap_or_default();
+            let mut prev = before.get(target).cloned().unwrap_or_default();
+            // A counter that went down was reset (a proxy restarted): count from zero, as
+            // Prometheus' rate() does, never a negative rate.
+            let reset = now.success < prev.success
+                || now.failure < prev.failure
+                || now.tls < prev.tls
+                || now
+                    .buckets
+                    .iter()
+                    .any(|(le, c)| prev.buckets.iter().any(|(l, p)| l == le && p > c));
+            if reset {
+                prev = Default::default();
+            }
             let ok = now.success - prev.success;
             let failed = now.failure - prev.failure;
             let total = ok + failed;
@@ -203,16 +215,23 @@ pub fn quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
     Some(prev.0)
 }
 
-/// The table as text.
-pub fn render(rows: &[Row]) -> String {
+/// The table as text; the first column titled `title` (what the rows are by), as wide as its
+/// longest name.
+pub fn render(rows: &[Row], title: &str) -> String {
     let fmt = |v: Option<f64>, unit: &str| v.map_or("-".to_string(), |v| format!("{v:.1}{unit}"));
+    let w = rows
+        .iter()
+        .map(|r| r.target.chars().count())
+        .chain([title.len(), 20])
+        .max()
+        .unwrap_or(20);
     let mut out = format!(
-        "{:<40} {:>8} {:>9} {:>9} {:>9} {:>9} {:>7}  {}\n",
-        "SERVICE", "RPS", "SUCCESS", "P50", "P95", "P99", "MTLS", "SERVER ID"
+        "{:<w$} {:>8} {:>9} {:>9} {:>9} {:>9} {:>7}  {}\n",
+        title, "RPS", "SUCCESS", "P50", "P95", "P99", "MTLS", "SERVER ID"
     );
     for r in rows {
         out.push_str(&format!(
-            "{:<40} {:>8.1} {:>9} {:>9} {:>9} {:>9} {:>7}  {}\n",
+            "{:<w$} {:>8.1} {:>9} {:>9} {:>9} {:>9} {:>7}  {}\n",
             r.target,
             r.rps,
             fmt(r.success_rate.map(|s| s * 100.0), "%"),
@@ -256,7 +275,42 @@ strait_response_latency_seconds_bucket{le="+Inf",direction="outbound",target="we
         assert!((r.p50_ms.expect("p50") - 1.0).abs() < 1e-6, "{r:?}");
         // 2 samples above 2 ms (in +Inf): p99 is reported at the highest finite bound.
         assert!((r.p99_ms.expect("p99") - 2.0).abs() < 1e-6, "{r:?}");
-        assert!(render(&rows).contains("90.0%"));
+        assert!(render(&rows, "SERVICE").contains("90.0%"));
+    }
+
+    #[test]
+    fn a_reset_counter_counts_from_zero_never_negative() {
+        // The proxy restarted between the reads: its counters start again below the last read.
+        let rows = rows(&parse(B, "outbound"), &parse(A, "outbound"), 1.0);
+        assert_eq!(rows.len(), 1);
+        assert!((rows[0].rps - 10.0).abs() < 1e-9, "{rows:?}");
+        assert_eq!(rows[0].success_rate, Some(1.0));
+    }
+
+    #[test]
+    fn the_first_column_is_titled_by_what_rows_are_and_fits_the_longest_name() {
+        let long = "spiffe://cluster.local/ns/payments-production/sa/checkout-service-account";
+        let row = |t: &str| Row {
+            target: t.to_string(),
+            rps: 1.0,
+            success_rate: Some(1.0),
+            p50_ms: None,
+            p95_ms: None,
+            p99_ms: None,
+            mtls: None,
+            server_id: None,
+        };
+        let table = render(
+            &[row(long), row("spiffe://cluster.local/ns/a/sa/b")],
+            "CLIENT ID",
+        );
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].starts_with("CLIENT ID "), "{table}");
+        // Every row's RPS column starts where the title's does.
+        let col = lines[0].find("     RPS").expect("RPS");
+        for l in &lines[1..] {
+            assert_eq!(l.find(" 1.0").map(|i| i + 4), Some(col + 8), "{table}");
+        }
     }
 
     #[test]
@@ -318,7 +372,7 @@ strait_request_total{direction="outbound",target="passthrough"} 0
             rows[0].server_id.as_deref(),
             Some("spiffe://cluster.local/ns/demo/sa/web")
         );
-        let table = render(&rows);
+        let table = render(&rows, "SERVICE");
         assert!(
             table.contains("90%") && table.contains("SERVER ID"),
             "{table}"

@@ -46,7 +46,10 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("strait_control_plane");
+        // `process_*` at the root (standard names), everything else under the prefix.
+        let mut root = Registry::default();
+        strait_admin::process::register(&mut root, "strait", "control-plane");
+        let registry = root.sub_registry_with_prefix("strait_control_plane");
         let services = Gauge::default();
         let ready = Gauge::default();
         let unmatched_policy_ports = Gauge::default();
@@ -82,7 +85,7 @@ impl Default for Metrics {
             unmatched_policy_ports.clone(),
         );
         Self {
-            registry,
+            registry: root,
             services,
             ready,
             unmatched_policy_ports,
@@ -146,10 +149,6 @@ impl Metrics {
         self.certificates
             .get_or_create(&CertLabels { result, reason })
             .inc();
-    }
-
-    pub fn registry_mut(&mut self) -> &mut Registry {
-        &mut self.registry
     }
 
     pub fn encode(&self, index: &MeshIndex, ready: bool) -> String {

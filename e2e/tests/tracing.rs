@@ -147,6 +147,51 @@ fn a_traced_request_gets_a_client_and_a_server_span_linked_into_the_apps_trace()
     assert_eq!(entry["client_id"], "spiffe://cluster.local/ns/a/sa/client");
     assert_eq!(entry["span_id"], inbound["span_id"]);
     assert_eq!(entry["response_bytes"].as_u64(), Some(seen.len() as u64));
+    // Integer microseconds; who asked and where it went; one request id for every hop and the
+    // application (given by the client's proxy: the request had none).
+    assert!(entry["duration_us"].is_u64(), "{entry}");
+    assert!(
+        entry["peer"]
+            .as_str()
+            .is_some_and(|p| p.starts_with(&format!("{}:", client.ip))),
+        "{entry}"
+    );
+    assert_eq!(
+        entry["upstream"].as_str(),
+        Some(format!("{}:8080", server.ip).as_str()),
+        "{entry}"
+    );
+    let id = entry["request_id"].as_str().unwrap_or_default();
+    assert_eq!(id.len(), 36, "{entry}");
+    assert_eq!(header(&seen, "x-request-id"), Some(id), "{seen}");
+    let client_log = std::fs::read_to_string(mesh.net.dir.join("client-proxy.log"))?;
+    let outbound_entry: Value = client_log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|e| e["trace_id"] == trace)
+        .with_context(|| format!("the client proxy's line of trace {trace}"))?;
+    assert_eq!(outbound_entry["request_id"], id, "{outbound_entry}");
+    assert_eq!(
+        outbound_entry["upstream"].as_str(),
+        Some(format!("{}:8080", server.ip).as_str()),
+        "{outbound_entry}"
+    );
+
+    // Secrets in the query are not logged (the default list), the rest is.
+    mesh.curl(
+        &client,
+        &["http://10.96.0.10/headers?page=2&X-Amz-Signature=s3cr3t&access_token=t0k3n"],
+    )?;
+    mesh.eventually(Duration::from_secs(5), || {
+        let log = std::fs::read_to_string(mesh.net.dir.join("server-proxy.log"))?;
+        Ok(log.contains(
+            "\"path\":\"/headers?page=2&X-Amz-Signature=REDACTED&access_token=REDACTED\"",
+        ))
+    })?;
+    for log in ["server-proxy.log", "client-proxy.log"] {
+        let text = std::fs::read_to_string(mesh.net.dir.join(log))?;
+        assert!(!text.contains("s3cr3t") && !text.contains("t0k3n"), "{log}");
+    }
 
     // B3 single header: continued, and answered in B3 as well.
     let b3_trace = "80f198ee56343ba864fe8b2a57d3eff7";

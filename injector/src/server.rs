@@ -44,6 +44,7 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::default();
+        strait_admin::process::register(&mut registry, "strait", "injector");
         let requests = Family::<ResultLabels, Counter>::default();
         let duration = Histogram::new([
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,

@@ -160,6 +160,10 @@ pub struct ProxyConfig {
     /// Access log: `off`, or `json` for one JSON line per request on stdout.
     #[arg(long, env = "STRAIT_ACCESS_LOG", value_enum, default_value_t = AccessLogFormat::Off)]
     pub access_log: AccessLogFormat,
+    /// Query parameters whose values the access log and spans write as `REDACTED`
+    /// (comma-separated names, any case; empty: none).
+    #[arg(long, env = "STRAIT_ACCESS_LOG_REDACT", default_value = crate::telemetry::redact::DEFAULT, value_parser = crate::telemetry::redact::Redact::parse)]
+    pub access_log_redact: crate::telemetry::redact::Redact,
     /// This pod's default inbound policy for ports no AuthorizationPolicy selects
     /// (`all-unauthenticated`, `all-authenticated`, `cluster-authenticated`, `deny`); wins over
     /// the namespace's and the cluster's, which the control plane sends. The injector sets it

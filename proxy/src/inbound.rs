@@ -39,6 +39,7 @@ use crate::Context;
 
 pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: SocketAddr) {
     let port = orig_dst.port();
+    let peer = stream.peer_addr().ok();
     if port == ctx.cfg.inbound_addr.port() {
         serve_mesh_port(ctx, stream, orig_dst).await;
         return;
@@ -137,7 +138,7 @@ pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: So
     if mesh_tls {
         drop(upstream);
         if let Some(identity) = ctx.identity.clone() {
-            serve_mesh_tls(ctx, identity, io, orig_dst).await;
+            serve_mesh_tls(ctx, identity, io, orig_dst, peer).await;
         }
         return;
     }
@@ -161,7 +162,16 @@ pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: So
         }
         Protocol::Http1 | Protocol::Http2 => {
             drop(upstream);
-            serve_http(&ctx, io, protocol, orig_dst, None, std::future::pending()).await
+            serve_http(
+                &ctx,
+                io,
+                protocol,
+                orig_dst,
+                peer,
+                None,
+                std::future::pending(),
+            )
+            .await
         }
     }
     drop(tcp);
@@ -178,8 +188,13 @@ fn client_hello_sni(prefix: &[u8]) -> Option<String> {
     }
 }
 
-async fn serve_mesh_tls<I>(ctx: Arc<Context>, identity: Arc<Identity>, io: I, orig_dst: SocketAddr)
-where
+async fn serve_mesh_tls<I>(
+    ctx: Arc<Context>,
+    identity: Arc<Identity>,
+    io: I,
+    orig_dst: SocketAddr,
+    peer: Option<SocketAddr>,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let acceptor = tokio_rustls::TlsAcceptor::from(identity.server_config.clone());
@@ -215,10 +230,10 @@ where
     };
     match alpn.as_deref() {
         Some(strait_identity::tls::ALPN_H2) => {
-            serve_http(&ctx, tls, Protocol::Http2, orig_dst, client, end).await
+            serve_http(&ctx, tls, Protocol::Http2, orig_dst, peer, client, end).await
         }
         Some(strait_identity::tls::ALPN_HTTP1) => {
-            serve_http(&ctx, tls, Protocol::Http1, orig_dst, client, end).await
+            serve_http(&ctx, tls, Protocol::Http1, orig_dst, peer, client, end).await
         }
         _ => forward_tcp(&ctx, tls, orig_dst, client, end, None, &[]).await,
     }
@@ -337,6 +352,7 @@ async fn serve_http<I, E>(
     io: I,
     protocol: Protocol,
     app: SocketAddr,
+    peer: Option<SocketAddr>,
     client: Option<SpiffeId>,
     end: E,
 ) where
@@ -352,6 +368,7 @@ async fn serve_http<I, E>(
         app_h2: ctx.clients.h2.get(app),
         ctx: ctx.clone(),
         app,
+        peer,
         client,
     });
     let drain = ctx.drain.clone();
@@ -368,6 +385,8 @@ struct InboundHttp {
     ctx: Arc<Context>,
     app: SocketAddr,
     app_h2: Arc<H2Conn>,
+    /// The client's address.
+    peer: Option<SocketAddr>,
     metrics: HttpMetrics,
     /// The client's identity, for mesh TLS connections.
     client: Option<SpiffeId>,
@@ -388,6 +407,14 @@ impl Handler for InboundHttp {
 
     fn describe(&self) -> String {
         format!("app {} (client {:?})", self.app, self.client)
+    }
+
+    fn peer(&self) -> Option<SocketAddr> {
+        self.peer
+    }
+
+    fn upstream(&self) -> Option<SocketAddr> {
+        Some(self.app)
     }
 
     async fn forward(

@@ -108,6 +108,8 @@ pub struct Destination {
     pub backend: Label,
     pub server_id: Label,
     pub tls: bool,
+    /// The endpoint's address (the access log's `upstream`; not a label).
+    pub upstream: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -183,8 +185,6 @@ pub struct Metrics {
     latency: HistogramFamily<RouteLabels>,
     detect_duration: HistogramFamily<DirectionLabels>,
     tcp_duration: HistogramFamily<TargetLabels>,
-    process_cpu: Counter<f64, std::sync::atomic::AtomicU64>,
-    process_rss: Gauge,
     /// This proxy's own SPIFFE ID (empty without identity).
     local_id: std::sync::RwLock<Label>,
     tcp_opened: Family<TargetLabels, Counter>,
@@ -246,15 +246,16 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("strait");
+        // `process_*` at the root (standard names), everything else under `strait_`.
+        let mut root = Registry::default();
+        strait_admin::process::register(&mut root, "strait", "proxy");
+        let registry = root.sub_registry_with_prefix("strait");
         let m = Metrics {
             requests: Family::default(),
             responses: Family::default(),
             latency: Family::new_with_constructor(latency_histogram),
             detect_duration: Family::new_with_constructor(detect_histogram),
             tcp_duration: Family::new_with_constructor(connection_histogram),
-            process_cpu: Counter::default(),
-            process_rss: Gauge::default(),
             local_id: std::sync::RwLock::new(Label::empty()),
             tcp_opened: Family::default(),
             tcp_closed: Family::default(),
@@ -331,16 +332,6 @@ impl Metrics {
             m.tcp_duration.clone(),
         );
         registry.register(
-            "process_cpu_seconds",
-            "CPU time the proxy used (user and system)",
-            m.process_cpu.clone(),
-        );
-        registry.register(
-            "process_resident_memory_bytes",
-            "Resident memory of the proxy",
-            m.process_rss.clone(),
-        );
-        registry.register(
             "discovery_connected",
             "1 while at least one discovery stream is connected",
             m.discovery_connected.clone(),
@@ -391,7 +382,10 @@ impl Metrics {
             "Access log lines dropped because stdout was not keeping up",
             m.access_log_dropped.clone(),
         );
-        Metrics { registry, ..m }
+        Metrics {
+            registry: root,
+            ..m
+        }
     }
 
     /// Sets this proxy's own identity (the client identity outbound, the server one inbound).
@@ -406,39 +400,8 @@ impl Metrics {
             .clone()
     }
 
-    /// Reads the process's CPU time and resident memory (Linux `/proc`).
-    fn sample_process(&self) {
-        if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
-            // Fields after the command (which may hold spaces): utime and stime are the 12th
-            // and 13th, in USER_HZ, which Linux fixes at 100 per second.
-            let fields: Vec<&str> = stat
-                .rsplit_once(')')
-                .map(|(_, rest)| rest.split_whitespace().collect())
-                .unwrap_or_default();
-            let ticks: u64 = [11, 12]
-                .iter()
-                .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
-                .sum();
-            let seconds = ticks as f64 / 100.0;
-            let delta = seconds - self.process_cpu.get();
-            if delta > 0.0 {
-                self.process_cpu.inc_by(delta);
-            }
-        }
-        if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
-            let kb = status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<i64>().ok());
-            if let Some(kb) = kb {
-                self.process_rss.set(kb * 1024);
-            }
-        }
-    }
-
     /// Prometheus text exposition.
     pub fn encode(&self) -> String {
-        self.sample_process();
         let mut out = String::with_capacity(8 * 1024);
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
             tracing::error!(error = %e, "encoding metrics");
@@ -695,6 +658,7 @@ mod tests {
             backend: Label::new("web-v2.shop.svc.cluster.local:80"),
             server_id: Label::new("spiffe://cluster.local/ns/shop/sa/web"),
             tls: true,
+            upstream: None,
         };
         http.response(200, Some(dst), "", std::time::Duration::from_millis(3))
             .finish(None, false, true);
@@ -733,8 +697,11 @@ mod tests {
             "strait_tcp_open_connections{direction=\"inbound\",target=\"8080\"} 0",
             "strait_tcp_close_total{direction=\"inbound\",target=\"8080\"} 1",
             "strait_tcp_connection_duration_seconds_count{direction=\"inbound\",target=\"8080\"} 1",
-            "strait_process_cpu_seconds_total ",
-            "strait_process_resident_memory_bytes ",
+            "process_cpu_seconds_total ",
+            "process_resident_memory_bytes ",
+            "process_start_time_seconds ",
+            "process_open_fds ",
+            "strait_build_info{",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

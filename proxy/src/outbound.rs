@@ -42,6 +42,7 @@ const PASSTHROUGH: &str = "passthrough";
 const CONNECT_TRIES: usize = 3;
 
 pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: SocketAddr) {
+    let peer = stream.peer_addr().ok();
     let (resolution, state) = match &ctx.discovery {
         Some(d) => {
             let (r, s) = d.lookup(orig_dst).await;
@@ -160,6 +161,7 @@ pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: So
                 ctx: ctx.clone(),
                 resolution,
                 orig_dst,
+                peer,
                 passthrough_h2: OnceLock::new(),
             });
             serve(
@@ -203,6 +205,8 @@ struct OutboundHttp {
     /// None when the proxy runs without discovery.
     resolution: Option<Arc<Resolution>>,
     orig_dst: SocketAddr,
+    /// The client's address.
+    peer: Option<SocketAddr>,
     /// The pooled connection to `orig_dst`, for requests passed through.
     passthrough_h2: OnceLock<Arc<H2Conn>>,
 }
@@ -262,6 +266,14 @@ impl Handler for OutboundHttp {
 
     fn describe(&self) -> String {
         self.orig_dst.to_string()
+    }
+
+    fn peer(&self) -> Option<SocketAddr> {
+        self.peer
+    }
+
+    fn upstream(&self) -> Option<SocketAddr> {
+        Some(self.orig_dst)
     }
 
     async fn forward(
@@ -488,6 +500,7 @@ impl OutboundHttp {
                     backend: Label::from(service.clone()),
                     server_id: Label::from(endpoint.spec.identity.clone()),
                     tls: endpoint.tls.is_some() && endpoint.spec.meshed,
+                    upstream: Some(endpoint.addr()),
                 });
                 Ok(resp)
             }

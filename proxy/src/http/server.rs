@@ -41,6 +41,11 @@ pub trait Handler: Send + Sync + 'static {
     fn describe(&self) -> String;
     /// Tracing and the access log.
     fn telemetry(&self) -> &crate::telemetry::Telemetry;
+    /// The client's address, for the access log.
+    fn peer(&self) -> Option<std::net::SocketAddr>;
+    /// Where requests go when the response does not say (the application, a passthrough
+    /// destination), for the access log.
+    fn upstream(&self) -> Option<std::net::SocketAddr>;
 }
 
 /// How a connection is served: the header-read timeout and the header limits.
@@ -64,7 +69,7 @@ async fn handle<H: Handler>(
     metrics.request();
     let grpc = is_grpc(&req);
     let version = req.version();
-    let observation = handler.telemetry().observe(&mut req, metrics);
+    let mut observation = handler.telemetry().observe(&mut req, metrics);
     let forwarded = match check_request(&req, limits) {
         Err(e) => Err(e),
         Ok(()) => match handler.forward(req, &target).await {
@@ -101,6 +106,14 @@ async fn handle<H: Handler>(
         }
     };
     let dst = resp.extensions_mut().remove::<Destination>();
+    if let Some(o) = observation.as_mut() {
+        o.peer = handler.peer();
+        o.upstream = match &dst {
+            Some(d) => d.upstream,
+            None if error.is_empty() => handler.upstream(),
+            None => None,
+        };
+    }
     let recorder = metrics.response(resp.status().as_u16(), dst, error, start.elapsed());
     let status = grpc_status(resp.headers());
     resp.map(|body| Metered::new(body, recorder, grpc, status).observed(observation))

@@ -34,8 +34,15 @@ pub struct Entry<'a> {
     pub route: &'a str,
     pub backend: &'a str,
     pub tls: bool,
-    /// From the request to the end of the response body.
-    pub duration_ms: f64,
+    /// From the request to the end of the response body, in microseconds.
+    pub duration_us: u64,
+    /// The client's address (`ip:port`).
+    pub peer: &'a str,
+    /// Where the request went: the endpoint (outbound) or the application (inbound); empty when
+    /// the proxy answered itself.
+    pub upstream: &'a str,
+    /// The request's `x-request-id` (given one by the first proxy when it had none).
+    pub request_id: &'a str,
     /// The request's `Content-Length`, when it had one.
     pub request_bytes: Option<u64>,
     /// Response body bytes sent.
@@ -137,7 +144,10 @@ mod tests {
             route: "",
             backend: "",
             tls: true,
-            duration_ms: 1.5,
+            duration_us: 1500,
+            peer: "10.0.0.1:40000",
+            upstream: "10.0.0.2:8080",
+            request_id: "id-1",
             request_bytes: None,
             response_bytes: 17,
             user_agent: "curl/8",

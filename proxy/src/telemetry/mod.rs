@@ -10,6 +10,7 @@
 pub mod access_log;
 mod export;
 pub mod propagation;
+pub mod redact;
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -45,6 +46,7 @@ pub enum TelemetryError {
 pub struct Telemetry {
     tracing: Option<Tracing>,
     access_log: Option<AccessLog>,
+    redact: redact::Redact,
 }
 
 #[derive(Debug)]
@@ -70,6 +72,7 @@ impl Telemetry {
         Ok(Self {
             tracing,
             access_log,
+            redact: cfg.access_log_redact.clone(),
         })
     }
 
@@ -98,10 +101,10 @@ impl Telemetry {
         let span = self
             .tracing
             .as_ref()
-            .and_then(|t| t.start(req, direction, parent, formats));
+            .and_then(|t| t.start(req, direction, parent, formats, &self.redact));
         let log = self.access_log.as_ref().map(|log| {
             let trace = if span.is_some() { None } else { carried };
-            (log.clone(), RequestInfo::of(req, trace))
+            (log.clone(), RequestInfo::of(req, trace, &self.redact))
         });
         Some(Box::new(Observation {
             start: Instant::now(),
@@ -109,6 +112,8 @@ impl Telemetry {
             direction,
             span,
             log,
+            peer: None,
+            upstream: None,
         }))
     }
 }
@@ -172,6 +177,7 @@ impl Tracing {
         direction: Direction,
         parent: Parent,
         formats: propagation::Formats,
+        redact: &redact::Redact,
     ) -> Option<Span> {
         let cx = match parent {
             Parent::Unsampled => return None,
@@ -212,7 +218,7 @@ impl Tracing {
             attributes.push(KeyValue::new("server.port", i64::from(port)));
         }
         if let Some(q) = uri.query() {
-            attributes.push(KeyValue::new("url.query", q.to_string()));
+            attributes.push(KeyValue::new("url.query", redact.query(q).into_owned()));
         }
         if let Some(ua) = req
             .headers()
@@ -237,22 +243,57 @@ struct RequestInfo {
     user_agent: String,
     request_bytes: Option<u64>,
     trace: Option<opentelemetry::trace::SpanContext>,
+    request_id: String,
+}
+
+/// The request id header, propagated to the application and the next hop.
+pub const REQUEST_ID: http::header::HeaderName =
+    http::header::HeaderName::from_static("x-request-id");
+
+/// A random request id in the UUID v4 form.
+fn new_request_id() -> String {
+    let (a, b) = (fastrand::u64(..), fastrand::u64(..));
+    let b = (b & 0x3fff_ffff_ffff_ffff) | 0x8000_0000_0000_0000;
+    let a = (a & 0xffff_ffff_ffff_0fff) | 0x4000;
+    format!(
+        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xffff,
+        b >> 48,
+        b & 0xffff_ffff_ffff
+    )
 }
 
 impl RequestInfo {
-    fn of<B>(req: &Request<B>, trace: Option<opentelemetry::trace::SpanContext>) -> Self {
+    /// What the log needs of `req`; gives it an `x-request-id` when it has none, so that the
+    /// application and the next hop log the same id.
+    fn of<B>(
+        req: &mut Request<B>,
+        trace: Option<opentelemetry::trace::SpanContext>,
+        redact: &redact::Redact,
+    ) -> Self {
+        let request_id = match req.headers().get(&REQUEST_ID).and_then(|v| v.to_str().ok()) {
+            Some(id) => id.to_owned(),
+            None => {
+                let id = new_request_id();
+                if let Ok(v) = http::HeaderValue::from_str(&id) {
+                    req.headers_mut().insert(REQUEST_ID, v);
+                }
+                id
+            }
+        };
         let header =
             |name: http::header::HeaderName| req.headers().get(name).and_then(|v| v.to_str().ok());
         Self {
+            request_id,
             method: req.method().clone(),
             authority: crate::http::headers::authority(req)
                 .map(|a| a.to_string())
                 .unwrap_or_default(),
-            path: req
-                .uri()
-                .path_and_query()
-                .map_or("/", |p| p.as_str())
-                .to_string(),
+            path: redact
+                .apply(req.uri().path_and_query().map_or("/", |p| p.as_str()))
+                .into_owned(),
             version: req.version(),
             user_agent: header(http::header::USER_AGENT).unwrap_or("").to_string(),
             request_bytes: header(http::header::CONTENT_LENGTH).and_then(|v| v.parse().ok()),
@@ -269,6 +310,10 @@ pub struct Observation {
     direction: Direction,
     span: Option<Span>,
     log: Option<(AccessLog, RequestInfo)>,
+    /// The client's address.
+    pub peer: Option<std::net::SocketAddr>,
+    /// Where the request went (the endpoint, or the application).
+    pub upstream: Option<std::net::SocketAddr>,
 }
 
 /// How a response ended, for [`Observation::finish`].
@@ -289,6 +334,8 @@ impl Observation {
             direction,
             span,
             log,
+            peer,
+            upstream,
         } = *self;
         let labels = outcome.labels;
         let status = labels.map_or(0, |l| l.status_code);
@@ -361,7 +408,10 @@ impl Observation {
                 route,
                 backend,
                 tls,
-                duration_ms: start.elapsed().as_secs_f64() * 1000.0,
+                duration_us: u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX),
+                peer: &peer.map(|a| a.to_string()).unwrap_or_default(),
+                upstream: &upstream.map(|a| a.to_string()).unwrap_or_default(),
+                request_id: &req.request_id,
                 request_bytes: req.request_bytes,
                 response_bytes: outcome.response_bytes,
                 user_agent: &req.user_agent,
