@@ -127,10 +127,15 @@ fn a_traced_request_gets_a_client_and_a_server_span_linked_into_the_apps_trace()
             "{span}"
         );
         assert_eq!(a["strait.tls"], "true", "{span}");
-        assert_eq!(span["resource"]["service.name"], "strait-proxy", "{span}");
+        // Each workload is its own service: `<pod>.<namespace>` in local mode.
+        let name = format!("{pod}.default");
+        assert_eq!(span["resource"]["service.name"], name, "{span}");
         assert_eq!(span["resource"]["k8s.pod.name"], pod, "{span}");
     }
     assert_eq!(outbound["attributes"]["server.address"], "10.96.0.10");
+    // No port in the authority: the port the connection was made to.
+    assert_eq!(outbound["attributes"]["server.port"], "80", "{outbound}");
+    assert_eq!(inbound["attributes"]["server.port"], "8080", "{inbound}");
 
     // The server proxy's access log has the request, with the trace.
     let log = std::fs::read_to_string(mesh.net.dir.join("server-proxy.log"))?;
@@ -246,6 +251,39 @@ fn a_traced_request_gets_a_client_and_a_server_span_linked_into_the_apps_trace()
             .all(|s| s["trace_id"] != quiet),
         "an unsampled trace was exported"
     );
+
+    // Semantic conventions: a 4xx is an error of the CLIENT span (`error.type` the status),
+    // not of the SERVER span; a method outside the standard ones is `_OTHER`, its span named
+    // `HTTP`, the method kept in `http.request.method_original`.
+    let odd = "55555555555555555555555555555555";
+    mesh.curl(
+        &client,
+        &[
+            "-X",
+            "PURGE",
+            "-H",
+            &format!("traceparent: 00-{odd}-6666666666666666-01"),
+            "http://10.96.0.10/status/404",
+        ],
+    )?;
+    let spans = spans_of(&mesh, &collector, odd, 2)?;
+    let (out, inb) = (by_kind(&spans, 3), by_kind(&spans, 2));
+    assert_eq!(out["status_code"], 2, "{out}");
+    assert_eq!(out["attributes"]["error.type"], "404", "{out}");
+    assert_eq!(inb["status_code"], 0, "{inb}");
+    assert!(inb["attributes"].get("error.type").is_none(), "{inb}");
+    for span in [out, inb] {
+        assert_eq!(span["name"], "HTTP", "{span}");
+        assert_eq!(
+            span["attributes"]["http.request.method"], "_OTHER",
+            "{span}"
+        );
+        assert_eq!(
+            span["attributes"]["http.request.method_original"], "PURGE",
+            "{span}"
+        );
+    }
+
     let m = mesh.metrics(&server)?;
     assert!(
         metric(&m, "strait_trace_spans_exported_total", &[]).unwrap_or(0.0) >= 3.0,

@@ -486,7 +486,22 @@ fn patch(
     }
 
     let init = (!cfg.cni).then(|| to_value(init_container(cfg, o)));
-    let proxy = to_value(proxy_container(cfg, o, anchors, &probes.probes));
+    let mut container = proxy_container(cfg, o, anchors, &probes.probes);
+    let owner = Owner::of(meta);
+    if let Some(envs) = container
+        .env
+        .as_mut()
+        .filter(|_| cfg.trace_collector.is_some())
+    {
+        envs.push(env(
+            "STRAIT_TRACE_SERVICE_NAME",
+            format!("{}.$(STRAIT_POD_NAMESPACE)", owner.workload),
+        ));
+        if !owner.attributes.is_empty() {
+            envs.push(env("OTEL_RESOURCE_ATTRIBUTES", owner.attributes.join(",")));
+        }
+    }
+    let proxy = to_value(container);
     match o.mode {
         SidecarMode::Native => {
             let mut first: Vec<Value> = init.into_iter().collect();
@@ -530,6 +545,77 @@ fn add_all(
 fn to_value<T: serde::Serialize>(t: T) -> Value {
     // Serializing k8s-openapi structs to JSON cannot fail (no maps with non-string keys).
     serde_json::to_value(t).unwrap_or(Value::Null)
+}
+
+/// The workload a pod belongs to, for traces: `service.name` is `<workload>.<namespace>`, and
+/// the owner's kind and name go into `OTEL_RESOURCE_ATTRIBUTES` (`k8s.deployment.name`, ...).
+#[derive(Debug, PartialEq)]
+struct Owner {
+    workload: String,
+    attributes: Vec<String>,
+}
+
+impl Owner {
+    /// From the pod's metadata at admission (the name may not exist yet: `generateName`).
+    fn of(meta: &Value) -> Self {
+        let text = |v: &Value| v.as_str().map(str::to_owned);
+        let label = |k: &str| meta.get("labels").and_then(|l| l.get(k)).and_then(text);
+        let owner = meta
+            .get("ownerReferences")
+            .and_then(Value::as_array)
+            .and_then(|o| {
+                o.iter()
+                    .find(|r| r.get("controller").and_then(Value::as_bool) == Some(true))
+                    .or_else(|| o.first())
+            })
+            .and_then(|r| Some((text(r.get("kind")?)?, text(r.get("name")?)?)));
+        let mut attributes = Vec::new();
+        let from_owner = match &owner {
+            Some((kind, name)) if kind == "ReplicaSet" => {
+                attributes.push(format!("k8s.replicaset.name={name}"));
+                // A Deployment's ReplicaSet is `<deployment>-<pod-template-hash>`.
+                let deployment = match label("pod-template-hash") {
+                    Some(hash) => name.strip_suffix(&format!("-{hash}")).map(str::to_owned),
+                    None => None,
+                };
+                match deployment {
+                    Some(d) => {
+                        attributes.push(format!("k8s.deployment.name={d}"));
+                        Some(d)
+                    }
+                    None => Some(name.clone()),
+                }
+            }
+            Some((kind, name)) => {
+                let key = match kind.as_str() {
+                    "StatefulSet" => Some("k8s.statefulset.name"),
+                    "DaemonSet" => Some("k8s.daemonset.name"),
+                    "Job" => Some("k8s.job.name"),
+                    _ => None,
+                };
+                if let Some(key) = key {
+                    attributes.push(format!("{key}={name}"));
+                }
+                Some(name.clone())
+            }
+            None => None,
+        };
+        let workload = from_owner
+            .or_else(|| label("app.kubernetes.io/name"))
+            .or_else(|| label("app"))
+            .or_else(|| {
+                meta.get("generateName")
+                    .and_then(text)
+                    .map(|g| g.trim_end_matches('-').to_owned())
+            })
+            .or_else(|| meta.get("name").and_then(text))
+            .filter(|w| !w.is_empty())
+            .unwrap_or_else(|| "$(STRAIT_POD_NAME)".to_string());
+        Self {
+            workload,
+            attributes,
+        }
+    }
 }
 
 fn env(name: &str, value: impl Into<String>) -> EnvVar {
@@ -884,5 +970,34 @@ mod tests {
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default()
+    }
+
+    #[test]
+    fn the_workload_of_a_pod_names_its_traces() {
+        let deployment = json!({
+            "generateName": "web-5d9f8c7b6-",
+            "labels": {"app": "web", "pod-template-hash": "5d9f8c7b6"},
+            "ownerReferences": [{"kind": "ReplicaSet", "name": "web-5d9f8c7b6", "controller": true}]
+        });
+        assert_eq!(
+            Owner::of(&deployment),
+            Owner {
+                workload: "web".into(),
+                attributes: vec![
+                    "k8s.replicaset.name=web-5d9f8c7b6".into(),
+                    "k8s.deployment.name=web".into()
+                ]
+            }
+        );
+        let sts =
+            json!({"name": "db-0", "ownerReferences": [{"kind": "StatefulSet", "name": "db"}]});
+        assert_eq!(Owner::of(&sts).workload, "db");
+        assert_eq!(Owner::of(&sts).attributes, ["k8s.statefulset.name=db"]);
+        assert_eq!(
+            Owner::of(&json!({"labels": {"app.kubernetes.io/name": "api"}})).workload,
+            "api"
+        );
+        assert_eq!(Owner::of(&json!({"name": "lonely"})).workload, "lonely");
+        assert_eq!(Owner::of(&json!({})).workload, "$(STRAIT_POD_NAME)");
     }
 }

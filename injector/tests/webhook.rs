@@ -492,6 +492,15 @@ fn the_mesh_wide_collector_and_per_pod_access_log_and_sampling_reach_the_proxy()
     );
     assert!(has(&env, "STRAIT_TRACE_SAMPLE_RATIO", "0.25"), "{env:?}");
     assert!(has(&env, "STRAIT_ACCESS_LOG", "json"), "{env:?}");
+    // A bare pod is its own workload in traces: `<name>.<namespace>`.
+    assert!(
+        has(
+            &env,
+            "STRAIT_TRACE_SERVICE_NAME",
+            "cap.$(STRAIT_POD_NAMESPACE)"
+        ),
+        "{env:?}"
+    );
 
     for (annotation, bad) in [
         ("strait.io/access-log", "xml"),

@@ -141,12 +141,10 @@ pub struct ProxyConfig {
     /// Spans held for export at most; beyond, spans are dropped and counted.
     #[arg(long, env = "STRAIT_TRACE_QUEUE_SIZE", default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub trace_queue_size: u32,
-    /// Name of the proxies in traces (`service.name`).
-    #[arg(
-        long,
-        env = "STRAIT_TRACE_SERVICE_NAME",
-        default_value = "strait-proxy"
-    )]
+    /// The workload's name in traces (`service.name`); unset: `<pod>.<namespace>` from
+    /// `--workload` (the injector sets `<deployment or other owner>.<namespace>`), so each
+    /// workload is its own node of a service graph.
+    #[arg(long, env = "STRAIT_TRACE_SERVICE_NAME", default_value = "")]
     pub trace_service_name: String,
     /// The application's kubelet probes, which the admin server answers on
     /// `/app-health/<container>/<kind>`: JSON `{"<container>/<kind>": {"kind": "http" | "tcp",
@@ -302,6 +300,17 @@ pub enum InboundMode {
 }
 
 impl ProxyConfig {
+    /// `service.name` of this proxy's spans.
+    pub fn service_name(&self) -> String {
+        if !self.trace_service_name.is_empty() {
+            return self.trace_service_name.clone();
+        }
+        match self.workload.split_once('/') {
+            Some((ns, pod)) if !ns.is_empty() && !pod.is_empty() => format!("{pod}.{ns}"),
+            _ => "strait-proxy".to_string(),
+        }
+    }
+
     /// How HTTP connections are served: the header-read timeout and the header limits.
     pub fn serve_settings(&self) -> crate::http::server::ServeSettings {
         crate::http::server::ServeSettings {

@@ -69,7 +69,8 @@ async fn handle<H: Handler>(
     metrics.request();
     let grpc = is_grpc(&req);
     let version = req.version();
-    let mut observation = handler.telemetry().observe(&mut req, metrics);
+    let port = handler.upstream().map(|a| a.port());
+    let mut observation = handler.telemetry().observe(&mut req, metrics, port);
     let forwarded = match check_request(&req, limits) {
         Err(e) => Err(e),
         Ok(()) => match handler.forward(req, &target).await {

@@ -87,7 +87,14 @@ impl Telemetry {
     }
 
     /// Starts observing `req`: its span (rewriting its trace headers) and its log entry.
-    pub fn observe<B>(&self, req: &mut Request<B>, http: &HttpMetrics) -> Option<Box<Observation>> {
+    /// `port`: the port the connection was made to (`server.port` when the authority has
+    /// none).
+    pub fn observe<B>(
+        &self,
+        req: &mut Request<B>,
+        http: &HttpMetrics,
+        port: Option<u16>,
+    ) -> Option<Box<Observation>> {
         if self.tracing.is_none() && self.access_log.is_none() {
             return None;
         }
@@ -101,7 +108,7 @@ impl Telemetry {
         let span = self
             .tracing
             .as_ref()
-            .and_then(|t| t.start(req, direction, parent, formats, &self.redact));
+            .and_then(|t| t.start(req, direction, parent, formats, &self.redact, port));
         let log = self.access_log.as_ref().map(|log| {
             let trace = if span.is_some() { None } else { carried };
             (log.clone(), RequestInfo::of(req, trace, &self.redact))
@@ -114,6 +121,7 @@ impl Telemetry {
             log,
             peer: None,
             upstream: None,
+            name: span_name(req.method()),
         }))
     }
 }
@@ -138,8 +146,17 @@ impl Tracing {
         if let Some(id) = &cfg.identity {
             attributes.push(KeyValue::new("strait.identity", id.to_string()));
         }
+        // The standard variable (the injector puts the pod's owner there: k8s.deployment.name,
+        // k8s.statefulset.name, ...).
+        if let Ok(extra) = std::env::var("OTEL_RESOURCE_ATTRIBUTES") {
+            attributes.extend(
+                resource_attributes(&extra)
+                    .into_iter()
+                    .map(|(k, v)| KeyValue::new(k, v)),
+            );
+        }
         let resource = Resource::builder_empty()
-            .with_service_name(cfg.trace_service_name.clone())
+            .with_service_name(cfg.service_name())
             .with_attributes(attributes)
             .build();
         exporter.set_resource(&resource);
@@ -178,6 +195,7 @@ impl Tracing {
         parent: Parent,
         formats: propagation::Formats,
         redact: &redact::Redact,
+        default_port: Option<u16>,
     ) -> Option<Span> {
         let cx = match parent {
             Parent::Unsampled => return None,
@@ -196,7 +214,7 @@ impl Tracing {
         let method = method_name(req.method());
         let mut span = self
             .tracer
-            .span_builder(method.clone())
+            .span_builder(span_name(req.method()))
             .with_kind(kind)
             .start_with_context(&self.tracer, &cx);
         if !span.is_recording() {
@@ -206,7 +224,7 @@ impl Tracing {
         let authority = crate::http::headers::authority(req);
         let (host, port) = split_authority(authority.as_ref().map_or("", |a| a.as_str()));
         let mut attributes = vec![
-            KeyValue::new("http.request.method", method),
+            KeyValue::new("http.request.method", method.clone()),
             KeyValue::new("url.path", uri.path().to_string()),
             KeyValue::new("url.scheme", "http"),
             KeyValue::new("network.protocol.name", "http"),
@@ -214,8 +232,15 @@ impl Tracing {
             KeyValue::new("server.address", host.to_string()),
             KeyValue::new("strait.direction", direction.as_str()),
         ];
-        if let Some(port) = port {
+        // Without a port in the authority, the port the connection was made to.
+        if let Some(port) = port.or(default_port) {
             attributes.push(KeyValue::new("server.port", i64::from(port)));
+        }
+        if method == "_OTHER" {
+            attributes.push(KeyValue::new(
+                "http.request.method_original",
+                req.method().as_str().to_string(),
+            ));
         }
         if let Some(q) = uri.query() {
             attributes.push(KeyValue::new("url.query", redact.query(q).into_owned()));
@@ -314,6 +339,8 @@ pub struct Observation {
     pub peer: Option<std::net::SocketAddr>,
     /// Where the request went (the endpoint, or the application).
     pub upstream: Option<std::net::SocketAddr>,
+    /// The span's name before a route is known.
+    name: Cow<'static, str>,
 }
 
 /// How a response ended, for [`Observation::finish`].
@@ -336,6 +363,7 @@ impl Observation {
             log,
             peer,
             upstream,
+            name,
         } = *self;
         let labels = outcome.labels;
         let status = labels.map_or(0, |l| l.status_code);
@@ -370,10 +398,17 @@ impl Observation {
             if let Some(code) = outcome.grpc_status {
                 attributes.push(KeyValue::new("rpc.grpc.status_code", i64::from(code)));
             }
-            if outcome.failed {
+            // A route is known: `{method} {route}` (a bounded set of names).
+            if !route.is_empty() {
+                span.update_name(format!("{name} {route}"));
+            }
+            // Semantic conventions: a 4xx is an error of the client, so of a CLIENT span, not
+            // of a SERVER one.
+            let client_error = direction == Direction::Outbound && (400..500).contains(&status);
+            if outcome.failed || client_error {
                 let kind = if !error.is_empty() {
                     error.to_string()
-                } else if status >= 500 {
+                } else if status >= 400 {
                     status.to_string()
                 } else if let Some(code) = outcome.grpc_status.filter(|c| *c != 0) {
                     format!("grpc_status_{code}")
@@ -439,6 +474,44 @@ fn method_name(m: &http::Method) -> Cow<'static, str> {
         _ => "_OTHER",
     };
     Cow::Borrowed(name)
+}
+
+/// A span's name before its route is known: the method, or `HTTP` for a method outside the
+/// standard ones (semantic conventions).
+fn span_name(m: &http::Method) -> Cow<'static, str> {
+    match method_name(m) {
+        Cow::Borrowed("_OTHER") => Cow::Borrowed("HTTP"),
+        name => name,
+    }
+}
+
+/// `OTEL_RESOURCE_ATTRIBUTES`: `key=value` pairs separated by commas, values percent-encoded.
+fn resource_attributes(text: &str) -> Vec<(String, String)> {
+    text.split(',')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), percent_decode(v.trim())))
+        .filter(|(k, _)| !k.is_empty())
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: Option<&u8>| b.and_then(|b| (*b as char).to_digit(16));
+        match (bytes[i], hex(bytes.get(i + 1)), hex(bytes.get(i + 2))) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn protocol_version(v: http::Version) -> &'static str {
