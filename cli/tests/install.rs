@@ -760,3 +760,110 @@ fn reinstalling_against_a_cluster_keeps_its_trust_root_unless_asked_to_replace_i
     assert_ne!(a.3, b.3);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Prometheus' name for a Kubernetes label in `__meta_kubernetes_pod_label_<name>`.
+fn sanitized(label: &str) -> String {
+    label
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect()
+}
+
+#[test]
+fn dashboards_filter_every_panel_and_the_scrape_config_matches_the_manifests() {
+    // Every panel of a dashboard with variables uses one of them.
+    let grafana = Path::new(env!("CARGO_MANIFEST_DIR")).join("../install/grafana");
+    for entry in std::fs::read_dir(&grafana).expect("install/grafana") {
+        let path = entry.expect("entry").path();
+        let d: Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("JSON");
+        let vars: Vec<String> = d["templating"]["list"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v["name"].as_str())
+            .filter(|n| *n != "datasource")
+            .map(|n| format!("${n}"))
+            .collect();
+        for panel in d["panels"].as_array().expect("panels") {
+            let exprs: Vec<&str> = panel["targets"]
+                .as_array()
+                .expect("targets")
+                .iter()
+                .filter_map(|t| t["expr"].as_str())
+                .collect();
+            assert!(
+                vars.is_empty()
+                    || exprs
+                        .iter()
+                        .all(|e| vars.iter().any(|v| e.contains(v.as_str()))),
+                "{}: panel {:?} ignores the dashboard's variables {vars:?}: {exprs:?}",
+                path.display(),
+                panel["title"]
+            );
+        }
+    }
+
+    // The control plane's scrape job keeps, and labels by, what the installed pods carry.
+    let config: Value =
+        serde_yaml_ng::from_str(include_str!("../../install/prometheus/prometheus.yml"))
+            .expect("YAML");
+    let job = config["scrape_configs"]
+        .as_array()
+        .expect("jobs")
+        .iter()
+        .find(|j| j["job_name"] == "strait-control-plane")
+        .expect("the control plane's job");
+    let out = strait(&["install"], None);
+    assert!(out.status.success());
+    let docs = docs(&String::from_utf8(out.stdout).expect("UTF-8"));
+    for name in ["strait-control-plane", "strait-injector"] {
+        let template = &find(&docs, "Deployment", name)["spec"]["template"];
+        let labels: Vec<(String, String)> = template["metadata"]["labels"]
+            .as_object()
+            .expect("labels")
+            .iter()
+            .map(|(k, v)| (sanitized(k), v.as_str().unwrap_or_default().to_string()))
+            .collect();
+        let ports: Vec<&str> = template["spec"]["containers"]
+            .as_array()
+            .expect("containers")
+            .iter()
+            .flat_map(|c| c["ports"].as_array().into_iter().flatten())
+            .filter_map(|p| p["name"].as_str())
+            .collect();
+        for rule in job["relabel_configs"].as_array().expect("relabel_configs") {
+            let sources: Vec<&str> = rule["source_labels"]
+                .as_array()
+                .expect("source_labels")
+                .iter()
+                .filter_map(Value::as_str)
+                .collect();
+            let values: Vec<String> = sources
+                .iter()
+                .map(|s| {
+                    if let Some(label) = s.strip_prefix("__meta_kubernetes_pod_label_") {
+                        labels
+                            .iter()
+                            .find(|(k, _)| k == label)
+                            .map(|(_, v)| v.clone())
+                            .unwrap_or_else(|| panic!("{name}: no pod label {label} for {s}"))
+                    } else if *s == "__meta_kubernetes_pod_container_port_name" {
+                        if ports.contains(&"admin") {
+                            "admin"
+                        } else {
+                            ""
+                        }
+                        .to_string()
+                    } else {
+                        "-".to_string()
+                    }
+                })
+                .collect();
+            if rule["action"] == "keep" {
+                let regex = rule["regex"].as_str().expect("regex");
+                assert_eq!(values.join(";"), regex, "{name} is not kept by {rule}");
+            }
+        }
+    }
+}

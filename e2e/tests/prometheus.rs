@@ -103,7 +103,8 @@ fn dashboard_queries() -> Result<Vec<(String, String)>> {
                 let expr = target["expr"].as_str().context("expr")?;
                 let filled = expr
                     .replace("$__rate_interval", "30s")
-                    .replace("$target", ".*");
+                    .replace("$target", ".*")
+                    .replace("$port", ".*");
                 let name = format!("{} / {}", d["title"], panel["title"]);
                 out.push((name, filled));
             }
