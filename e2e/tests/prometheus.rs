@@ -224,6 +224,36 @@ fn prometheus_scrapes_the_proxies_and_every_dashboard_query_returns_data() -> Re
         )?,
         Some(1.0)
     );
+    // Labels in the shape users query: the destination service and namespace on both sides
+    // (the server's proxy learns them from the client's, over mTLS), the client's workload.
+    assert_eq!(
+        scalar(
+            &mesh,
+            "sum(strait_response_total{direction=\"outbound\",dst_namespace=\"default\",dst_service=\"web\",src_workload=\"client.default\"})"
+        )?,
+        Some(50.0)
+    );
+    assert_eq!(
+        scalar(
+            &mesh,
+            "sum(strait_response_total{direction=\"inbound\",dst_namespace=\"default\",dst_service=\"web\",src_workload=\"client.default\",status_code=\"500\"})"
+        )?,
+        Some(10.0)
+    );
+    assert_eq!(
+        scalar(
+            &mesh,
+            "sum(strait_response_size_bytes_count{direction=\"inbound\",dst_service=\"web\"})"
+        )?,
+        Some(50.0)
+    );
+    assert_eq!(
+        scalar(
+            &mesh,
+            "sum(strait_request_size_bytes_count{direction=\"outbound\",dst_service=\"web\"})"
+        )?,
+        Some(50.0)
+    );
     // Two proxies and the control plane are scraped; the application's port is not.
     assert_eq!(
         scalar(&mesh, "count(up{job=\"strait-proxies\"} == 1)")?,

@@ -112,6 +112,11 @@ fn a_traced_request_gets_a_client_and_a_server_span_linked_into_the_apps_trace()
         "{seen}"
     );
     assert_eq!(header(&seen, "tracestate"), Some("vendor=kept"), "{seen}");
+    // What the proxies tell each other stays between them.
+    assert!(
+        !seen.contains("strait-dst-service") && !seen.contains("strait-src-workload"),
+        "{seen}"
+    );
     for (span, pod) in [(outbound, "client"), (inbound, "server")] {
         let a = &span["attributes"];
         assert_eq!(span["name"], "GET", "{span}");

@@ -34,7 +34,7 @@ use crate::http::headers::{is_upgrade, strip_hop_by_hop};
 use crate::http::server::{serve, Handler};
 use crate::identity::Identity;
 use crate::io::{CountingIo, PrefixedIo};
-use crate::metrics::{Direction, HttpMetrics};
+use crate::metrics::{Destination, Direction, HttpMetrics, Label};
 use crate::Context;
 
 pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: SocketAddr) {
@@ -423,6 +423,8 @@ impl Handler for InboundHttp {
         _target: &(),
     ) -> Result<Response<Incoming>, ProxyError> {
         let mut req = req.map(Either::Left);
+        // What the client's proxy said (trusted over mTLS only; never passed to the app).
+        let said = said_by_peer(req.headers_mut(), self.client.is_some());
         if let Err(denied) = self
             .ctx
             .authz
@@ -439,18 +441,47 @@ impl Handler for InboundHttp {
                 denied,
             });
         }
-        if restore_orig_proto(&mut req) {
+        let resp = if restore_orig_proto(&mut req) {
             strip_hop_by_hop(req.headers_mut(), false);
-            return send_h1(
+            send_h1(
                 &self.ctx.clients.h1,
                 self.app,
                 self.ctx.clients.connect_timeout,
                 req,
             )
-            .await;
-        }
-        let upgrade = is_upgrade(&req);
-        strip_hop_by_hop(req.headers_mut(), upgrade);
-        direct(&self.ctx.clients, self.app, &self.app_h2, req).await
+            .await
+        } else {
+            let upgrade = is_upgrade(&req);
+            strip_hop_by_hop(req.headers_mut(), upgrade);
+            direct(&self.ctx.clients, self.app, &self.app_h2, req).await
+        };
+        resp.map(|mut resp| {
+            if let Some(said) = said {
+                resp.extensions_mut().insert(said);
+            }
+            resp
+        })
     }
+}
+
+/// The service and client workload a peer proxy named, as a [`Destination`] for the metrics;
+/// the headers are removed whoever sent them.
+fn said_by_peer(headers: &mut http::HeaderMap, mtls: bool) -> Option<Destination> {
+    let take = |headers: &mut http::HeaderMap, name| {
+        headers
+            .remove(name)
+            .and_then(|v| v.to_str().ok().map(str::to_owned))
+            // Label values from a peer: bounded in length (a DNS name's).
+            .filter(|v| v.len() <= 253)
+    };
+    let service = take(headers, crate::http::headers::DST_SERVICE);
+    let workload = take(headers, crate::http::headers::SRC_WORKLOAD);
+    if !mtls || (service.is_none() && workload.is_none()) {
+        return None;
+    }
+    Some(Destination {
+        dst_service: Label::new(service.as_deref().unwrap_or_default()),
+        src_workload: Label::new(workload.as_deref().unwrap_or_default()),
+        ..Destination::default()
+    })
 }

@@ -59,6 +59,8 @@ pub struct Context {
     pub telemetry: telemetry::Telemetry,
     /// Who speaks first, per destination: learned by speculative connections.
     pub protocols: Arc<first_bytes::Protocols>,
+    /// This workload, `<workload>.<namespace>`: told to peer proxies (`strait-src-workload`).
+    pub workload: Option<::http::HeaderValue>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -162,6 +164,8 @@ pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
     if let Some(identity) = &identity {
         metrics.set_local_id(&identity.id.to_string());
     }
+    let workload = cfg.service_name();
+    metrics.set_workload(&workload);
     let discovery = match &cfg.control_plane_addr {
         Some(addr) => Some(Discovery::new(
             addr,
@@ -180,6 +184,7 @@ pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
     let discovery_configured = discovery.is_some();
     let cfg_default_policy = cfg.default_inbound_policy;
     let ctx = Arc::new(Context {
+        workload: ::http::HeaderValue::from_str(&workload).ok(),
         telemetry,
         clients: Clients::new(cfg.connect_timeout),
         protocols: Arc::new(first_bytes::Protocols::new(cfg.protocol_memory)),

@@ -110,12 +110,22 @@ pub struct Destination {
     pub tls: bool,
     /// The endpoint's address (the access log's `upstream`; not a label).
     pub upstream: Option<std::net::SocketAddr>,
+    /// Inbound, from the client's proxy (mTLS only): the service the client addressed
+    /// (`<name>.<namespace>`) and the client's workload (`<workload>.<namespace>`).
+    pub dst_service: Label,
+    pub src_workload: Label,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResponseLabels {
     pub direction: Direction,
     pub target: Target,
+    /// The service the request was for, its name and namespace (Linkerd's `dst_service` /
+    /// `dst_namespace`, Istio's `destination_service_name` / `_namespace`).
+    pub dst_namespace: Label,
+    pub dst_service: Label,
+    /// The client's workload, `<workload>.<namespace>` (Istio's `source_workload`).
+    pub src_workload: Label,
     pub route: Label,
     pub backend: Label,
     pub tls: bool,
@@ -128,11 +138,13 @@ pub struct ResponseLabels {
     pub error: &'static str,
 }
 
-/// Labels of the latency histogram: per route and backend.
+/// Labels of the latency and size histograms: per service, route and backend.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
     pub direction: Direction,
     pub target: Target,
+    pub dst_namespace: Label,
+    pub dst_service: Label,
     pub route: Label,
     pub backend: Label,
 }
@@ -177,12 +189,37 @@ fn latency_histogram() -> Histogram {
     Histogram::new(LATENCY_BUCKETS)
 }
 
+/// Body size buckets, bytes: 64 B to 64 MiB by powers of 4.
+fn size_histogram() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        64.0, 4.0, 11,
+    ))
+}
+
+/// `<name>.<namespace>` of a Kubernetes service authority (`web.shop.svc.cluster.local:80`);
+/// `None` for anything else (an IP, passthrough).
+pub fn service_of(authority: &str) -> Option<(&str, &str)> {
+    let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
+    let mut parts = host.split('.');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(name), Some(ns), Some("svc")) if !name.is_empty() && !ns.is_empty() => {
+            Some((name, ns))
+        }
+        _ => None,
+    }
+}
+
 /// Every metric of the proxy.
 pub struct Metrics {
     registry: Registry,
     requests: Family<TargetLabels, Counter>,
     responses: Family<ResponseLabels, Counter>,
     latency: HistogramFamily<RouteLabels>,
+    request_size: HistogramFamily<RouteLabels>,
+    response_size: HistogramFamily<RouteLabels>,
+    /// This proxy's workload, `<workload>.<namespace>` (the `src_workload` of its outbound
+    /// requests).
+    workload: std::sync::RwLock<Label>,
     detect_duration: HistogramFamily<DirectionLabels>,
     tcp_duration: HistogramFamily<TargetLabels>,
     /// This proxy's own SPIFFE ID (empty without identity).
@@ -254,6 +291,9 @@ impl Metrics {
             requests: Family::default(),
             responses: Family::default(),
             latency: Family::new_with_constructor(latency_histogram),
+            request_size: Family::new_with_constructor(size_histogram),
+            response_size: Family::new_with_constructor(size_histogram),
+            workload: std::sync::RwLock::new(Label::empty()),
             detect_duration: Family::new_with_constructor(detect_histogram),
             tcp_duration: Family::new_with_constructor(connection_histogram),
             local_id: std::sync::RwLock::new(Label::empty()),
@@ -288,6 +328,16 @@ impl Metrics {
             "response_latency_seconds",
             "Time from receiving a request to the response headers",
             m.latency.clone(),
+        );
+        registry.register(
+            "request_size_bytes",
+            "HTTP request body sizes, from Content-Length (bodiless requests count 0; streamed ones without a length are not observed)",
+            m.request_size.clone(),
+        );
+        registry.register(
+            "response_size_bytes",
+            "HTTP response body sizes, bytes sent",
+            m.response_size.clone(),
         );
         registry.register("tcp_open", "TCP connections accepted", m.tcp_opened.clone());
         registry.register("tcp_close", "TCP connections closed", m.tcp_closed.clone());
@@ -391,6 +441,11 @@ impl Metrics {
     /// Sets this proxy's own identity (the client identity outbound, the server one inbound).
     pub fn set_local_id(&self, id: &str) {
         *self.local_id.write().unwrap_or_else(|p| p.into_inner()) = Label::new(id);
+    }
+
+    /// This proxy's workload (`<workload>.<namespace>`), for `src_workload` outbound.
+    pub fn set_workload(&self, workload: &str) {
+        *self.workload.write().unwrap_or_else(|p| p.into_inner()) = Label::new(workload);
     }
 
     fn local_id(&self) -> Label {
@@ -503,7 +558,25 @@ impl Metrics {
             Direction::Inbound => (peer.map(Label::new).unwrap_or_default(), local),
             Direction::Outbound => (local, Label::empty()),
         };
+        // Outbound, the service is the target's; inbound, the client's proxy says it.
+        let (dst_service, dst_namespace) = match (direction, service_of(target)) {
+            (Direction::Outbound, Some((name, ns))) => (Label::new(name), Label::new(ns)),
+            _ => (Label::empty(), Label::empty()),
+        };
+        let src_workload = match direction {
+            Direction::Outbound => self
+                .workload
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            Direction::Inbound => Label::empty(),
+        };
         HttpMetrics {
+            dst_service,
+            dst_namespace,
+            src_workload,
+            request_size: self.request_size.clone(),
+            response_size: self.response_size.clone(),
             retries: self.retries.get_or_create(&labels).clone(),
             retries_exhausted: self.retries_exhausted.get_or_create(&labels).clone(),
             requests: self.requests.get_or_create(&labels).clone(),
@@ -545,8 +618,13 @@ pub struct HttpMetrics {
     pub retries_exhausted: Counter,
     requests: Counter,
     latency: HistogramFamily<RouteLabels>,
+    request_size: HistogramFamily<RouteLabels>,
+    response_size: HistogramFamily<RouteLabels>,
     responses: Family<ResponseLabels, Counter>,
     labels: TargetLabels,
+    dst_service: Label,
+    dst_namespace: Label,
+    src_workload: Label,
     /// Connection-level defaults; outbound, the destination fills in the server side.
     tls: bool,
     client_id: Label,
@@ -571,16 +649,36 @@ impl HttpMetrics {
         dst: Option<Destination>,
         error: &'static str,
         latency: std::time::Duration,
+        request_bytes: Option<u64>,
     ) -> ResponseRecorder {
         let dst = dst.unwrap_or_default();
+        // Inbound, what the client's proxy said (`<name>.<namespace>`).
+        let (dst_service, dst_namespace) = match dst.dst_service.as_str().split_once('.') {
+            Some((name, ns)) => (Label::new(name), Label::new(ns)),
+            None => (self.dst_service.clone(), self.dst_namespace.clone()),
+        };
+        let src_workload = if dst.src_workload.as_str().is_empty() {
+            self.src_workload.clone()
+        } else {
+            dst.src_workload
+        };
+        let route_labels = RouteLabels {
+            direction: self.labels.direction,
+            target: self.labels.target.clone(),
+            dst_namespace: dst_namespace.clone(),
+            dst_service: dst_service.clone(),
+            route: dst.route.clone(),
+            backend: dst.backend.clone(),
+        };
         self.latency
-            .get_or_create(&RouteLabels {
-                direction: self.labels.direction,
-                target: self.labels.target.clone(),
-                route: dst.route.clone(),
-                backend: dst.backend.clone(),
-            })
+            .get_or_create(&route_labels)
             .observe(latency.as_secs_f64());
+        if let Some(n) = request_bytes {
+            self.request_size
+                .get_or_create(&route_labels)
+                .observe(n as f64);
+        }
+        let response_size = self.response_size.get_or_create(&route_labels).clone();
         let server_id = if dst.server_id.0.is_empty() {
             self.server_id.clone()
         } else {
@@ -588,9 +686,13 @@ impl HttpMetrics {
         };
         ResponseRecorder {
             family: self.responses.clone(),
+            response_size,
             labels: Some(ResponseLabels {
                 direction: self.labels.direction,
                 target: self.labels.target.clone(),
+                dst_namespace,
+                dst_service,
+                src_workload,
                 route: dst.route,
                 backend: dst.backend,
                 tls: self.tls || dst.tls,
@@ -609,6 +711,7 @@ impl HttpMetrics {
 #[derive(Debug)]
 pub struct ResponseRecorder {
     family: Family<ResponseLabels, Counter>,
+    response_size: Histogram,
     labels: Option<ResponseLabels>,
 }
 
@@ -621,8 +724,15 @@ impl ResponseRecorder {
     }
 
     /// Counts the response; returns whether it is a failure (`None`: already counted).
-    pub fn finish(&mut self, grpc_status: Option<u16>, grpc: bool, complete: bool) -> Option<bool> {
+    pub fn finish(
+        &mut self,
+        grpc_status: Option<u16>,
+        grpc: bool,
+        complete: bool,
+        bytes: u64,
+    ) -> Option<bool> {
         let mut labels = self.labels.take()?;
+        self.response_size.observe(bytes as f64);
         labels.grpc_status = GrpcStatus(grpc_status);
         let grpc_failed = match grpc_status {
             Some(code) => code != 0,
@@ -639,7 +749,7 @@ impl ResponseRecorder {
 impl Drop for ResponseRecorder {
     fn drop(&mut self) {
         // Dropped before the end: the client went away or the stream was reset.
-        let _ = self.finish(None, false, false);
+        let _ = self.finish(None, false, false, 0);
     }
 }
 
@@ -648,9 +758,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn services_are_named_from_their_authority() {
+        assert_eq!(
+            service_of("web.shop.svc.cluster.local:80"),
+            Some(("web", "shop"))
+        );
+        assert_eq!(service_of("web.shop.svc"), Some(("web", "shop")));
+        assert_eq!(service_of("10.96.0.10:80"), None);
+        assert_eq!(service_of("passthrough"), None);
+        assert_eq!(service_of("example.com:443"), None);
+    }
+
+    #[test]
     fn exposition_has_the_documented_names_and_labels() {
         let m = Arc::new(Metrics::new());
         m.set_local_id("spiffe://cluster.local/ns/shop/sa/client");
+        m.set_workload("frontend.shop");
         let http = m.http(Direction::Outbound, "web.shop.svc.cluster.local:80", None);
         http.request();
         let dst = Destination {
@@ -658,24 +781,43 @@ mod tests {
             backend: Label::new("web-v2.shop.svc.cluster.local:80"),
             server_id: Label::new("spiffe://cluster.local/ns/shop/sa/web"),
             tls: true,
-            upstream: None,
+            ..Destination::default()
         };
-        http.response(200, Some(dst), "", std::time::Duration::from_millis(3))
-            .finish(None, false, true);
+        http.response(
+            200,
+            Some(dst),
+            "",
+            std::time::Duration::from_millis(3),
+            Some(0),
+        )
+        .finish(None, false, true, 1500);
         drop(http.response(
             503,
             None,
             "no endpoints",
             std::time::Duration::from_millis(1),
+            None,
         ));
         let inbound = m.http(
             Direction::Inbound,
             "8080",
             Some("spiffe://cluster.local/ns/a/sa/x"),
         );
+        // Inbound, the client's proxy named the service and its workload.
+        let said = Destination {
+            dst_service: Label::new("web.shop"),
+            src_workload: Label::new("frontend.shop"),
+            ..Destination::default()
+        };
         inbound
-            .response(200, None, "", std::time::Duration::from_millis(1))
-            .finish(Some(0), true, true);
+            .response(
+                200,
+                Some(said),
+                "",
+                std::time::Duration::from_millis(1),
+                Some(10),
+            )
+            .finish(Some(0), true, true, 20);
         m.detected(
             Direction::Inbound,
             "http/1",
@@ -688,10 +830,12 @@ mod tests {
         let text = m.encode();
         for needle in [
             "strait_request_total{direction=\"outbound\",target=\"web.shop.svc.cluster.local:80\"} 1",
-            "strait_response_total{direction=\"outbound\",target=\"web.shop.svc.cluster.local:80\",route=\"web-canary\",backend=\"web-v2.shop.svc.cluster.local:80\",tls=\"true\",client_id=\"spiffe://cluster.local/ns/shop/sa/client\",server_id=\"spiffe://cluster.local/ns/shop/sa/web\",status_code=\"200\",grpc_status=\"\",classification=\"success\",error=\"\"} 1",
+            "strait_response_total{direction=\"outbound\",target=\"web.shop.svc.cluster.local:80\",dst_namespace=\"shop\",dst_service=\"web\",src_workload=\"frontend.shop\",route=\"web-canary\",backend=\"web-v2.shop.svc.cluster.local:80\",tls=\"true\",client_id=\"spiffe://cluster.local/ns/shop/sa/client\",server_id=\"spiffe://cluster.local/ns/shop/sa/web\",status_code=\"200\",grpc_status=\"\",classification=\"success\",error=\"\"} 1",
             "status_code=\"503\",grpc_status=\"\",classification=\"failure\",error=\"no endpoints\"} 1",
-            "direction=\"inbound\",target=\"8080\",route=\"\",backend=\"\",tls=\"true\",client_id=\"spiffe://cluster.local/ns/a/sa/x\",server_id=\"spiffe://cluster.local/ns/shop/sa/client\",status_code=\"200\",grpc_status=\"0\",classification=\"success\"",
-            "strait_response_latency_seconds_bucket{le=\"0.005\",direction=\"outbound\",target=\"web.shop.svc.cluster.local:80\",route=\"web-canary\"",
+            "direction=\"inbound\",target=\"8080\",dst_namespace=\"shop\",dst_service=\"web\",src_workload=\"frontend.shop\",route=\"\",backend=\"\",tls=\"true\",client_id=\"spiffe://cluster.local/ns/a/sa/x\",server_id=\"spiffe://cluster.local/ns/shop/sa/client\",status_code=\"200\",grpc_status=\"0\",classification=\"success\"",
+            "strait_response_latency_seconds_bucket{le=\"0.005\",direction=\"outbound\",target=\"web.shop.svc.cluster.local:80\",dst_namespace=\"shop\",dst_service=\"web\",route=\"web-canary\"",
+            "strait_response_size_bytes_bucket{le=\"4096.0\",direction=\"outbound\",target=\"web.shop.svc.cluster.local:80\",dst_namespace=\"shop\",dst_service=\"web\",route=\"web-canary\",backend=\"web-v2.shop.svc.cluster.local:80\"} 1",
+            "strait_request_size_bytes_sum{direction=\"inbound\",target=\"8080\",dst_namespace=\"shop\",dst_service=\"web\",route=\"\",backend=\"\"} 10.0",
             "strait_protocol_detect_duration_seconds_count{direction=\"inbound\"} 1",
             "strait_tcp_read_bytes_total{direction=\"inbound\",target=\"8080\"} 10",
             "strait_tcp_open_connections{direction=\"inbound\",target=\"8080\"} 0",

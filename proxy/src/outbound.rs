@@ -441,7 +441,7 @@ impl OutboundHttp {
         &self,
         balancer: &Balancer,
         service: &Arc<str>,
-        req: Request<ReqBody>,
+        mut req: Request<ReqBody>,
         upgrade: bool,
     ) -> Result<Response<Incoming>, ProxyError> {
         let no_endpoints = || ProxyError::NoEndpoints(service.to_string());
@@ -478,6 +478,9 @@ impl OutboundHttp {
                 }
             }
         };
+        if endpoint.tls.is_some() && endpoint.spec.meshed {
+            tell_peer(&mut req, service, self.ctx.workload.as_ref());
+        }
         let result = match (&endpoint.tls, endpoint.spec.meshed, upgrade) {
             // An upgrade to a meshed peer: its own mTLS connection, HTTP/1.1 inside.
             (Some(tls), true, true) => {
@@ -501,6 +504,7 @@ impl OutboundHttp {
                     server_id: Label::from(endpoint.spec.identity.clone()),
                     tls: endpoint.tls.is_some() && endpoint.spec.meshed,
                     upstream: Some(endpoint.addr()),
+                    ..Destination::default()
                 });
                 Ok(resp)
             }
@@ -509,5 +513,19 @@ impl OutboundHttp {
                 Err(e)
             }
         }
+    }
+}
+
+/// Tells the server's proxy (over mTLS) which service the request went to and which workload
+/// sent it, for its metrics' `dst_service` and `src_workload`.
+fn tell_peer<B>(req: &mut Request<B>, service: &str, workload: Option<&http::HeaderValue>) {
+    let headers = req.headers_mut();
+    if let Some((name, ns)) = crate::metrics::service_of(service) {
+        if let Ok(v) = http::HeaderValue::from_str(&format!("{name}.{ns}")) {
+            headers.insert(crate::http::headers::DST_SERVICE, v);
+        }
+    }
+    if let Some(w) = workload {
+        headers.insert(crate::http::headers::SRC_WORKLOAD, w.clone());
     }
 }

@@ -6,6 +6,11 @@ use http::{Method, Request, Version};
 /// Set by an outbound proxy on an HTTP/1 request it carries over HTTP/2 to a peer proxy; the
 /// inbound proxy removes it and sends the request to the application as HTTP/1 again.
 pub const ORIG_PROTO: HeaderName = HeaderName::from_static("strait-orig-proto");
+/// Between proxies (mTLS only): the service the request went to, `<name>.<namespace>`, and the
+/// client's workload, `<workload>.<namespace>`; the server's proxy labels its metrics with them
+/// and removes them before the application.
+pub const DST_SERVICE: HeaderName = HeaderName::from_static("strait-dst-service");
+pub const SRC_WORKLOAD: HeaderName = HeaderName::from_static("strait-src-workload");
 /// Marks a response the proxy itself wrote, and says why.
 pub const PROXY_ERROR: HeaderName = HeaderName::from_static("strait-proxy-error");
 

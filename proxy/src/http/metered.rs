@@ -59,13 +59,15 @@ impl<B: HttpBody> Metered<B> {
         self.done = true;
         match self.observation.take() {
             None => {
-                let _ = self.recorder.finish(self.grpc_status, self.grpc, complete);
+                let _ = self
+                    .recorder
+                    .finish(self.grpc_status, self.grpc, complete, self.bytes);
             }
             Some(observation) => {
                 let labels = self.recorder.labels().cloned();
                 let failed = self
                     .recorder
-                    .finish(self.grpc_status, self.grpc, complete)
+                    .finish(self.grpc_status, self.grpc, complete, self.bytes)
                     .unwrap_or(!complete);
                 observation.finish(Outcome {
                     labels: labels.as_ref(),
@@ -155,7 +157,7 @@ mod tests {
             Ok(Frame::trailers(trailers)),
         ];
         let body = StreamBody::new(futures_util::stream::iter(frames));
-        let rec = http.response(200, None, "", std::time::Duration::from_millis(1));
+        let rec = http.response(200, None, "", std::time::Duration::from_millis(1), None);
         let metered = Metered::new(body, rec, true, None);
         metered.collect().await.expect("body");
         assert!(
@@ -165,7 +167,7 @@ mod tests {
         );
 
         // An empty body that is never polled is complete.
-        let rec = http.response(204, None, "", std::time::Duration::from_millis(1));
+        let rec = http.response(204, None, "", std::time::Duration::from_millis(1), None);
         drop(Metered::new(Full::new(Bytes::new()), rec, false, None));
         assert!(
             count(
@@ -177,7 +179,7 @@ mod tests {
         );
 
         // A body dropped half way (client gone) is a failure.
-        let rec = http.response(206, None, "", std::time::Duration::from_millis(1));
+        let rec = http.response(206, None, "", std::time::Duration::from_millis(1), None);
         drop(Metered::new(
             Full::new(Bytes::from_static(b"abc")),
             rec,

@@ -68,6 +68,15 @@ async fn handle<H: Handler>(
     let metrics = handler.metrics(&target);
     metrics.request();
     let grpc = is_grpc(&req);
+    // The request body's size, when known up front: its Content-Length, or 0 without a body.
+    let request_bytes = if hyper::body::Body::is_end_stream(req.body()) {
+        Some(0)
+    } else {
+        req.headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
     let version = req.version();
     let port = handler.upstream().map(|a| a.port());
     let mut observation = handler.telemetry().observe(&mut req, metrics, port);
@@ -110,12 +119,18 @@ async fn handle<H: Handler>(
     if let Some(o) = observation.as_mut() {
         o.peer = handler.peer();
         o.upstream = match &dst {
-            Some(d) => d.upstream,
+            Some(d) => d.upstream.or_else(|| handler.upstream()),
             None if error.is_empty() => handler.upstream(),
             None => None,
         };
     }
-    let recorder = metrics.response(resp.status().as_u16(), dst, error, start.elapsed());
+    let recorder = metrics.response(
+        resp.status().as_u16(),
+        dst,
+        error,
+        start.elapsed(),
+        request_bytes,
+    );
     let status = grpc_status(resp.headers());
     resp.map(|body| Metered::new(body, recorder, grpc, status).observed(observation))
 }
