@@ -4,6 +4,7 @@
 pub mod exposition;
 pub mod listen;
 pub mod log;
+pub mod otel;
 pub mod process;
 
 use std::convert::Infallible;

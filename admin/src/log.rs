@@ -13,24 +13,72 @@ pub use tracing;
 /// Installs the global subscriber on stderr. `default_filter` applies when `STRAIT_LOG` is
 /// unset. A bad `STRAIT_LOG_FORMAT` falls back to `plain` and says so.
 pub fn init(default_filter: &str) {
+    let _ = init_traced(default_filter, None);
+}
+
+/// As [`init`], and with `traces`, Strait's own spans (INFO and above) also go to an
+/// OpenTelemetry collector through tracing-opentelemetry. Returns the guard that keeps the
+/// exporter alive (None without traces, or when the collector address is unusable: said on
+/// stderr, logging goes on).
+pub fn init_traced(
+    default_filter: &str,
+    traces: Option<&crate::otel::Settings>,
+) -> Option<crate::otel::Guard> {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
+    type Boxed = Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync>;
+
     let filter = tracing_subscriber::EnvFilter::try_from_env("STRAIT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let format = std::env::var("STRAIT_LOG_FORMAT").unwrap_or_default();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    match format.as_str() {
-        "json" => builder.json().flatten_event(true).init(),
-        "" | "plain" => builder.init(),
-        other => {
-            builder.init();
-            tracing::warn!(
-                value = other,
-                "STRAIT_LOG_FORMAT must be `plain` or `json`; logging plain text"
+    let plain = || {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+    };
+    let fmt: Boxed = match format.as_str() {
+        "json" => plain()
+            .json()
+            .flatten_event(true)
+            .with_filter(filter)
+            .boxed(),
+        _ => plain().with_filter(filter).boxed(),
+    };
+    let mut layers = vec![fmt];
+    let mut failure = None;
+    let guard = match traces.map(crate::otel::tracer) {
+        Some(Ok((tracer, guard))) => {
+            let ours = tracing_subscriber::filter::Targets::new()
+                .with_target("strait", tracing::Level::INFO);
+            layers.push(
+                tracing_opentelemetry::layer()
+                    .with_tracer(tracer)
+                    .with_filter(ours)
+                    .boxed(),
             );
+            Some(guard)
         }
+        Some(Err(e)) => {
+            failure = Some(e);
+            None
+        }
+        None => None,
+    };
+    tracing_subscriber::registry().with(layers).init();
+    if let Some(e) = failure {
+        tracing::warn!(error = %e, "traces are off: the collector address is unusable");
     }
+    if !matches!(format.as_str(), "" | "plain" | "json") {
+        tracing::warn!(
+            value = %format,
+            "STRAIT_LOG_FORMAT must be `plain` or `json`; logging plain text"
+        );
+    }
+    if let (Some(t), Some(_)) = (traces, &guard) {
+        tracing::info!(collector = %t.collector, ratio = t.sample_ratio, "traces on");
+    }
+    guard
 }
 
 /// At most one line per cause per interval; the next line of that cause carries how many were

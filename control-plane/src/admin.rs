@@ -50,6 +50,7 @@ impl Default for Metrics {
         let mut root = Registry::default();
         strait_admin::process::register(&mut root, "strait", "control-plane");
         let registry = root.sub_registry_with_prefix("strait_control_plane");
+        strait_admin::otel::counters().register(registry);
         let services = Gauge::default();
         let ready = Gauge::default();
         let unmatched_policy_ports = Gauge::default();

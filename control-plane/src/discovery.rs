@@ -2,6 +2,7 @@
 //! replacement on every change of that answer.
 
 use std::sync::Arc;
+use tracing::Instrument as _;
 
 use strait_api::discovery::discovery_server::Discovery;
 use strait_api::discovery::{
@@ -157,7 +158,9 @@ impl Discovery for DiscoveryService {
                     .borrow_and_update()
                     .inbound(id.namespace(), id.service_account());
                 if last.as_ref() != Some(&answer) {
-                    if tx.send(Ok((*answer).clone())).await.is_err() {
+                    let push = tracing::info_span!("discovery push", kind = "inbound", %proxy, identity = %id);
+                    let sent = tx.send(Ok((*answer).clone())).instrument(push).await;
+                    if sent.is_err() {
                         return;
                     }
                     metrics.pushed("inbound");
@@ -210,7 +213,9 @@ impl Discovery for DiscoveryService {
                     .borrow_and_update()
                     .lookup(&target, client_ns.as_deref());
                 if last.as_ref() != Some(&answer) {
-                    if tx.send(Ok((*answer).clone())).await.is_err() {
+                    let push = tracing::info_span!("discovery push", kind = "destination", %proxy, %target);
+                    let sent = tx.send(Ok((*answer).clone())).instrument(push).await;
+                    if sent.is_err() {
                         return; // the proxy went away
                     }
                     metrics.pushed("destination");

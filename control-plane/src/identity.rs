@@ -8,6 +8,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+use tracing::Instrument as _;
 
 use arc_swap::ArcSwap;
 use strait_api::identity::identity_server::Identity;
@@ -145,6 +146,28 @@ pub struct IdentityService {
 #[tonic::async_trait]
 impl Identity for IdentityService {
     async fn certify(
+        &self,
+        request: Request<CertifyRequest>,
+    ) -> Result<Response<CertifyResponse>, Status> {
+        let span = tracing::info_span!(
+            "certify",
+            asked = %request.get_ref().identity,
+            result = tracing::field::Empty
+        );
+        let result = self.certify_inner(request).instrument(span.clone()).await;
+        span.record(
+            "result",
+            match &result {
+                Ok(_) => "issued".to_string(),
+                Err(s) => format!("{:?}", s.code()),
+            },
+        );
+        result
+    }
+}
+
+impl IdentityService {
+    async fn certify_inner(
         &self,
         request: Request<CertifyRequest>,
     ) -> Result<Response<CertifyResponse>, Status> {

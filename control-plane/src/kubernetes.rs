@@ -372,6 +372,7 @@ pub async fn run(
         }
         if store.synced() {
             if changed || !*ready.borrow() {
+                let _span = tracing::info_span!("watch batch").entered();
                 let index = MeshIndex::build(&store.resources(), &naming);
                 tracing::info!(services = index.service_count(), "mesh state updated");
                 let previous = tx.borrow().route_statuses().to_vec();

@@ -100,15 +100,36 @@ struct Args {
     /// (discovery streams are closed at once; proxies reconnect to another replica).
     #[arg(long, env = "STRAIT_SHUTDOWN_GRACE_PERIOD", default_value = "10s", value_parser = humantime::parse_duration)]
     shutdown_grace_period: Duration,
+    /// OpenTelemetry collector (OTLP/gRPC, `http://host:4317`) for the control plane's own spans:
+    /// discovery pushes, certificate issuance and its token check, Kubernetes watch batches.
+    /// Unset: no traces, nothing installed.
+    #[arg(long, env = "STRAIT_TRACE_COLLECTOR")]
+    trace_collector: Option<String>,
+    /// Share of the control plane's traces kept (0 to 1).
+    #[arg(long, env = "STRAIT_TRACE_SAMPLE_RATIO", default_value_t = 1.0)]
+    trace_sample_ratio: f64,
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     // kube-client logs an ERROR for every failed request of a retrying watch; the watchers log
     // each outage once, with its cause.
-    strait_admin::log::init("info,kube_client::client::builder=off");
     let args = Args::parse();
-    if let Err(e) = run(args).await {
+    let traces = args
+        .trace_collector
+        .clone()
+        .map(|collector| strait_admin::otel::Settings {
+            collector,
+            service_name: "strait-control-plane".into(),
+            sample_ratio: args.trace_sample_ratio,
+        });
+    let guard =
+        strait_admin::log::init_traced("info,kube_client::client::builder=off", traces.as_ref());
+    let result = run(args).await;
+    if let Some(guard) = guard {
+        guard.flush(Duration::from_secs(2)).await;
+    }
+    if let Err(e) = result {
         eprintln!("strait-control-plane: {e}");
         std::process::exit(1);
     }

@@ -5,6 +5,7 @@
 //! (the projected volume the injector adds) are accepted, never a pod's API token.
 
 use std::sync::Arc;
+use tracing::Instrument as _;
 
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::api::{Api, PostParams};
@@ -116,11 +117,14 @@ impl Authenticator {
     /// The `(namespace, service account)` the token proves.
     pub async fn authenticate(&self, token: &str) -> Result<(String, String), TokenError> {
         match self {
-            Authenticator::Local(index) => index
-                .borrow()
-                .token_account(token)
-                .cloned()
-                .ok_or(TokenError::Unknown),
+            Authenticator::Local(index) => {
+                let _span = tracing::info_span!("token lookup", mode = "local").entered();
+                index
+                    .borrow()
+                    .token_account(token)
+                    .cloned()
+                    .ok_or(TokenError::Unknown)
+            }
             Authenticator::Kubernetes {
                 client,
                 audience,
@@ -129,7 +133,9 @@ impl Authenticator {
                 if let Some(v) = verdicts.get(token) {
                     return v;
                 }
-                let v = review(client.clone(), token, audience).await;
+                let v = review(client.clone(), token, audience)
+                    .instrument(tracing::info_span!("token review", %audience))
+                    .await;
                 verdicts.put(token, &v);
                 v
             }

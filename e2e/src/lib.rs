@@ -37,6 +37,17 @@ impl Mesh {
         })
     }
 
+    /// Restarts the control plane with `extra` flags added to its own (kept for later
+    /// restarts). Call before any pod starts.
+    pub fn with_control_plane_args(mut self, extra: &[&str]) -> Result<Self> {
+        self.net
+            .kill(&self.control_plane, nix::sys::signal::Signal::SIGKILL)?;
+        self.control_plane_args
+            .extend(extra.iter().map(|s| s.to_string()));
+        self.control_plane = self.start_control_plane()?;
+        Ok(self)
+    }
+
     /// Starts the control plane again (after a kill), with the flags it first had.
     pub fn start_control_plane(&self) -> Result<Proc> {
         let args: Vec<&str> = self.control_plane_args.iter().map(String::as_str).collect();

@@ -44,6 +44,22 @@ fn the_injector_answers_admission_reviews_over_https_and_counts_them() -> anyhow
         std::fs::write(dir.join(file), text)?;
     }
     let path = |f: &str| dir.join(f).to_string_lossy().to_string();
+    // The mesh's trace collector, which the injector also sends its own spans to.
+    let testapp = strait_testbed::bin("strait-testapp")?;
+    let collector = mesh.net.spawn_in(
+        &pod.ns,
+        "collector",
+        None,
+        &[
+            &testapp.to_string_lossy(),
+            "otlp-collector",
+            "--listen",
+            "127.0.0.1:4320",
+        ],
+        &[],
+    )?;
+    mesh.net
+        .wait_log(&collector, "listening on", Duration::from_secs(10))?;
     let bin = strait_testbed::bin("strait-injector")?;
     let injector = mesh.net.spawn_in(
         &pod.ns,
@@ -58,7 +74,10 @@ fn the_injector_answers_admission_reviews_over_https_and_counts_them() -> anyhow
             "--trust-anchors",
             &path("anchors.pem"),
         ],
-        &[("STRAIT_LOG", "debug")],
+        &[
+            ("STRAIT_LOG", "debug"),
+            ("STRAIT_PROXY_TRACE_COLLECTOR", "http://127.0.0.1:4320"),
+        ],
     )?;
     mesh.net
         .wait_log(&injector, "serving", Duration::from_secs(10))?;
@@ -99,6 +118,25 @@ fn the_injector_answers_admission_reviews_over_https_and_counts_them() -> anyhow
         .find(|op| op["path"] == "/spec/initContainers")
         .ok_or_else(|| anyhow::anyhow!("no initContainers in {ops:?}"))?;
     assert_eq!(init["value"][1]["name"], "strait-proxy");
+    // The admission is a span of the injector's, with its outcome.
+    let mut spans: Vec<Value> = Vec::new();
+    mesh.eventually(Duration::from_secs(10), || {
+        spans = mesh
+            .net
+            .output(&collector)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        Ok(spans.iter().any(|s| s["name"] == "admission review"))
+    })
+    .map_err(|e| anyhow::anyhow!("{e}: {spans:?}"))?;
+    let admission = spans
+        .iter()
+        .find(|s| s["name"] == "admission review")
+        .ok_or_else(|| anyhow::anyhow!("{spans:?}"))?;
+    assert_eq!(admission["resource"]["service.name"], "strait-injector");
+    assert_eq!(admission["attributes"]["result"], "injected", "{admission}");
+    assert_eq!(admission["attributes"]["path"], "/inject", "{admission}");
 
     // The opt-in path leaves an unannotated pod alone; hostNetwork pods are never injected.
     let answer = post(

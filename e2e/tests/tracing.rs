@@ -332,3 +332,69 @@ fn with_the_collector_down_every_request_succeeds_and_spans_are_dropped_and_coun
     );
     Ok(())
 }
+
+#[test]
+fn the_control_plane_traces_certificate_issuance_with_its_token_check_and_discovery_pushes(
+) -> Result<()> {
+    let bin = strait_testbed::bin("strait-testapp")?;
+    let mesh = Mesh::with_identity("cp-trace", "24h")?;
+    let collector = mesh.net.spawn_in(
+        &mesh.net.bridge_ns,
+        "collector",
+        None,
+        &[
+            &bin.to_string_lossy(),
+            "otlp-collector",
+            "--listen",
+            "10.88.0.1:4319",
+        ],
+        &[],
+    )?;
+    mesh.net
+        .wait_log(&collector, "listening on", Duration::from_secs(10))?;
+    let mesh = mesh.with_control_plane_args(&["--trace-collector", "http://10.88.0.1:4319"])?;
+    let server = mesh.pod_as("server", "web", &SidecarOpts::default())?;
+    mesh.serve_web(&server)?;
+    let client = mesh.meshed_pod("client")?;
+    assert!(mesh
+        .curl(&client, &["http://10.96.0.10/"])?
+        .contains("hello"));
+
+    let mut spans = Vec::new();
+    mesh.eventually(Duration::from_secs(10), || {
+        spans = collected(&mesh, &collector);
+        let named = |n: &str| spans.iter().filter(|s| s["name"] == n).count();
+        Ok(named("certify") >= 2 && named("token lookup") >= 2 && named("discovery push") >= 1)
+    })
+    .with_context(|| format!("control-plane spans: {spans:?}"))?;
+    // Each issuance is a trace of its own, the token check its child.
+    let certify: Vec<&Value> = spans.iter().filter(|s| s["name"] == "certify").collect();
+    for c in &certify {
+        assert_eq!(c["resource"]["service.name"], "strait-control-plane", "{c}");
+        assert_eq!(c["attributes"]["result"], "issued", "{c}");
+        assert!(
+            spans.iter().any(|t| t["name"] == "token lookup"
+                && t["parent_span_id"] == c["span_id"]
+                && t["trace_id"] == c["trace_id"]),
+            "no token check under {c}: {spans:?}"
+        );
+    }
+    assert!(certify.iter().any(|c| c["attributes"]["asked"]
+        .as_str()
+        .is_some_and(|a| a.ends_with("/sa/web"))));
+    let push = spans
+        .iter()
+        .find(|s| s["name"] == "discovery push" && s["attributes"]["kind"] == "destination")
+        .with_context(|| format!("{spans:?}"))?;
+    assert_eq!(push["attributes"]["target"], "10.96.0.10:80", "{push}");
+    // Counted on its /metrics.
+    mesh.eventually(Duration::from_secs(5), || {
+        let m = mesh.curl(&server, &["http://10.88.0.1:9990/metrics"])?;
+        Ok(
+            strait_e2e::metric(&m, "strait_control_plane_trace_spans_exported_total", &[])
+                .unwrap_or(0.0)
+                >= 3.0,
+        )
+    })?;
+    Ok(())
+}

@@ -34,8 +34,18 @@ struct Args {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
-    strait_admin::log::init("info");
     let args = Args::parse();
+    // The injector's own spans go where the proxies' do.
+    let traces =
+        args.inject
+            .trace_collector
+            .clone()
+            .map(|collector| strait_admin::otel::Settings {
+                collector,
+                service_name: "strait-injector".into(),
+                sample_ratio: 1.0,
+            });
+    let _guard = strait_admin::log::init_traced("info", traces.as_ref());
     if let Err(e) = run(args).await {
         eprintln!("strait-injector: {e}");
         std::process::exit(1);

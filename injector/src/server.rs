@@ -45,6 +45,8 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::default();
         strait_admin::process::register(&mut registry, "strait", "injector");
+        strait_admin::otel::counters()
+            .register(registry.sub_registry_with_prefix("strait_injector"));
         let requests = Family::<ResultLabels, Counter>::default();
         let duration = Histogram::new([
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
@@ -93,7 +95,8 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
 pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     // The webhook entry that called: whether the namespace opted in, and whether its
     // PodSecurity level forbids the init container (see `strait install`).
-    let (namespace_enabled, pod_security) = match req.uri().path() {
+    let path = req.uri().path().to_string();
+    let (namespace_enabled, pod_security) = match path.as_str() {
         "/inject" => (true, false),
         "/inject-opt-in" => (false, false),
         "/inject-pod-security" => (true, true),
@@ -125,10 +128,18 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Full<
             );
         }
     };
+    let span = tracing::info_span!(
+        "admission review",
+        path = %path,
+        pod = tracing::field::Empty,
+        result = tracing::field::Empty
+    );
+    let _entered = span.enter();
     let (status, bytes, result) =
         match review_in(&body, namespace_enabled, pod_security, &state.config) {
             Ok((answer, outcome)) => {
                 let pod = pod_name(&body);
+                span.record("pod", tracing::field::display(&pod));
                 match &outcome {
                     Outcome::Injected => tracing::info!(%pod, "injected"),
                     Outcome::Skipped(why) => {
@@ -151,6 +162,7 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Full<
                 )
             }
         };
+    span.record("result", result);
     state
         .metrics
         .requests

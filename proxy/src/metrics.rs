@@ -275,6 +275,18 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
+impl strait_admin::otel::export::SpanCounters for Metrics {
+    fn exported(&self, n: u64) {
+        self.spans_exported.inc_by(n);
+    }
+
+    fn dropped(&self, reason: &'static str, n: u64) {
+        self.spans_dropped
+            .get_or_create(&ReasonLabels { reason })
+            .inc_by(n);
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()

@@ -8,7 +8,6 @@
 //! application, see this hop's span as their parent.
 
 pub mod access_log;
-mod export;
 pub mod propagation;
 pub mod redact;
 
@@ -53,7 +52,7 @@ pub struct Telemetry {
 struct Tracing {
     tracer: SdkTracer,
     _provider: SdkTracerProvider,
-    flush: export::Flush,
+    flush: strait_admin::otel::export::Flush,
 }
 
 impl Telemetry {
@@ -160,11 +159,12 @@ impl Tracing {
             .with_attributes(attributes)
             .build();
         exporter.set_resource(&resource);
-        let (processor, task, flush) = export::QueueProcessor::new(
+        let counters: Arc<dyn strait_admin::otel::export::SpanCounters> = metrics.clone();
+        let (processor, task, flush) = strait_admin::otel::export::QueueProcessor::new(
             exporter,
             cfg.trace_queue_size as usize,
             EXPORT_TIMEOUT + Duration::from_secs(1),
-            metrics.clone(),
+            counters,
         );
         tokio::spawn(task);
         let provider = SdkTracerProvider::builder()

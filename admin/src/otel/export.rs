@@ -10,7 +10,14 @@ use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{Span, SpanData, SpanExporter, SpanProcessor};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::metrics::{Metrics, ReasonLabels};
+/// Where a [`QueueProcessor`] counts what became of spans (a binary's metrics).
+pub trait SpanCounters: Send + Sync + std::fmt::Debug + 'static {
+    /// `n` spans the collector accepted.
+    fn exported(&self, n: u64);
+    /// `n` spans lost: `queue_full` (the collector is slower than the spans) or
+    /// `export_failed` (it refused or did not answer).
+    fn dropped(&self, reason: &'static str, n: u64);
+}
 
 /// Spans per export call at most.
 const MAX_BATCH: usize = 512;
@@ -21,7 +28,7 @@ const BATCH_DELAY: Duration = Duration::from_millis(500);
 #[derive(Debug)]
 pub struct QueueProcessor {
     queue: mpsc::Sender<SpanData>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<dyn SpanCounters>,
 }
 
 /// Asks the export task to send what it holds now; answered when done.
@@ -33,7 +40,7 @@ impl QueueProcessor {
         exporter: E,
         capacity: usize,
         timeout: Duration,
-        metrics: Arc<Metrics>,
+        metrics: Arc<dyn SpanCounters>,
     ) -> (Self, impl std::future::Future<Output = ()> + Send, Flush) {
         let (queue, rx) = mpsc::channel(capacity);
         let (flush, flush_rx) = mpsc::channel(1);
@@ -50,12 +57,7 @@ impl SpanProcessor for QueueProcessor {
             return;
         }
         if self.queue.try_send(span).is_err() {
-            self.metrics
-                .spans_dropped
-                .get_or_create(&ReasonLabels {
-                    reason: "queue_full",
-                })
-                .inc();
+            self.metrics.dropped("queue_full", 1);
         }
     }
 
@@ -73,7 +75,7 @@ async fn run<E: SpanExporter>(
     mut rx: mpsc::Receiver<SpanData>,
     mut flush: mpsc::Receiver<oneshot::Sender<()>>,
     timeout: Duration,
-    metrics: Arc<Metrics>,
+    metrics: Arc<dyn SpanCounters>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut tick = tokio::time::interval(BATCH_DELAY);
@@ -88,15 +90,10 @@ async fn run<E: SpanExporter>(
         let result = tokio::time::timeout(timeout, exporter.export(spans)).await;
         match result {
             Ok(Ok(())) => {
-                metrics.spans_exported.inc_by(n);
+                metrics.exported(n);
             }
             failed => {
-                metrics
-                    .spans_dropped
-                    .get_or_create(&ReasonLabels {
-                        reason: "export_failed",
-                    })
-                    .inc_by(n);
+                metrics.dropped("export_failed", n);
                 // One warning per minute: a collector that is down must not flood the log.
                 if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
                     last_warning = Some(std::time::Instant::now());
@@ -147,6 +144,27 @@ mod tests {
 
     use super::*;
 
+    #[derive(Debug, Default)]
+    struct Metrics {
+        exported: std::sync::atomic::AtomicU64,
+        dropped: Mutex<std::collections::HashMap<&'static str, u64>>,
+    }
+
+    impl SpanCounters for Metrics {
+        fn exported(&self, n: u64) {
+            self.exported
+                .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        }
+        fn dropped(&self, reason: &'static str, n: u64) {
+            *self
+                .dropped
+                .lock()
+                .expect("lock")
+                .entry(reason)
+                .or_default() += n;
+        }
+    }
+
     /// Records what it is sent; fails or stalls on demand.
     #[derive(Debug, Clone, Default)]
     struct Recorder {
@@ -176,12 +194,9 @@ mod tests {
         capacity: usize,
         metrics: &Arc<Metrics>,
     ) -> (SdkTracerProvider, Flush) {
-        let (processor, task, flush) = QueueProcessor::new(
-            exporter,
-            capacity,
-            Duration::from_millis(200),
-            metrics.clone(),
-        );
+        let metrics: Arc<dyn SpanCounters> = metrics.clone();
+        let (processor, task, flush) =
+            QueueProcessor::new(exporter, capacity, Duration::from_millis(200), metrics);
         tokio::spawn(task);
         let provider = SdkTracerProvider::builder()
             .with_span_processor(processor)
@@ -219,23 +234,29 @@ mod tests {
 
     fn dropped(metrics: &Metrics, reason: &'static str) -> u64 {
         metrics
-            .spans_dropped
-            .get_or_create(&ReasonLabels { reason })
-            .get()
+            .dropped
+            .lock()
+            .expect("lock")
+            .get(reason)
+            .copied()
+            .unwrap_or(0)
     }
 
     #[tokio::test]
     async fn spans_are_exported_in_batches_and_a_full_queue_drops_and_counts() {
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::default());
         let recorder = Recorder::default();
         let (provider, handle) = new_provider(recorder.clone(), 4, &metrics);
         end_spans(&provider, 3);
         flush(&handle).await;
         assert_eq!(recorder.spans.lock().expect("lock").len(), 3);
-        assert_eq!(metrics.spans_exported.get(), 3);
+        assert_eq!(
+            metrics.exported.load(std::sync::atomic::Ordering::Relaxed),
+            3
+        );
 
         // A collector that never answers: the queue fills, the rest is dropped at once.
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::default());
         let stalled = Recorder {
             stall: true,
             ..Default::default()
@@ -251,7 +272,7 @@ mod tests {
 
     #[tokio::test]
     async fn failed_exports_are_counted() {
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::default());
         let failing = Recorder {
             fail: true,
             ..Default::default()
@@ -260,6 +281,9 @@ mod tests {
         end_spans(&provider, 5);
         flush(&handle).await;
         assert_eq!(dropped(&metrics, "export_failed"), 5);
-        assert_eq!(metrics.spans_exported.get(), 0);
+        assert_eq!(
+            metrics.exported.load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
     }
 }
