@@ -69,6 +69,8 @@ pub fn parse(text: &str, direction: &str) -> Scrape {
 pub fn parse_by(text: &str, direction: &str, by: &str) -> Scrape {
     let mut out = Scrape::new();
     for line in text.lines() {
+        // An exemplar (` # {trace_id="..."} value`, OpenMetrics) is not the sample's value.
+        let line = line.split_once(" # {").map_or(line, |(sample, _)| sample);
         let Some((series, value)) = line.rsplit_once(' ') else {
             continue;
         };
@@ -276,6 +278,16 @@ strait_response_latency_seconds_bucket{le="+Inf",direction="outbound",target="we
         // 2 samples above 2 ms (in +Inf): p99 is reported at the highest finite bound.
         assert!((r.p99_ms.expect("p99") - 2.0).abs() < 1e-6, "{r:?}");
         assert!(render(&rows, "SERVICE").contains("90.0%"));
+    }
+
+    #[test]
+    fn exemplars_are_not_values() {
+        let with = B.replace(
+            "target=\"web:80\"} 28\n",
+            "target=\"web:80\"} 28 # {trace_id=\"4bf9\"} 0.0015\n",
+        );
+        assert_ne!(with, B);
+        assert_eq!(parse(&with, "outbound"), parse(B, "outbound"));
     }
 
     #[test]

@@ -213,7 +213,7 @@ impl Discovery for DiscoveryService {
                     .borrow_and_update()
                     .lookup(&target, client_ns.as_deref());
                 if last.as_ref() != Some(&answer) {
-                    let push = tracing::info_span!("discovery push", kind = "destination", %proxy, %target);
+                    let push = tracing::info_span!("discovery push", kind = "destination", %proxy, destination = %target);
                     let sent = tx.send(Ok((*answer).clone())).instrument(push).await;
                     if sent.is_err() {
                         return; // the proxy went away

@@ -112,6 +112,21 @@ fn a_traced_request_gets_a_client_and_a_server_span_linked_into_the_apps_trace()
         "{seen}"
     );
     assert_eq!(header(&seen, "tracestate"), Some("vendor=kept"), "{seen}");
+    // The latency histogram carries the sampled request's trace as an exemplar (OpenMetrics).
+    let om = mesh.curl(
+        &client,
+        &[
+            "-H",
+            "Accept: application/openmetrics-text; version=1.0.0",
+            "http://127.0.0.1:4191/metrics",
+        ],
+    )?;
+    assert!(
+        om.lines()
+            .any(|l| l.starts_with("strait_response_latency_seconds_bucket")
+                && l.contains(&format!("# {{trace_id=\"{trace}\"}}"))),
+        "{om}"
+    );
     // What the proxies tell each other stays between them.
     assert!(
         !seen.contains("strait-dst-service") && !seen.contains("strait-src-workload"),
@@ -364,7 +379,10 @@ fn the_control_plane_traces_certificate_issuance_with_its_token_check_and_discov
     mesh.eventually(Duration::from_secs(10), || {
         spans = collected(&mesh, &collector);
         let named = |n: &str| spans.iter().filter(|s| s["name"] == n).count();
-        Ok(named("certify") >= 2 && named("token lookup") >= 2 && named("discovery push") >= 1)
+        let destination_push = spans
+            .iter()
+            .any(|s| s["name"] == "discovery push" && s["attributes"]["kind"] == "destination");
+        Ok(named("certify") >= 2 && named("token lookup") >= 2 && destination_push)
     })
     .with_context(|| format!("control-plane spans: {spans:?}"))?;
     // Each issuance is a trace of its own, the token check its child.
@@ -386,7 +404,7 @@ fn the_control_plane_traces_certificate_issuance_with_its_token_check_and_discov
         .iter()
         .find(|s| s["name"] == "discovery push" && s["attributes"]["kind"] == "destination")
         .with_context(|| format!("{spans:?}"))?;
-    assert_eq!(push["attributes"]["target"], "10.96.0.10:80", "{push}");
+    assert_eq!(push["attributes"]["destination"], "10.96.0.10:80", "{push}");
     // Counted on its /metrics.
     mesh.eventually(Duration::from_secs(5), || {
         let m = mesh.curl(&server, &["http://10.88.0.1:9990/metrics"])?;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::exemplar::HistogramWithExemplars;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
@@ -185,8 +186,17 @@ fn connection_histogram() -> Histogram {
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
-fn latency_histogram() -> Histogram {
-    Histogram::new(LATENCY_BUCKETS)
+/// The exemplar of a latency observation: the trace of a sampled request.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TraceLabels {
+    pub trace_id: String,
+}
+
+type LatencyHistogram = HistogramWithExemplars<TraceLabels>;
+type LatencyFamily = Family<RouteLabels, LatencyHistogram, fn() -> LatencyHistogram>;
+
+fn latency_histogram() -> LatencyHistogram {
+    HistogramWithExemplars::new(LATENCY_BUCKETS.into_iter())
 }
 
 /// Body size buckets, bytes: 64 B to 64 MiB by powers of 4.
@@ -214,7 +224,7 @@ pub struct Metrics {
     registry: Registry,
     requests: Family<TargetLabels, Counter>,
     responses: Family<ResponseLabels, Counter>,
-    latency: HistogramFamily<RouteLabels>,
+    latency: LatencyFamily,
     request_size: HistogramFamily<RouteLabels>,
     response_size: HistogramFamily<RouteLabels>,
     /// This proxy's workload, `<workload>.<namespace>` (the `src_workload` of its outbound
@@ -629,7 +639,7 @@ pub struct HttpMetrics {
     /// Retries skipped: budget spent.
     pub retries_exhausted: Counter,
     requests: Counter,
-    latency: HistogramFamily<RouteLabels>,
+    latency: LatencyFamily,
     request_size: HistogramFamily<RouteLabels>,
     response_size: HistogramFamily<RouteLabels>,
     responses: Family<ResponseLabels, Counter>,
@@ -662,6 +672,7 @@ impl HttpMetrics {
         error: &'static str,
         latency: std::time::Duration,
         request_bytes: Option<u64>,
+        trace_id: Option<String>,
     ) -> ResponseRecorder {
         let dst = dst.unwrap_or_default();
         // Inbound, what the client's proxy said (`<name>.<namespace>`).
@@ -682,9 +693,11 @@ impl HttpMetrics {
             route: dst.route.clone(),
             backend: dst.backend.clone(),
         };
-        self.latency
-            .get_or_create(&route_labels)
-            .observe(latency.as_secs_f64());
+        self.latency.get_or_create(&route_labels).observe(
+            latency.as_secs_f64(),
+            trace_id.map(|trace_id| TraceLabels { trace_id }),
+            None,
+        );
         if let Some(n) = request_bytes {
             self.request_size
                 .get_or_create(&route_labels)
@@ -801,6 +814,7 @@ mod tests {
             "",
             std::time::Duration::from_millis(3),
             Some(0),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
         )
         .finish(None, false, true, 1500);
         drop(http.response(
@@ -808,6 +822,7 @@ mod tests {
             None,
             "no endpoints",
             std::time::Duration::from_millis(1),
+            None,
             None,
         ));
         let inbound = m.http(
@@ -828,6 +843,7 @@ mod tests {
                 "",
                 std::time::Duration::from_millis(1),
                 Some(10),
+                None,
             )
             .finish(Some(0), true, true, 20);
         m.detected(
@@ -849,6 +865,8 @@ mod tests {
             "strait_response_size_bytes_bucket{le=\"4096.0\",direction=\"outbound\",target=\"web.shop.svc.cluster.local:80\",dst_namespace=\"shop\",dst_service=\"web\",route=\"web-canary\",backend=\"web-v2.shop.svc.cluster.local:80\"} 1",
             "strait_request_size_bytes_sum{direction=\"inbound\",target=\"8080\",dst_namespace=\"shop\",dst_service=\"web\",route=\"\",backend=\"\"} 10.0",
             "strait_protocol_detect_duration_seconds_count{direction=\"inbound\"} 1",
+            // The sampled request's trace, as the latency bucket's exemplar.
+            " # {trace_id=\"4bf92f3577b34da6a3ce929d0e0e4736\"} 0.003",
             "strait_tcp_read_bytes_total{direction=\"inbound\",target=\"8080\"} 10",
             "strait_tcp_open_connections{direction=\"inbound\",target=\"8080\"} 0",
             "strait_tcp_close_total{direction=\"inbound\",target=\"8080\"} 1",

@@ -157,7 +157,14 @@ mod tests {
             Ok(Frame::trailers(trailers)),
         ];
         let body = StreamBody::new(futures_util::stream::iter(frames));
-        let rec = http.response(200, None, "", std::time::Duration::from_millis(1), None);
+        let rec = http.response(
+            200,
+            None,
+            "",
+            std::time::Duration::from_millis(1),
+            None,
+            None,
+        );
         let metered = Metered::new(body, rec, true, None);
         metered.collect().await.expect("body");
         assert!(
@@ -167,7 +174,14 @@ mod tests {
         );
 
         // An empty body that is never polled is complete.
-        let rec = http.response(204, None, "", std::time::Duration::from_millis(1), None);
+        let rec = http.response(
+            204,
+            None,
+            "",
+            std::time::Duration::from_millis(1),
+            None,
+            None,
+        );
         drop(Metered::new(Full::new(Bytes::new()), rec, false, None));
         assert!(
             count(
@@ -179,7 +193,14 @@ mod tests {
         );
 
         // A body dropped half way (client gone) is a failure.
-        let rec = http.response(206, None, "", std::time::Duration::from_millis(1), None);
+        let rec = http.response(
+            206,
+            None,
+            "",
+            std::time::Duration::from_millis(1),
+            None,
+            None,
+        );
         drop(Metered::new(
             Full::new(Bytes::from_static(b"abc")),
             rec,

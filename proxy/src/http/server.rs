@@ -130,6 +130,7 @@ async fn handle<H: Handler>(
         error,
         start.elapsed(),
         request_bytes,
+        observation.as_ref().and_then(|o| o.sampled_trace_id()),
     );
     let status = grpc_status(resp.headers());
     resp.map(|body| Metered::new(body, recorder, grpc, status).observed(observation))

@@ -353,6 +353,16 @@ pub struct Outcome<'a> {
 }
 
 impl Observation {
+    /// The trace id of this hop's span, when the request is sampled (the latency histogram's
+    /// exemplar).
+    pub fn sampled_trace_id(&self) -> Option<String> {
+        self.span
+            .as_ref()
+            .map(|s| s.span_context())
+            .filter(|sc| sc.is_sampled())
+            .map(|sc| sc.trace_id().to_string())
+    }
+
     /// Ends the span and writes the log entry.
     pub fn finish(self: Box<Self>, outcome: Outcome<'_>) {
         let Observation {
