@@ -304,6 +304,35 @@ fn a_traced_request_gets_a_client_and_a_server_span_linked_into_the_apps_trace()
         );
     }
 
+    // With an HTTPRoute, the CLIENT span is named `{method} {route}`.
+    mesh.config.write(
+        "route.yaml",
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: web-route, namespace: default}\n\
+         spec:\n  parentRefs: [{group: \"\", kind: Service, name: web, port: 80}]\n  rules:\n\
+         \x20 - backendRefs: [{name: web, port: 80}]\n",
+    )?;
+    let routed = "77777777777777777777777777777777";
+    let mut out = Value::Null;
+    mesh.eventually(Duration::from_secs(10), || {
+        mesh.curl(
+            &client,
+            &[
+                "-H",
+                &format!("traceparent: 00-{routed}-8888888888888888-01"),
+                "http://10.96.0.10/",
+            ],
+        )?;
+        let spans = spans_of(&mesh, &collector, routed, 2)?;
+        out = spans
+            .iter()
+            .filter(|s| s["kind"] == 3)
+            .last()
+            .cloned()
+            .unwrap_or_default();
+        Ok(out["name"] == "GET httproute default/web-route#0")
+    })
+    .with_context(|| format!("{out}"))?;
+
     let m = mesh.metrics(&server)?;
     assert!(
         metric(&m, "strait_trace_spans_exported_total", &[]).unwrap_or(0.0) >= 3.0,
