@@ -325,8 +325,8 @@ fn a_traced_request_gets_a_client_and_a_server_span_linked_into_the_apps_trace()
         let spans = spans_of(&mesh, &collector, routed, 2)?;
         out = spans
             .iter()
-            .filter(|s| s["kind"] == 3)
-            .last()
+            .rev()
+            .find(|s| s["kind"] == 3)
             .cloned()
             .unwrap_or_default();
         Ok(out["name"] == "GET httproute default/web-route#0")
