@@ -69,6 +69,8 @@ pub struct MeshIndex {
     tokens: HashMap<String, (String, String)>,
     /// (namespace, service account) -> inbound authorization of that workload.
     inbound: HashMap<(String, String), Arc<InboundPolicy>>,
+    /// (namespace, service account) -> its ports a Service declares opaque.
+    opaque_inbound: HashMap<(String, String), std::collections::BTreeSet<u32>>,
     /// Namespaces whose annotation sets their default inbound policy.
     namespace_defaults: HashMap<String, DefaultPolicy>,
     /// The cluster-wide default inbound policy.
@@ -171,6 +173,7 @@ impl MeshIndex {
             services: services.len(),
             tokens,
             inbound: inbound_policies(&policies),
+            opaque_inbound: HashMap::new(),
             namespace_defaults,
             default_inbound_policy: naming.default_inbound_policy,
             unmatched_policy_ports,
@@ -201,6 +204,21 @@ impl MeshIndex {
                     .map(|(_, e)| e)
                     .unwrap_or_default();
                 let protocol = protocol_hint(port, opaque.contains(&port.port));
+                if protocol == ProtocolHint::Opaque {
+                    // The serving workloads' proxies skip detection on that port too.
+                    for ep in &endpoints {
+                        if let Ok(id) = ep.identity.parse::<strait_identity::SpiffeId>() {
+                            index
+                                .opaque_inbound
+                                .entry((
+                                    id.namespace().to_string(),
+                                    id.service_account().to_string(),
+                                ))
+                                .or_default()
+                                .insert(ep.port);
+                        }
+                    }
+                }
                 let view = |client_ns: Option<&str>| {
                     let (routes, unmatched_to_service) = routes_for(
                         &route_sources,
@@ -298,6 +316,11 @@ impl MeshIndex {
             .map(|p| (**p).clone())
             .unwrap_or_default();
         policy.set_default_policy(default);
+        policy.opaque_ports = self
+            .opaque_inbound
+            .get(&(namespace.to_string(), service_account.to_string()))
+            .map(|ports| ports.iter().copied().collect())
+            .unwrap_or_default();
         Arc::new(policy)
     }
 
@@ -641,6 +664,16 @@ spec: {serviceAccountName: other}
             Some(Update::Destination(d)) => d,
             other => panic!("expected a destination, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_port_a_service_declares_opaque_is_opaque_inbound_for_its_workloads() {
+        let index = index();
+        // web-a runs as web-sa (the slice's account); web-b has no proxy (inject disabled), so
+        // no identity and no policy of its own.
+        assert_eq!(index.inbound("shop", "web-sa").opaque_ports, vec![6379]);
+        assert!(index.inbound("shop", "other").opaque_ports.is_empty());
+        assert!(index.inbound("shop", "nobody").opaque_ports.is_empty());
     }
 
     #[test]

@@ -159,6 +159,37 @@ fn a_server_first_port_nobody_declared_is_found_on_the_first_connection_and_reme
         "{sm}"
     );
 
+    // A port only a Service declares opaque (the pod says nothing): the control plane tells
+    // the serving proxy, which does no detection there inbound either, so there is nothing to
+    // learn about it.
+    mesh.net.start_app(
+        &server,
+        "db2",
+        &[
+            "banner",
+            "--listen",
+            "0.0.0.0:3308",
+            "--text",
+            "MARIADB-GREETING",
+        ],
+    )?;
+    let mut declared = ServiceDef::new("db2", "10.96.0.41", 3308, 3308, &[&server]);
+    declared.opaque = true;
+    mesh.config.service(&declared)?;
+    let outsider_c = mesh.net.pod("outsider-c")?;
+    // The new inbound policy reaches the server's proxy within the control plane's rescan
+    // (100 ms here) and a push.
+    std::thread::sleep(Duration::from_millis(1000));
+    let first = greetings(&mesh, &outsider_c, &format!("{}:3308", server.ip), 1)?;
+    println!(
+        "unmeshed client's first connection to a Service-declared opaque port (ms): {first:?}"
+    );
+    let learned = mesh.curl(&server, &["http://127.0.0.1:4191/protocols"])?;
+    assert!(
+        !learned.contains("\"destination\":\"port 3308\""),
+        "a declared opaque port was detected (and learned) instead: {learned}"
+    );
+
     // A peer cannot use the mesh port to reach the proxy's own ports: a Service that sends
     // the client's proxy to the server's port 4143 makes it send a header naming 4143, which
     // is refused and closed unanswered.

@@ -48,7 +48,8 @@ pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: So
     let tcp = ctx.metrics.tcp(Direction::Inbound, &label);
     let mut io = CountingIo::new(stream, tcp.read.clone(), tcp.written.clone());
     let known = ctx.protocols.inbound.get(&port);
-    let configured_opaque = ctx.cfg.opaque_ports.contains(port);
+    // Opaque by the pod's setting, or by a Service's declaration (the control plane's).
+    let configured_opaque = ctx.cfg.opaque_ports.contains(port) || ctx.authz.is_opaque(port);
     // An application known to speak first is handled as on an opaque port: only a mesh
     // ClientHello is looked for.
     let opaque_port = configured_opaque || known == Some(Speaker::ServerFirst);

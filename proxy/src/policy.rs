@@ -132,6 +132,14 @@ impl Authorizer {
         }
     }
 
+    /// Whether a Service declares this workload's `port` opaque (the control plane says).
+    pub fn is_opaque(&self, port: u16) -> bool {
+        self.current
+            .load()
+            .as_deref()
+            .is_some_and(|p| p.opaque_ports.contains(&u32::from(port)))
+    }
+
     pub fn replace(&self, policy: InboundPolicy) {
         self.current.store(Some(Arc::new(policy)));
         self.version.send_modify(|v| *v += 1);
@@ -269,6 +277,7 @@ mod tests {
                 ),
                 entry(7000, vec![Client::Authenticated(true)]),
             ],
+            ..Default::default()
         });
         assert!(a.authorize(8080, Some(&id("x", "admin"))).is_ok());
         assert!(a.authorize(8080, Some(&id("x", "other"))).is_err());
