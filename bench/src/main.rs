@@ -15,6 +15,7 @@
 
 mod detection;
 mod fixed_rate;
+mod scale;
 mod soak;
 
 use std::time::Duration;
@@ -77,6 +78,20 @@ enum Cmd {
         #[arg(long, default_value_t = 200)]
         connections: u32,
     },
+    /// The control plane at scale: P simulated proxies (each its own connection and streams)
+    /// on a generated mesh of S services x E endpoints and one big service; prints a series up
+    /// to --proxies.
+    ControlPlane {
+        #[arg(long, default_value_t = 2000)]
+        proxies: u32,
+        #[arg(long, default_value_t = 1000)]
+        services: u32,
+        #[arg(long, default_value_t = 5)]
+        endpoints: u32,
+        /// Endpoints of the one big service (0: none).
+        #[arg(long, default_value_t = 5000)]
+        big_endpoints: u32,
+    },
 }
 
 fn main() -> Result<()> {
@@ -92,6 +107,19 @@ fn main() -> Result<()> {
         }
         Some(Cmd::Idle { connections }) => return soak::idle((*connections).min(50_000)),
         Some(Cmd::Detection { connections }) => return detection::detection(*connections),
+        Some(Cmd::ControlPlane {
+            proxies,
+            services,
+            endpoints,
+            big_endpoints,
+        }) => {
+            return scale::control_plane(scale::Args {
+                proxies: (*proxies).clamp(1, 10_000),
+                services: (*services).clamp(1, 8_000),
+                endpoints: (*endpoints).clamp(1, 1_000),
+                big_endpoints: (*big_endpoints).min(100_000),
+            })
+        }
         _ => {}
     }
     if let Some(Cmd::FixedRate {

@@ -105,16 +105,34 @@ struct Args {
     /// Unset: no traces, nothing installed.
     #[arg(long, env = "STRAIT_TRACE_COLLECTOR")]
     trace_collector: Option<String>,
+    /// Runtime worker threads: discovery, identity and the Kubernetes watchers run on all of
+    /// them, so a mesh rebuild or a burst of certificate requests cannot stall the others.
+    #[arg(long, env = "STRAIT_WORKER_THREADS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    worker_threads: u16,
     /// Share of the control plane's traces kept (0 to 1).
     #[arg(long, env = "STRAIT_TRACE_SAMPLE_RATIO", default_value_t = 1.0)]
     trace_sample_ratio: f64,
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() {
+fn main() {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(usize::from(args.worker_threads))
+        .thread_name("strait-cp")
+        .enable_all()
+        .build();
+    match runtime {
+        Ok(rt) => rt.block_on(serve(args)),
+        Err(e) => {
+            eprintln!("strait-control-plane: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+async fn serve(args: Args) {
     // kube-client logs an ERROR for every failed request of a retrying watch; the watchers log
     // each outage once, with its cause.
-    let args = Args::parse();
     let traces = args
         .trace_collector
         .clone()
