@@ -212,7 +212,11 @@ impl Discovery for DiscoveryService {
                 let answer = index
                     .borrow_and_update()
                     .lookup(&target, client_ns.as_deref());
-                if last.as_ref() != Some(&answer) {
+                // The index shares unchanged answers: the same Arc needs no comparison.
+                let unchanged = last
+                    .as_ref()
+                    .is_some_and(|l| Arc::ptr_eq(l, &answer) || **l == *answer);
+                if !unchanged {
                     let push = tracing::info_span!("discovery push", kind = "destination", %proxy, destination = %target);
                     let sent = tx.send(Ok((*answer).clone())).instrument(push).await;
                     if sent.is_err() {

@@ -373,7 +373,8 @@ pub async fn run(
         if store.synced() {
             if changed || !*ready.borrow() {
                 let _span = tracing::info_span!("watch batch").entered();
-                let index = MeshIndex::build(&store.resources(), &naming);
+                let mut index = MeshIndex::build(&store.resources(), &naming);
+                index.reuse_unchanged(&tx.borrow());
                 tracing::info!(services = index.service_count(), "mesh state updated");
                 let previous = tx.borrow().route_statuses().to_vec();
                 crate::routes::log_status_changes(&previous, index.route_statuses());

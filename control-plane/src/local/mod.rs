@@ -30,6 +30,9 @@ pub struct DirError {
 
 #[derive(Debug)]
 struct FileState {
+    /// Modification time, size and inode at the last read: a file whose metadata is unchanged
+    /// is not read again (except at every [`FULL_READ_EVERY`]th scan).
+    meta: Option<(std::time::SystemTime, u64, u64)>,
     content: Vec<u8>,
     /// The last content that parsed; kept while the file is broken.
     resources: Vec<Resource>,
@@ -43,6 +46,17 @@ pub struct LocalSource {
     files: BTreeMap<PathBuf, FileState>,
     /// Mints a bootstrap token per Pod document (local-mode identity).
     tokens: Option<identity::BootstrapTokens>,
+    scans: u64,
+}
+
+/// Every this many scans, every file is read again whatever its metadata says (a write that
+/// kept size and modification time, on a file system with coarse timestamps).
+const FULL_READ_EVERY: u64 = 40;
+
+fn meta_of(path: &Path) -> Option<(std::time::SystemTime, u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len(), m.ino()))
 }
 
 impl LocalSource {
@@ -51,6 +65,7 @@ impl LocalSource {
             dir: dir.into(),
             files: BTreeMap::new(),
             tokens: None,
+            scans: 0,
         }
     }
 
@@ -69,11 +84,19 @@ impl LocalSource {
         })?;
         let mut changed = false;
         let before = self.files.len();
-        self.files.retain(|p, _| paths.contains(p));
+        let present: std::collections::HashSet<&PathBuf> = paths.iter().collect();
+        self.files.retain(|p, _| present.contains(p));
+        drop(present);
+        self.scans += 1;
+        let full = self.scans.is_multiple_of(FULL_READ_EVERY);
         if self.files.len() != before {
             changed = true;
         }
         for path in paths {
+            let meta = meta_of(&path);
+            if !full && meta.is_some() && self.files.get(&path).is_some_and(|f| f.meta == meta) {
+                continue;
+            }
             let content = match std::fs::read(&path) {
                 Ok(c) => c,
                 // Deleted between listing and reading: the next scan drops it.
@@ -83,18 +106,21 @@ impl LocalSource {
                     continue;
                 }
             };
-            if self.files.get(&path).is_some_and(|f| f.content == content) {
+            if let Some(f) = self.files.get_mut(&path).filter(|f| f.content == content) {
+                f.meta = meta;
                 continue;
             }
             let parsed = std::str::from_utf8(&content)
                 .map_err(|e| format!("not UTF-8: {e}"))
                 .and_then(|text| parse::parse_documents(text).map_err(|e| e.to_string()));
             let entry = self.files.entry(path.clone()).or_insert(FileState {
+                meta: None,
                 content: Vec::new(),
                 resources: Vec::new(),
                 error: None,
             });
             entry.content = content;
+            entry.meta = meta;
             match parsed {
                 Ok(resources) => {
                     if entry.error.take().is_some() {
@@ -169,7 +195,8 @@ fn publish(source: &LocalSource, naming: &Naming, tx: &watch::Sender<Arc<MeshInd
         let minted = tokens.sync(&pods);
         resources.extend(minted);
     }
-    let index = MeshIndex::build(&resources, naming);
+    let mut index = MeshIndex::build(&resources, naming);
+    index.reuse_unchanged(&tx.borrow());
     tracing::info!(services = index.service_count(), "mesh state updated");
     crate::routes::log_status_changes(tx.borrow().route_statuses(), index.route_statuses());
     tx.send_replace(Arc::new(index));
