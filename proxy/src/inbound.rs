@@ -211,24 +211,8 @@ async fn serve_mesh_tls<I>(
             return;
         }
     };
-    let (_, session) = tls.get_ref();
-    let client = strait_identity::tls::peer_identity(session.peer_certificates());
-    let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
-    let chain: Vec<_> = session
-        .peer_certificates()
-        .unwrap_or_default()
-        .iter()
-        .map(|c| c.clone().into_owned())
-        .collect();
-    // The connection's life: until its maximum age, or until the anchors change under it and
-    // its client's chain no longer verifies.
-    let end = {
-        let client = client.clone();
-        async move {
-            let why = identity.connection_end(chain).await;
-            tracing::info!(%orig_dst, client = %display_client(client.as_ref()), why, "closing a mesh connection");
-        }
-    };
+    let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+    let (client, end) = mesh_client(&identity, tls.get_ref().1, orig_dst);
     match alpn.as_deref() {
         Some(strait_identity::tls::ALPN_H2) => {
             serve_http(&ctx, tls, Protocol::Http2, orig_dst, peer, client, end).await
@@ -238,6 +222,32 @@ async fn serve_mesh_tls<I>(
         }
         _ => forward_tcp(&ctx, tls, orig_dst, client, end, None, &[]).await,
     }
+}
+
+/// The client of an accepted mesh TLS connection to `app`, and the connection's life: until
+/// its maximum age, or until the anchors change under it and the client's chain no longer
+/// verifies.
+fn mesh_client(
+    identity: &Arc<Identity>,
+    session: &rustls::ServerConnection,
+    app: SocketAddr,
+) -> (
+    Option<SpiffeId>,
+    impl std::future::Future<Output = ()> + Send,
+) {
+    let client = strait_identity::tls::peer_identity(session.peer_certificates());
+    let chain: Vec<_> = session
+        .peer_certificates()
+        .unwrap_or_default()
+        .iter()
+        .map(|c| c.clone().into_owned())
+        .collect();
+    let (identity, who) = (identity.clone(), client.clone());
+    let end = async move {
+        let why = identity.connection_end(chain).await;
+        tracing::info!(%app, client = %display_client(who.as_ref()), why, "closing a mesh connection");
+    };
+    (client, end)
 }
 
 /// A connection to the mesh port: mesh TLS from a peer proxy, then the transport header naming
@@ -267,14 +277,8 @@ async fn serve_mesh_port(ctx: Arc<Context>, stream: TcpStream, local: SocketAddr
             return;
         }
     };
-    let (_, session) = tls.get_ref();
-    let client = strait_identity::tls::peer_identity(session.peer_certificates());
-    let chain: Vec<_> = session
-        .peer_certificates()
-        .unwrap_or_default()
-        .iter()
-        .map(|c| c.clone().into_owned())
-        .collect();
+    let app = SocketAddr::new(local.ip(), target);
+    let (client, end) = mesh_client(&identity, tls.get_ref().1, app);
     // The proxy's own ports are not applications: no loop through them.
     let cfg = &ctx.cfg;
     if [cfg.inbound_addr, cfg.outbound_addr, cfg.admin_addr]
@@ -285,16 +289,8 @@ async fn serve_mesh_port(ctx: Arc<Context>, stream: TcpStream, local: SocketAddr
         ctx.metrics.refused("proxy port", target, client.as_ref());
         return;
     }
-    let app = SocketAddr::new(local.ip(), target);
     let tcp = ctx.metrics.tcp(Direction::Inbound, &target.to_string());
     let io = CountingIo::new(tls, tcp.read.clone(), tcp.written.clone());
-    let end = {
-        let client = client.clone();
-        async move {
-            let why = identity.connection_end(chain).await;
-            tracing::info!(%app, client = %display_client(client.as_ref()), why, "closing a mesh connection");
-        }
-    };
     forward_tcp(&ctx, io, app, client, end, None, &[]).await;
     drop(tcp);
 }

@@ -99,15 +99,43 @@ impl Guard {
     }
 }
 
+/// A tracer provider exporting to `collector` (OTLP/gRPC) through [`export::QueueProcessor`]
+/// (`queue` spans at most, counted in `counters`), sampling `ParentBased(TraceIdRatioBased(
+/// ratio))`, its export task spawned (call within the runtime). Shared by every binary.
+pub fn provider(
+    collector: &str,
+    resource: Resource,
+    queue: usize,
+    ratio: f64,
+    counters: Arc<dyn export::SpanCounters>,
+) -> Result<(SdkTracerProvider, export::Flush), String> {
+    let mut exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(collector)
+        .with_timeout(EXPORT_TIMEOUT)
+        .build()
+        .map_err(|e| e.to_string())?;
+    exporter.set_resource(&resource);
+    let (processor, task, flush) = export::QueueProcessor::new(
+        exporter,
+        queue,
+        EXPORT_TIMEOUT + Duration::from_secs(1),
+        counters,
+    );
+    tokio::spawn(task);
+    let provider = SdkTracerProvider::builder()
+        .with_span_processor(processor)
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+            ratio.clamp(0.0, 1.0),
+        ))))
+        .with_resource(resource)
+        .build();
+    Ok((provider, flush))
+}
+
 /// A tracer exporting to `settings.collector`, its export task spawned (call within the
 /// runtime).
 pub fn tracer(settings: &Settings) -> Result<(opentelemetry_sdk::trace::SdkTracer, Guard), String> {
-    let mut exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_tonic()
-        .with_endpoint(settings.collector.clone())
-        .with_timeout(EXPORT_TIMEOUT)
-        .build()
-        .map_err(|e| format!("STRAIT_TRACE_COLLECTOR {:?}: {e}", settings.collector))?;
     let mut attributes = Vec::new();
     for (env, key) in [
         ("STRAIT_POD_NAME", "k8s.pod.name"),
@@ -121,22 +149,14 @@ pub fn tracer(settings: &Settings) -> Result<(opentelemetry_sdk::trace::SdkTrace
         .with_service_name(settings.service_name.clone())
         .with_attributes(attributes)
         .build();
-    exporter.set_resource(&resource);
-    let counters: Arc<dyn export::SpanCounters> = counters();
-    let (processor, task, flush) = export::QueueProcessor::new(
-        exporter,
+    let (provider, flush) = provider(
+        &settings.collector,
+        resource,
         QUEUE,
-        EXPORT_TIMEOUT + Duration::from_secs(1),
-        counters,
-    );
-    tokio::spawn(task);
-    let provider = SdkTracerProvider::builder()
-        .with_span_processor(processor)
-        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-            settings.sample_ratio.clamp(0.0, 1.0),
-        ))))
-        .with_resource(resource)
-        .build();
+        settings.sample_ratio,
+        counters(),
+    )
+    .map_err(|e| format!("STRAIT_TRACE_COLLECTOR {:?}: {e}", settings.collector))?;
     let tracer = provider.tracer(settings.service_name.clone());
     Ok((
         tracer,

@@ -20,17 +20,13 @@ use opentelemetry::trace::{
     Span as _, SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue};
-use opentelemetry_otlp::WithExportConfig;
-use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider, Span, SpanExporter as _};
+use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider, Span};
 use opentelemetry_sdk::Resource;
 
 use crate::config::{AccessLogFormat, ProxyConfig};
 use crate::metrics::{Direction, HttpMetrics, Metrics, ResponseLabels};
 use access_log::{AccessLog, Entry};
 use propagation::Parent;
-
-/// How long an export may take before its spans count as dropped.
-const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
@@ -127,16 +123,6 @@ impl Telemetry {
 
 impl Tracing {
     fn new(cfg: &ProxyConfig, url: &str, metrics: &Arc<Metrics>) -> Result<Self, TelemetryError> {
-        let err = |reason: String| TelemetryError::Collector {
-            url: url.to_string(),
-            reason,
-        };
-        let mut exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .with_endpoint(url)
-            .with_timeout(EXPORT_TIMEOUT)
-            .build()
-            .map_err(|e| err(e.to_string()))?;
         let mut attributes = vec![KeyValue::new("strait.workload", cfg.workload.clone())];
         if let Some((ns, pod)) = cfg.workload.split_once('/') {
             attributes.push(KeyValue::new("k8s.namespace.name", ns.to_string()));
@@ -158,22 +144,17 @@ impl Tracing {
             .with_service_name(cfg.service_name())
             .with_attributes(attributes)
             .build();
-        exporter.set_resource(&resource);
-        let counters: Arc<dyn strait_admin::otel::export::SpanCounters> = metrics.clone();
-        let (processor, task, flush) = strait_admin::otel::export::QueueProcessor::new(
-            exporter,
+        let (provider, flush) = strait_admin::otel::provider(
+            url,
+            resource,
             cfg.trace_queue_size as usize,
-            EXPORT_TIMEOUT + Duration::from_secs(1),
-            counters,
-        );
-        tokio::spawn(task);
-        let provider = SdkTracerProvider::builder()
-            .with_span_processor(processor)
-            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-                cfg.trace_sample_ratio,
-            ))))
-            .with_resource(resource)
-            .build();
+            cfg.trace_sample_ratio,
+            metrics.clone(),
+        )
+        .map_err(|reason| TelemetryError::Collector {
+            url: url.to_string(),
+            reason,
+        })?;
         let tracer = provider.tracer("strait-proxy");
         tracing::info!(
             collector = url,
@@ -499,29 +480,9 @@ fn span_name(m: &http::Method) -> Cow<'static, str> {
 fn resource_attributes(text: &str) -> Vec<(String, String)> {
     text.split(',')
         .filter_map(|pair| pair.split_once('='))
-        .map(|(k, v)| (k.trim().to_string(), percent_decode(v.trim())))
+        .map(|(k, v)| (k.trim().to_string(), redact::percent_decode(v.trim())))
         .filter(|(k, _)| !k.is_empty())
         .collect()
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: Option<&u8>| b.and_then(|b| (*b as char).to_digit(16));
-        match (bytes[i], hex(bytes.get(i + 1)), hex(bytes.get(i + 2))) {
-            (b'%', Some(h), Some(l)) => {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-            }
-            (b, _, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn protocol_version(v: http::Version) -> &'static str {

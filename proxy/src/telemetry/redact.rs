@@ -67,8 +67,8 @@ impl Redact {
     }
 }
 
-/// `%XX` escapes decoded (names only; an invalid escape is kept as written).
-fn percent_decode(s: &str) -> String {
+/// `%XX` escapes decoded (an invalid escape is kept as written).
+pub(crate) fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
