@@ -31,6 +31,10 @@ pub enum By {
     ClientId,
     #[value(name = "server-id")]
     ServerId,
+    #[value(name = "src-workload")]
+    SrcWorkload,
+    #[value(name = "dst-workload")]
+    DstWorkload,
 }
 
 impl By {
@@ -42,6 +46,8 @@ impl By {
             By::Backend => "BACKEND",
             By::ClientId => "CLIENT ID",
             By::ServerId => "SERVER ID",
+            By::SrcWorkload => "CLIENT WORKLOAD",
+            By::DstWorkload => "SERVER WORKLOAD",
         }
     }
 
@@ -52,6 +58,8 @@ impl By {
             By::Backend => "backend",
             By::ClientId => "client_id",
             By::ServerId => "server_id",
+            By::SrcWorkload => "src_workload",
+            By::DstWorkload => "dst_workload",
         }
     }
 }
@@ -74,8 +82,9 @@ pub struct StatArgs {
     /// Which proxies' view: `outbound` (callers) or `inbound` (servers).
     #[arg(long, value_enum, default_value_t = Direction::Outbound)]
     direction: Direction,
-    /// Rows by: target (the service), route, backend, client-id or server-id (no latency for
-    /// identities: the latency histogram is by target, route and backend).
+    /// Rows by: target (the service), route, backend, client-id, server-id, src-workload or
+    /// dst-workload (no latency for identities and workloads: the latency histogram is by
+    /// target, route and backend).
     #[arg(long, value_enum, default_value_t = By::Target)]
     by: By,
     /// Time between the two reads a table is computed from.

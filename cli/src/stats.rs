@@ -48,7 +48,12 @@ fn merge_buckets(mut buckets: Vec<(f64, f64)>) -> Vec<(f64, f64)> {
 }
 
 fn label<'a>(labels: &'a str, name: &str) -> Option<&'a str> {
-    let start = labels.find(&format!("{name}=\""))? + name.len() + 2;
+    // `name="` at the start or after a comma: `workload` is not the end of `src_workload`.
+    let key = format!("{name}=\"");
+    let at = labels
+        .match_indices(&key)
+        .find(|(i, _)| *i == 0 || labels.as_bytes()[i - 1] == b',')?;
+    let start = at.0 + key.len();
     let end = labels[start..].find('"')?;
     Some(&labels[start..start + end])
 }
@@ -278,6 +283,18 @@ strait_response_latency_seconds_bucket{le="+Inf",direction="outbound",target="we
         // 2 samples above 2 ms (in +Inf): p99 is reported at the highest finite bound.
         assert!((r.p99_ms.expect("p99") - 2.0).abs() < 1e-6, "{r:?}");
         assert!(render(&rows, "SERVICE").contains("90.0%"));
+    }
+
+    #[test]
+    fn a_label_is_found_by_its_whole_name() {
+        let text = r#"strait_response_total{direction="outbound",target="web:80",dst_workload="web",src_workload="client",classification="success"} 4
+"#;
+        let by = parse_by(text, "outbound", "workload");
+        assert!(by.is_empty(), "{by:?}");
+        let by = parse_by(text, "outbound", "dst_workload");
+        assert_eq!(by.keys().collect::<Vec<_>>(), ["web"]);
+        let by = parse_by(text, "outbound", "src_workload");
+        assert_eq!(by.keys().collect::<Vec<_>>(), ["client"]);
     }
 
     #[test]

@@ -224,19 +224,19 @@ fn prometheus_scrapes_the_proxies_and_every_dashboard_query_returns_data() -> Re
         )?,
         Some(1.0)
     );
-    // Labels in the shape users query: the destination service and namespace on both sides
-    // (the server's proxy learns them from the client's, over mTLS), the client's workload.
+    // Labels in the shape users query: the destination service, namespace and workload on
+    // both sides (the proxies tell each other over mTLS), the client's workload and namespace.
     assert_eq!(
         scalar(
             &mesh,
-            "sum(strait_response_total{direction=\"outbound\",dst_namespace=\"default\",dst_service=\"web\",src_workload=\"client.default\"})"
+            "sum(strait_response_total{direction=\"outbound\",dst_namespace=\"default\",dst_service=\"web\",dst_workload=\"server\",src_namespace=\"default\",src_workload=\"client\"})"
         )?,
         Some(50.0)
     );
     assert_eq!(
         scalar(
             &mesh,
-            "sum(strait_response_total{direction=\"inbound\",dst_namespace=\"default\",dst_service=\"web\",src_workload=\"client.default\",status_code=\"500\"})"
+            "sum(strait_response_total{direction=\"inbound\",dst_namespace=\"default\",dst_service=\"web\",dst_workload=\"server\",src_namespace=\"default\",src_workload=\"client\",status_code=\"500\"})"
         )?,
         Some(10.0)
     );
@@ -254,6 +254,13 @@ fn prometheus_scrapes_the_proxies_and_every_dashboard_query_returns_data() -> Re
         )?,
         Some(50.0)
     );
+    // What the server's proxy tells the client's stays between them (after the counts above).
+    let head = mesh.curl(
+        &client,
+        &["-s", "-D", "-", "-o", "/dev/null", "http://10.96.0.10/"],
+    )?;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(!head.to_ascii_lowercase().contains("strait-"), "{head}");
     // Two proxies and the control plane are scraped; the application's port is not.
     assert_eq!(
         scalar(&mesh, "count(up{job=\"strait-proxies\"} == 1)")?,

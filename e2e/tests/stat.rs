@@ -31,9 +31,9 @@ fn stat_shows_each_services_rate_success_and_latency_from_the_proxies() -> Resul
     let server = mesh.pod_as("server", "web", &SidecarOpts::default())?;
     mesh.serve_web(&server)?;
     let client = mesh.pod_in("client", "a", "client", &SidecarOpts::default())?;
-    // Warm the destination up, then a steady 20 requests per second for 8 s.
+    // Warm the destination up, then a steady 20 requests per second for 12 s.
     mesh.curl(&client, &["http://10.96.0.10/"])?;
-    let load = mesh.load(&client, "http://10.96.0.10/", 8)?;
+    let load = mesh.load(&client, "http://10.96.0.10/", 12)?;
     std::thread::sleep(Duration::from_secs(1));
 
     let client_admin = format!("{}:4191", client.ip);
@@ -46,6 +46,11 @@ fn stat_shows_each_services_rate_success_and_latency_from_the_proxies() -> Resul
     for q in ["p50_ms", "p95_ms", "p99_ms"] {
         assert!(web[q].as_f64().is_some_and(|v| v > 0.0), "{q}: {web}");
     }
+    // The client's view by the workload that answered (the server's proxy says it over mTLS).
+    let rows = stat(&mesh, &["--proxy", &client_admin, "--by", "dst-workload"])?;
+    let w = row(&rows, "server");
+    let rps = w["rps"].as_f64().unwrap_or(0.0);
+    assert!((14.0..=26.0).contains(&rps), "{w}");
     // The server's view, by client identity; a dead proxy address is reported, not fatal.
     let rows = stat(
         &mesh,

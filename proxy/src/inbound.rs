@@ -453,7 +453,14 @@ impl Handler for InboundHttp {
             direct(&self.ctx.clients, self.app, &self.app_h2, req).await
         };
         resp.map(|mut resp| {
+            // The application's word is not the workload's: only this proxy says it, and only
+            // to a peer proxy (which removes it).
+            let headers = resp.headers_mut();
+            headers.remove(crate::http::headers::DST_WORKLOAD);
             if let Some(said) = said {
+                if let Some(w) = &self.ctx.workload {
+                    headers.insert(crate::http::headers::DST_WORKLOAD, w.clone());
+                }
                 resp.extensions_mut().insert(said);
             }
             resp

@@ -115,6 +115,9 @@ pub struct Destination {
     /// (`<name>.<namespace>`) and the client's workload (`<workload>.<namespace>`).
     pub dst_service: Label,
     pub src_workload: Label,
+    /// Outbound, from the server's proxy (mTLS only): the workload that answered
+    /// (`<workload>.<namespace>`).
+    pub dst_workload: Label,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -125,7 +128,11 @@ pub struct ResponseLabels {
     /// `dst_namespace`, Istio's `destination_service_name` / `_namespace`).
     pub dst_namespace: Label,
     pub dst_service: Label,
-    /// The client's workload, `<workload>.<namespace>` (Istio's `source_workload`).
+    /// The workload that answered (Linkerd's `dst_deployment`, Istio's `destination_workload`).
+    pub dst_workload: Label,
+    /// The client's workload and its namespace (Istio's `source_workload` and
+    /// `source_workload_namespace`).
+    pub src_namespace: Label,
     pub src_workload: Label,
     pub route: Label,
     pub backend: Label,
@@ -227,9 +234,9 @@ pub struct Metrics {
     latency: LatencyFamily,
     request_size: HistogramFamily<RouteLabels>,
     response_size: HistogramFamily<RouteLabels>,
-    /// This proxy's workload, `<workload>.<namespace>` (the `src_workload` of its outbound
-    /// requests).
-    workload: std::sync::RwLock<Label>,
+    /// This proxy's workload and namespace (the `src_*` labels of its outbound requests, the
+    /// `dst_workload` of its inbound ones).
+    workload: std::sync::RwLock<(Label, Label)>,
     detect_duration: HistogramFamily<DirectionLabels>,
     tcp_duration: HistogramFamily<TargetLabels>,
     /// This proxy's own SPIFFE ID (empty without identity).
@@ -315,7 +322,7 @@ impl Metrics {
             latency: Family::new_with_constructor(latency_histogram),
             request_size: Family::new_with_constructor(size_histogram),
             response_size: Family::new_with_constructor(size_histogram),
-            workload: std::sync::RwLock::new(Label::empty()),
+            workload: std::sync::RwLock::new((Label::empty(), Label::empty())),
             detect_duration: Family::new_with_constructor(detect_histogram),
             tcp_duration: Family::new_with_constructor(connection_histogram),
             local_id: std::sync::RwLock::new(Label::empty()),
@@ -465,9 +472,10 @@ impl Metrics {
         *self.local_id.write().unwrap_or_else(|p| p.into_inner()) = Label::new(id);
     }
 
-    /// This proxy's workload (`<workload>.<namespace>`), for `src_workload` outbound.
+    /// This proxy's workload (`<workload>.<namespace>`): `src_workload`/`src_namespace`
+    /// outbound, `dst_workload` inbound.
     pub fn set_workload(&self, workload: &str) {
-        *self.workload.write().unwrap_or_else(|p| p.into_inner()) = Label::new(workload);
+        *self.workload.write().unwrap_or_else(|p| p.into_inner()) = split_workload(workload);
     }
 
     fn local_id(&self) -> Label {
@@ -580,23 +588,43 @@ impl Metrics {
             Direction::Inbound => (peer.map(Label::new).unwrap_or_default(), local),
             Direction::Outbound => (local, Label::empty()),
         };
-        // Outbound, the service is the target's; inbound, the client's proxy says it.
-        let (dst_service, dst_namespace) = match (direction, service_of(target)) {
-            (Direction::Outbound, Some((name, ns))) => (Label::new(name), Label::new(ns)),
-            _ => (Label::empty(), Label::empty()),
-        };
-        let src_workload = match direction {
-            Direction::Outbound => self
-                .workload
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
-            Direction::Inbound => Label::empty(),
-        };
+        let (workload, namespace) = self
+            .workload
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        // Outbound, the service is the target's and the client is this workload; inbound, this
+        // workload answers (in its namespace) and the client's proxy names the service.
+        let (dst_service, dst_namespace, dst_workload, src_workload, src_namespace) =
+            match (direction, service_of(target)) {
+                (Direction::Outbound, Some((name, ns))) => (
+                    Label::new(name),
+                    Label::new(ns),
+                    Label::empty(),
+                    workload,
+                    namespace,
+                ),
+                (Direction::Outbound, None) => (
+                    Label::empty(),
+                    Label::empty(),
+                    Label::empty(),
+                    workload,
+                    namespace,
+                ),
+                (Direction::Inbound, _) => (
+                    Label::empty(),
+                    namespace,
+                    workload,
+                    Label::empty(),
+                    Label::empty(),
+                ),
+            };
         HttpMetrics {
             dst_service,
             dst_namespace,
+            dst_workload,
             src_workload,
+            src_namespace,
             request_size: self.request_size.clone(),
             response_size: self.response_size.clone(),
             retries: self.retries.get_or_create(&labels).clone(),
@@ -646,7 +674,9 @@ pub struct HttpMetrics {
     labels: TargetLabels,
     dst_service: Label,
     dst_namespace: Label,
+    dst_workload: Label,
     src_workload: Label,
+    src_namespace: Label,
     /// Connection-level defaults; outbound, the destination fills in the server side.
     tls: bool,
     client_id: Label,
@@ -680,10 +710,22 @@ impl HttpMetrics {
             Some((name, ns)) => (Label::new(name), Label::new(ns)),
             None => (self.dst_service.clone(), self.dst_namespace.clone()),
         };
-        let src_workload = if dst.src_workload.as_str().is_empty() {
-            self.src_workload.clone()
+        let (src_workload, src_namespace) = if dst.src_workload.as_str().is_empty() {
+            (self.src_workload.clone(), self.src_namespace.clone())
         } else {
-            dst.src_workload
+            split_workload(dst.src_workload.as_str())
+        };
+        // Outbound, what the server's proxy said; a passthrough's namespace is the workload's.
+        let (dst_workload, dst_namespace) = if dst.dst_workload.as_str().is_empty() {
+            (self.dst_workload.clone(), dst_namespace)
+        } else {
+            let (workload, namespace) = split_workload(dst.dst_workload.as_str());
+            let ns = if dst_namespace.as_str().is_empty() {
+                namespace
+            } else {
+                dst_namespace
+            };
+            (workload, ns)
         };
         let route_labels = RouteLabels {
             direction: self.labels.direction,
@@ -717,6 +759,8 @@ impl HttpMetrics {
                 target: self.labels.target.clone(),
                 dst_namespace,
                 dst_service,
+                dst_workload,
+                src_namespace,
                 src_workload,
                 route: dst.route,
                 backend: dst.backend,
@@ -778,6 +822,15 @@ impl Drop for ResponseRecorder {
     }
 }
 
+/// `<workload>.<namespace>` as (workload, namespace): a namespace has no dot, a workload may.
+/// Without a dot, all of it is the workload.
+fn split_workload(s: &str) -> (Label, Label) {
+    match s.rsplit_once('.') {
+        Some((w, ns)) => (Label::new(w), Label::new(ns)),
+        None => (Label::new(s), Label::empty()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -806,6 +859,7 @@ mod tests {
             backend: Label::new("web-v2.shop.svc.cluster.local:80"),
             server_id: Label::new("spiffe://cluster.local/ns/shop/sa/web"),
             tls: true,
+            dst_workload: Label::new("web-v2.shop"),
             ..Destination::default()
         };
         http.response(
@@ -833,7 +887,7 @@ mod tests {
         // Inbound, the client's proxy named the service and its workload.
         let said = Destination {
             dst_service: Label::new("web.shop"),
-            src_workload: Label::new("frontend.shop"),
+            src_workload: Label::new("client.a"),
             ..Destination::default()
         };
         inbound
@@ -858,9 +912,9 @@ mod tests {
         let text = m.encode();
         for needle in [
             "strait_request_total{direction=\"outbound\",target=\"web.shop.svc.cluster.local:80\"} 1",
-            "strait_response_total{direction=\"outbound\",target=\"web.shop.svc.cluster.local:80\",dst_namespace=\"shop\",dst_service=\"web\",src_workload=\"frontend.shop\",route=\"web-canary\",backend=\"web-v2.shop.svc.cluster.local:80\",tls=\"true\",client_id=\"spiffe://cluster.local/ns/shop/sa/client\",server_id=\"spiffe://cluster.local/ns/shop/sa/web\",status_code=\"200\",grpc_status=\"\",classification=\"success\",error=\"\"} 1",
+            "strait_response_total{direction=\"outbound\",target=\"web.shop.svc.cluster.local:80\",dst_namespace=\"shop\",dst_service=\"web\",dst_workload=\"web-v2\",src_namespace=\"shop\",src_workload=\"frontend\",route=\"web-canary\",backend=\"web-v2.shop.svc.cluster.local:80\",tls=\"true\",client_id=\"spiffe://cluster.local/ns/shop/sa/client\",server_id=\"spiffe://cluster.local/ns/shop/sa/web\",status_code=\"200\",grpc_status=\"\",classification=\"success\",error=\"\"} 1",
             "status_code=\"503\",grpc_status=\"\",classification=\"failure\",error=\"no endpoints\"} 1",
-            "direction=\"inbound\",target=\"8080\",dst_namespace=\"shop\",dst_service=\"web\",src_workload=\"frontend.shop\",route=\"\",backend=\"\",tls=\"true\",client_id=\"spiffe://cluster.local/ns/a/sa/x\",server_id=\"spiffe://cluster.local/ns/shop/sa/client\",status_code=\"200\",grpc_status=\"0\",classification=\"success\"",
+            "direction=\"inbound\",target=\"8080\",dst_namespace=\"shop\",dst_service=\"web\",dst_workload=\"frontend\",src_namespace=\"a\",src_workload=\"client\",route=\"\",backend=\"\",tls=\"true\",client_id=\"spiffe://cluster.local/ns/a/sa/x\",server_id=\"spiffe://cluster.local/ns/shop/sa/client\",status_code=\"200\",grpc_status=\"0\",classification=\"success\"",
             "strait_response_latency_seconds_bucket{le=\"0.005\",direction=\"outbound\",target=\"web.shop.svc.cluster.local:80\",dst_namespace=\"shop\",dst_service=\"web\",route=\"web-canary\"",
             "strait_response_size_bytes_bucket{le=\"4096.0\",direction=\"outbound\",target=\"web.shop.svc.cluster.local:80\",dst_namespace=\"shop\",dst_service=\"web\",route=\"web-canary\",backend=\"web-v2.shop.svc.cluster.local:80\"} 1",
             "strait_request_size_bytes_sum{direction=\"inbound\",target=\"8080\",dst_namespace=\"shop\",dst_service=\"web\",route=\"\",backend=\"\"} 10.0",

@@ -498,12 +498,15 @@ impl OutboundHttp {
         match result {
             Ok(mut resp) => {
                 in_flight.response(resp.status());
+                let mtls = endpoint.tls.is_some() && endpoint.spec.meshed;
+                let dst_workload = said_by_server(resp.headers_mut(), mtls);
                 resp.extensions_mut().insert(Destination {
                     route: Label::empty(),
                     backend: Label::from(service.clone()),
                     server_id: Label::from(endpoint.spec.identity.clone()),
-                    tls: endpoint.tls.is_some() && endpoint.spec.meshed,
+                    tls: mtls,
                     upstream: Some(endpoint.addr()),
+                    dst_workload,
                     ..Destination::default()
                 });
                 Ok(resp)
@@ -527,5 +530,41 @@ fn tell_peer<B>(req: &mut Request<B>, service: &str, workload: Option<&http::Hea
     }
     if let Some(w) = workload {
         headers.insert(crate::http::headers::SRC_WORKLOAD, w.clone());
+    }
+}
+
+/// The workload the server's proxy says answered (trusted over mTLS only); the header is
+/// removed whoever sent it.
+fn said_by_server(headers: &mut http::HeaderMap, mtls: bool) -> Label {
+    match headers.remove(crate::http::headers::DST_WORKLOAD) {
+        Some(v) if mtls && v.len() <= 253 => v.to_str().map(Label::new).unwrap_or_default(),
+        _ => Label::empty(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_server_workload_is_read_over_mtls_only_and_never_passed_on() {
+        let header = crate::http::headers::DST_WORKLOAD;
+        let mut headers = http::HeaderMap::new();
+        headers.insert(header.clone(), http::HeaderValue::from_static("web.shop"));
+        assert_eq!(said_by_server(&mut headers, true).as_str(), "web.shop");
+        assert!(headers.is_empty());
+        // An unmeshed server (or its application) cannot name itself.
+        headers.insert(
+            header.clone(),
+            http::HeaderValue::from_static("admin.kube-system"),
+        );
+        assert_eq!(said_by_server(&mut headers, false).as_str(), "");
+        assert!(headers.is_empty());
+        let long = "w".repeat(300);
+        let Ok(long) = http::HeaderValue::from_str(&long) else {
+            panic!("a header value")
+        };
+        headers.insert(header, long);
+        assert_eq!(said_by_server(&mut headers, true).as_str(), "");
     }
 }

@@ -11,6 +11,10 @@ pub const ORIG_PROTO: HeaderName = HeaderName::from_static("strait-orig-proto");
 /// and removes them before the application.
 pub const DST_SERVICE: HeaderName = HeaderName::from_static("strait-dst-service");
 pub const SRC_WORKLOAD: HeaderName = HeaderName::from_static("strait-src-workload");
+/// Back from the server's proxy on responses to a peer proxy (mTLS only): the workload that
+/// answered, `<workload>.<namespace>`, for the client's `dst_workload`; removed before the
+/// client application.
+pub const DST_WORKLOAD: HeaderName = HeaderName::from_static("strait-dst-workload");
 /// Marks a response the proxy itself wrote, and says why.
 pub const PROXY_ERROR: HeaderName = HeaderName::from_static("strait-proxy-error");
 
