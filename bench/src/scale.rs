@@ -178,13 +178,14 @@ async fn proxy(i: u32, args: Args, observed: Arc<Observed>) -> Result<()> {
                 observed
                     .bytes
                     .fetch_add(answer.encoded_len() as u64, Ordering::Relaxed);
-                // A change marks one endpoint with an address in 10.250.0.0/14 (no generated
-                // endpoint has one).
+                // A change marks one endpoint with an address in 10.250.0.0/15 or 10.252.0.0/16
+                // (no generated endpoint has one; services 200-207 have 10.25.x.x ones, so
+                // the octet is compared, not a text prefix).
                 let marker = match &answer.update {
                     Some(Update::Destination(d)) => d
                         .endpoints
                         .iter()
-                        .find(|e| e.ip.starts_with("10.25"))
+                        .find(|e| is_marker(&e.ip))
                         .map(|e| e.ip.clone())
                         .unwrap_or_default(),
                     _ => String::new(),
@@ -222,6 +223,12 @@ async fn proxy(i: u32, args: Args, observed: Arc<Observed>) -> Result<()> {
         }
     });
     Ok(())
+}
+
+/// A change's marker address: 10.250.x.x to 10.252.x.x.
+fn is_marker(ip: &str) -> bool {
+    ip.parse::<Ipv4Addr>()
+        .is_ok_and(|ip| matches!(ip.octets(), [10, 250..=252, _, _]))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -539,4 +546,19 @@ pub fn control_plane(args: Args) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_change_markers_are_markers() {
+        assert!(is_marker("10.250.0.1"));
+        assert!(is_marker("10.252.0.7"));
+        // Service 200's generated endpoints: 10.25.0.x.
+        assert!(!is_marker(&endpoint_ip(200, 0).to_string()));
+        assert!(!is_marker("10.253.0.1"));
+        assert!(!is_marker("not-an-ip"));
+    }
 }

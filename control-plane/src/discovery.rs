@@ -1,27 +1,43 @@
 //! The discovery gRPC service: one stream per destination, a full answer first and a whole
 //! replacement on every change of that answer.
+//!
+//! Streams do not compute their answers: each watched answer is computed and encoded once per
+//! index version by [`fanout`](crate::fanout), and a stream is woken only when its own
+//! answer changed.
 
+use std::pin::Pin;
 use std::sync::Arc;
-use tracing::Instrument as _;
 
-use strait_api::discovery::discovery_server::Discovery;
+use futures_util::StreamExt as _;
+use strait_api::discovery::shared::discovery_server::Discovery;
 use strait_api::discovery::{
     DestinationUpdate, InboundPolicy, InboundRequest, TrustAnchors, TrustAnchorsRequest,
     WatchRequest,
 };
+use strait_api::encoded::Encoded;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::wrappers::{ReceiverStream, WatchStream};
 use tonic::{Request, Response, Status};
 
 use crate::admin::Metrics;
 use crate::control_tls::Caller;
+use crate::fanout::Fanout;
 use crate::index::{normalize_target, MeshIndex};
 use strait_identity::SpiffeId;
+
+/// A watched destination: the normalized target and the client's namespace (consumer routes).
+type DestinationKey = (String, Option<String>);
+/// A watched inbound policy: the workload's namespace and service account.
+type InboundKey = (String, String);
+
+type Answers<M> = Pin<Box<dyn futures_util::Stream<Item = Result<Encoded<M>, Status>> + Send>>;
 
 /// Serves [`Discovery`] from the latest [`MeshIndex`].
 #[derive(Clone)]
 pub struct DiscoveryService {
     index: watch::Receiver<Arc<MeshIndex>>,
+    destinations: Arc<Fanout<DestinationKey, DestinationUpdate>>,
+    inbound: Arc<Fanout<InboundKey, InboundPolicy>>,
     metrics: Arc<Metrics>,
     /// Open watches by caller address.
     watches: Arc<crate::limits::WatchLimit>,
@@ -36,13 +52,25 @@ pub struct DiscoveryService {
 }
 
 impl DiscoveryService {
+    /// Serves `index`; spawns the task that fans each new index out to the streams (so it must
+    /// be called inside a Tokio runtime).
     pub fn new(
         index: watch::Receiver<Arc<MeshIndex>>,
         metrics: Arc<Metrics>,
         stopping: watch::Receiver<bool>,
     ) -> Self {
+        let destinations = Arc::new(Fanout::default());
+        let inbound = Arc::new(Fanout::default());
+        tokio::spawn(fan_out(
+            index.clone(),
+            destinations.clone(),
+            inbound.clone(),
+            stopping.clone(),
+        ));
         Self {
             index,
+            destinations,
+            inbound,
             metrics,
             stopping,
             watches: crate::limits::WatchLimit::new(crate::limits::MAX_WATCHES_PER_CALLER),
@@ -87,10 +115,67 @@ impl DiscoveryService {
     }
 }
 
+/// Sends every new index to the streams whose answers it changed.
+async fn fan_out(
+    mut index: watch::Receiver<Arc<MeshIndex>>,
+    destinations: Arc<Fanout<DestinationKey, DestinationUpdate>>,
+    inbound: Arc<Fanout<InboundKey, InboundPolicy>>,
+    mut stopping: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            changed = index.changed() => if changed.is_err() { return },
+            _ = stopping.wait_for(|s| *s) => return,
+        }
+        let current = index.borrow_and_update().clone();
+        let span = tracing::info_span!(
+            "discovery fan-out",
+            destinations = tracing::field::Empty,
+            changed = tracing::field::Empty,
+            bytes = tracing::field::Empty,
+        );
+        let _entered = span.enter();
+        let d = destinations.update(|(target, ns)| current.lookup(target, ns.as_deref()));
+        let i = inbound.update(|(ns, sa)| current.inbound(ns, sa));
+        span.record("destinations", d.answers + i.answers);
+        span.record("changed", d.changed + i.changed);
+        span.record("bytes", d.encoded_bytes + i.encoded_bytes);
+        tracing::debug!(
+            watched = d.answers + i.answers,
+            changed = d.changed + i.changed,
+            encoded_bytes = d.encoded_bytes + i.encoded_bytes,
+            "answers fanned out"
+        );
+    }
+}
+
+/// A stream of `rx`'s answers (the current one first) that holds `held` (the caller's watch
+/// slot and stream metrics) while it lives, ends on shutdown, and counts and traces each push.
+fn answers<M: Send + Sync + 'static, H: Send + 'static>(
+    rx: watch::Receiver<Encoded<M>>,
+    held: H,
+    mut stopping: watch::Receiver<bool>,
+    metrics: Arc<Metrics>,
+    push_span: impl Fn() -> tracing::Span + Send + 'static,
+    kind: &'static str,
+) -> Answers<M> {
+    let stream = WatchStream::new(rx)
+        .map(move |answer| {
+            let _held = &held;
+            let _push = push_span().entered();
+            metrics.pushed(kind);
+            Ok(answer)
+        })
+        .take_until(async move {
+            let _ = stopping.wait_for(|s| *s).await;
+        });
+    Box::pin(stream)
+}
+
 #[tonic::async_trait]
 impl Discovery for DiscoveryService {
-    type WatchStream = ReceiverStream<Result<DestinationUpdate, Status>>;
-    type WatchInboundStream = ReceiverStream<Result<InboundPolicy, Status>>;
+    type WatchStream = Answers<DestinationUpdate>;
+    type WatchInboundStream = Answers<InboundPolicy>;
     type WatchTrustAnchorsStream = ReceiverStream<Result<TrustAnchors, Status>>;
 
     async fn watch_trust_anchors(
@@ -144,36 +229,21 @@ impl Discovery for DiscoveryService {
             ));
         }
         tracing::debug!(%id, %proxy, "watch inbound");
-        let (tx, rx) = mpsc::channel(2);
-        let mut index = self.index.clone();
-        let mut stopping = self.stopping.clone();
-        let metrics = self.metrics.clone();
-        let guard = metrics.stream_opened("inbound", &proxy);
-        tokio::spawn(async move {
-            let _guard = guard;
-            let _slot = slot;
-            let mut last: Option<Arc<InboundPolicy>> = None;
-            loop {
-                let answer = index
-                    .borrow_and_update()
-                    .inbound(id.namespace(), id.service_account());
-                if last.as_ref() != Some(&answer) {
-                    let push = tracing::info_span!("discovery push", kind = "inbound", %proxy, identity = %id);
-                    let sent = tx.send(Ok((*answer).clone())).instrument(push).await;
-                    if sent.is_err() {
-                        return;
-                    }
-                    metrics.pushed("inbound");
-                    last = Some(answer);
-                }
-                tokio::select! {
-                    changed = index.changed() => if changed.is_err() { return },
-                    _ = tx.closed() => return,
-                    _ = stopping.wait_for(|s| *s) => return,
-                }
-            }
+        let guard = self.metrics.stream_opened("inbound", &proxy);
+        let key = (id.namespace().to_string(), id.service_account().to_string());
+        let index = &self.index;
+        let rx = self.inbound.subscribe(key, || {
+            index.borrow().inbound(id.namespace(), id.service_account())
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        let identity = id.to_string();
+        Ok(Response::new(answers(
+            rx,
+            (guard, slot),
+            self.stopping.clone(),
+            self.metrics.clone(),
+            move || tracing::info_span!("discovery push", kind = "inbound", %proxy, identity = %identity),
+            "inbound",
+        )))
     }
 
     async fn watch(
@@ -193,45 +263,26 @@ impl Discovery for DiscoveryService {
                 .map(|(ns, _)| ns.to_string())
                 .filter(|ns| !ns.is_empty()),
         };
-        if normalize_target(&target).is_none() {
+        let Some(key) = normalize_target(&target) else {
             return Err(Status::invalid_argument(format!(
                 "target {target:?} is not ip:port or host:port"
             )));
-        }
+        };
         tracing::debug!(%target, %proxy, "watch");
-        let (tx, rx) = mpsc::channel(2);
-        let mut index = self.index.clone();
-        let mut stopping = self.stopping.clone();
-        let metrics = self.metrics.clone();
-        let guard = metrics.stream_opened("destination", &proxy);
-        tokio::spawn(async move {
-            let _guard = guard;
-            let _slot = slot;
-            let mut last: Option<Arc<DestinationUpdate>> = None;
-            loop {
-                let answer = index
-                    .borrow_and_update()
-                    .lookup(&target, client_ns.as_deref());
-                // The index shares unchanged answers: the same Arc needs no comparison.
-                let unchanged = last
-                    .as_ref()
-                    .is_some_and(|l| Arc::ptr_eq(l, &answer) || **l == *answer);
-                if !unchanged {
-                    let push = tracing::info_span!("discovery push", kind = "destination", %proxy, destination = %target);
-                    let sent = tx.send(Ok((*answer).clone())).instrument(push).await;
-                    if sent.is_err() {
-                        return; // the proxy went away
-                    }
-                    metrics.pushed("destination");
-                    last = Some(answer);
-                }
-                tokio::select! {
-                    changed = index.changed() => if changed.is_err() { return },
-                    _ = tx.closed() => return,
-                    _ = stopping.wait_for(|s| *s) => return,
-                }
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        let guard = self.metrics.stream_opened("destination", &proxy);
+        let index = &self.index;
+        let rx = self
+            .destinations
+            .subscribe((key.clone(), client_ns.clone()), || {
+                index.borrow().lookup(&key, client_ns.as_deref())
+            });
+        Ok(Response::new(answers(
+            rx,
+            (guard, slot),
+            self.stopping.clone(),
+            self.metrics.clone(),
+            move || tracing::info_span!("discovery push", kind = "destination", %proxy, destination = %target),
+            "destination",
+        )))
     }
 }

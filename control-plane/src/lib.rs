@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod control_tls;
 pub mod discovery;
+pub mod fanout;
 pub mod identity;
 pub mod index;
 pub mod kubernetes;

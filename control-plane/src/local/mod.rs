@@ -9,7 +9,8 @@
 pub mod identity;
 pub mod parse;
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +35,8 @@ struct FileState {
     /// is not read again (except at every [`FULL_READ_EVERY`]th scan).
     meta: Option<(std::time::SystemTime, u64, u64)>,
     content: Vec<u8>,
+    /// The last scan that listed the file.
+    seen: u64,
     /// The last content that parsed; kept while the file is broken.
     resources: Vec<Resource>,
     error: Option<String>,
@@ -43,7 +46,10 @@ struct FileState {
 #[derive(Debug)]
 pub struct LocalSource {
     dir: PathBuf,
-    files: BTreeMap<PathBuf, FileState>,
+    /// By path, as bytes: hashing and comparing bytes is a fraction of what `Path`'s
+    /// component-wise `Hash`/`Ord` cost at every scan. Path order is restored when the
+    /// resources are read (only after a change).
+    files: HashMap<OsString, FileState>,
     /// Mints a bootstrap token per Pod document (local-mode identity).
     tokens: Option<identity::BootstrapTokens>,
     scans: u64,
@@ -53,9 +59,10 @@ pub struct LocalSource {
 /// kept size and modification time, on a file system with coarse timestamps).
 const FULL_READ_EVERY: u64 = 40;
 
-fn meta_of(path: &Path) -> Option<(std::time::SystemTime, u64, u64)> {
+type Meta = (std::time::SystemTime, u64, u64);
+
+fn meta_of(m: &std::fs::Metadata) -> Option<Meta> {
     use std::os::unix::fs::MetadataExt as _;
-    let m = std::fs::metadata(path).ok()?;
     Some((m.modified().ok()?, m.len(), m.ino()))
 }
 
@@ -63,7 +70,7 @@ impl LocalSource {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self {
             dir: dir.into(),
-            files: BTreeMap::new(),
+            files: HashMap::new(),
             tokens: None,
             scans: 0,
         }
@@ -77,26 +84,23 @@ impl LocalSource {
 
     /// Rereads the directory. Returns whether the set of resources may have changed.
     pub fn scan(&mut self) -> Result<bool, DirError> {
-        let mut paths = Vec::new();
-        collect_yaml_files(&self.dir, &mut paths).map_err(|source| DirError {
+        let mut listed = Vec::with_capacity(self.files.len());
+        collect_yaml_files(&self.dir, &mut listed).map_err(|source| DirError {
             dir: self.dir.clone(),
             source,
         })?;
         let mut changed = false;
-        let before = self.files.len();
-        let present: std::collections::HashSet<&PathBuf> = paths.iter().collect();
-        self.files.retain(|p, _| present.contains(p));
-        drop(present);
         self.scans += 1;
-        let full = self.scans.is_multiple_of(FULL_READ_EVERY);
-        if self.files.len() != before {
-            changed = true;
-        }
-        for path in paths {
-            let meta = meta_of(&path);
-            if !full && meta.is_some() && self.files.get(&path).is_some_and(|f| f.meta == meta) {
-                continue;
+        let scan = self.scans;
+        let full = scan.is_multiple_of(FULL_READ_EVERY);
+        for (path, meta) in listed {
+            if let Some(f) = self.files.get_mut(&path) {
+                f.seen = scan;
+                if !full && meta.is_some() && f.meta == meta {
+                    continue;
+                }
             }
+            let path = PathBuf::from(path);
             let content = match std::fs::read(&path) {
                 Ok(c) => c,
                 // Deleted between listing and reading: the next scan drops it.
@@ -106,19 +110,27 @@ impl LocalSource {
                     continue;
                 }
             };
-            if let Some(f) = self.files.get_mut(&path).filter(|f| f.content == content) {
+            if let Some(f) = self
+                .files
+                .get_mut(path.as_os_str())
+                .filter(|f| f.content == content)
+            {
                 f.meta = meta;
                 continue;
             }
             let parsed = std::str::from_utf8(&content)
                 .map_err(|e| format!("not UTF-8: {e}"))
                 .and_then(|text| parse::parse_documents(text).map_err(|e| e.to_string()));
-            let entry = self.files.entry(path.clone()).or_insert(FileState {
-                meta: None,
-                content: Vec::new(),
-                resources: Vec::new(),
-                error: None,
-            });
+            let entry = self
+                .files
+                .entry(path.clone().into_os_string())
+                .or_insert(FileState {
+                    meta: None,
+                    content: Vec::new(),
+                    seen: scan,
+                    resources: Vec::new(),
+                    error: None,
+                });
             entry.content = content;
             entry.meta = meta;
             match parsed {
@@ -141,22 +153,36 @@ impl LocalSource {
                 }
             }
         }
+        // Files no longer listed are gone.
+        let before = self.files.len();
+        self.files.retain(|_, f| f.seen == scan);
+        if self.files.len() != before {
+            changed = true;
+        }
         Ok(changed)
+    }
+
+    /// The files in path order.
+    fn in_order(&self) -> Vec<(&Path, &FileState)> {
+        let mut files: Vec<(&Path, &FileState)> =
+            self.files.iter().map(|(p, f)| (Path::new(p), f)).collect();
+        files.sort_by(|a, b| a.0.cmp(b.0));
+        files
     }
 
     /// The resources of every file, in path order.
     pub fn resources(&self) -> Vec<Resource> {
-        self.files
-            .values()
-            .flat_map(|f| f.resources.iter().cloned())
+        self.in_order()
+            .into_iter()
+            .flat_map(|(_, f)| f.resources.iter().cloned())
             .collect()
     }
 
     /// Files that currently fail to parse, with their errors.
     pub fn errors(&self) -> Vec<(PathBuf, String)> {
-        self.files
-            .iter()
-            .filter_map(|(p, f)| f.error.clone().map(|e| (p.clone(), e)))
+        self.in_order()
+            .into_iter()
+            .filter_map(|(p, f)| f.error.clone().map(|e| (p.to_path_buf(), e)))
             .collect()
     }
 
@@ -202,10 +228,12 @@ fn publish(source: &LocalSource, naming: &Naming, tx: &watch::Sender<Arc<MeshInd
     tx.send_replace(Arc::new(index));
 }
 
-fn collect_yaml_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+/// The YAML files under `dir` (not hidden, recursively) with their metadata, in no order.
+/// The metadata comes from the directory entry (no walk of the whole path per file), followed
+/// through symbolic links (a ConfigMap mount's files are links into `..data`).
+fn collect_yaml_files(dir: &Path, out: &mut Vec<(OsString, Option<Meta>)>) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
-        let path = entry.path();
         let name = entry.file_name();
         let name = name.to_string_lossy();
         if name.starts_with('.') {
@@ -213,12 +241,19 @@ fn collect_yaml_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()>
         }
         let file_type = entry.file_type()?;
         if file_type.is_dir() {
-            collect_yaml_files(&path, out)?;
+            collect_yaml_files(&entry.path(), out)?;
         } else if name.ends_with(".yaml") || name.ends_with(".yml") {
-            out.push(path);
+            let meta = if file_type.is_symlink() {
+                std::fs::metadata(entry.path())
+            } else {
+                entry.metadata()
+            };
+            out.push((
+                entry.path().into_os_string(),
+                meta.ok().as_ref().and_then(meta_of),
+            ));
         }
     }
-    out.sort();
     Ok(())
 }
 
@@ -254,6 +289,48 @@ mod tests {
         std::fs::write(&file, SVC.replace("web", "api")).expect("write");
         assert!(src.scan().expect("scan"));
         assert!(src.errors().is_empty());
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn a_configmap_mount_is_followed_through_its_links_and_files_come_in_path_order() {
+        // A ConfigMap volume: `web.yaml -> ..data/web.yaml`, `..data -> ..v1`; an update
+        // writes `..v2` and swaps `..data`: the link's own metadata never changes.
+        let dir = tempdir("configmap");
+        let v1 = dir.join("..v1");
+        std::fs::create_dir_all(&v1).expect("mkdir");
+        std::fs::write(v1.join("web.yaml"), SVC).expect("write");
+        std::os::unix::fs::symlink("..v1", dir.join("..data")).expect("link");
+        std::os::unix::fs::symlink("..data/web.yaml", dir.join("web.yaml")).expect("link");
+        // Path order across subdirectories: `a/z.yaml` before `a-b.yaml` (by components).
+        std::fs::create_dir_all(dir.join("a")).expect("mkdir");
+        std::fs::write(dir.join("a").join("z.yaml"), SVC.replace("web", "first")).expect("write");
+        std::fs::write(dir.join("a-b.yaml"), SVC.replace("web", "second")).expect("write");
+        let mut src = LocalSource::new(&dir);
+        assert!(src.scan().expect("scan"));
+        let names = |src: &LocalSource| -> Vec<String> {
+            src.resources()
+                .iter()
+                .map(|r| format!("{r:?}"))
+                .map(|d| {
+                    ["first", "second", "web", "api"]
+                        .into_iter()
+                        .find(|n| d.contains(&format!("\"{n}\"")))
+                        .unwrap_or("?")
+                        .to_string()
+                })
+                .collect()
+        };
+        assert_eq!(names(&src), ["first", "second", "web"]);
+        assert!(!src.scan().expect("scan"), "nothing changed");
+
+        let v2 = dir.join("..v2");
+        std::fs::create_dir_all(&v2).expect("mkdir");
+        std::fs::write(v2.join("web.yaml"), SVC.replace("web", "api")).expect("write");
+        std::os::unix::fs::symlink("..v2", dir.join("..data.tmp")).expect("link");
+        std::fs::rename(dir.join("..data.tmp"), dir.join("..data")).expect("swap");
+        assert!(src.scan().expect("scan"), "the swapped content is seen");
+        assert_eq!(names(&src), ["first", "second", "api"]);
         std::fs::remove_dir_all(&dir).ok();
     }
 
