@@ -17,6 +17,9 @@ use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::watcher;
 use tokio::sync::{mpsc, watch};
 
+mod pods;
+pub use pods::WatchedPod;
+
 use crate::index::{MeshIndex, Naming};
 use crate::local::parse::{parse_object, ParseError};
 use crate::resources::Resource;
@@ -220,36 +223,62 @@ fn key_of(object: &serde_json::Value) -> Key {
     (s(&meta["namespace"]), s(&meta["name"]))
 }
 
-/// Watches one kind until the process ends, reporting changes.
+/// Watches one kind until the process ends, reporting changes. Pods are read into
+/// [`WatchedPod`] directly; the other kinds go through the local-mode parser.
 async fn watch_kind(client: kube::Client, index: usize, tx: mpsc::Sender<Change>) {
     let kind = KINDS[index];
+    if kind.kind == "Pod" {
+        let api: Api<WatchedPod> = Api::all(client);
+        let convert = |p: WatchedPod| (p.key(), vec![Resource::Pod(p.pod)]);
+        watch_objects(api, kind, index, tx, convert, WatchedPod::key).await;
+        return;
+    }
     let api: Api<DynamicObject> = Api::all_with(client, &kind.api_resource());
+    let convert = |object: DynamicObject| -> (Key, Vec<Resource>) {
+        let value = serde_json::to_value(object).unwrap_or_default();
+        let key = key_of(&value);
+        match to_resources(&kind, value) {
+            Ok(resources) => (key, resources),
+            Err(error) => {
+                tracing::warn!(kind = kind.kind, namespace = %key.0, name = %key.1, %error, "ignoring an object Strait cannot use");
+                (key, Vec::new())
+            }
+        }
+    };
+    let key = |object: &DynamicObject| {
+        (
+            object.metadata.namespace.clone().unwrap_or_default(),
+            object.metadata.name.clone().unwrap_or_default(),
+        )
+    };
+    watch_objects(api, kind, index, tx, convert, key).await;
+}
+
+/// The watch loop of one kind: list, watch, relist on 410, retry with [`WatchBackoff`].
+async fn watch_objects<K>(
+    api: Api<K>,
+    kind: Kind,
+    index: usize,
+    tx: mpsc::Sender<Change>,
+    convert: impl Fn(K) -> (Key, Vec<Resource>),
+    key: impl Fn(&K) -> Key,
+) where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
     // Retried here rather than by kube-runtime's StreamBackoff, which would also wait after a
     // 410: an expired resourceVersion is a relist to do at once, not an outage.
     let mut stream = watcher(api, watcher::Config::default()).boxed();
     let mut backoff = WatchBackoff::default();
     // Since when this kind's watch has been failing (one warning per outage).
     let mut failing: Option<std::time::Instant> = None;
-    let convert = |object: DynamicObject| -> Option<(Key, Vec<Resource>)> {
-        let value = serde_json::to_value(object).ok()?;
-        let key = key_of(&value);
-        match to_resources(&kind, value) {
-            Ok(resources) => Some((key, resources)),
-            Err(error) => {
-                tracing::warn!(kind = kind.kind, namespace = %key.0, name = %key.1, %error, "ignoring an object Strait cannot use");
-                Some((key, Vec::new()))
-            }
-        }
-    };
     while let Some(event) = stream.next().await {
         let change = match event {
             Ok(watcher::Event::Init) => Some(Change::Relist(index)),
             Ok(watcher::Event::InitApply(o) | watcher::Event::Apply(o)) => {
-                convert(o).map(|(key, r)| Change::Apply(index, key, r))
+                let (key, resources) = convert(o);
+                Some(Change::Apply(index, key, resources))
             }
-            Ok(watcher::Event::Delete(o)) => serde_json::to_value(o)
-                .ok()
-                .map(|v| Change::Delete(index, key_of(&v))),
+            Ok(watcher::Event::Delete(o)) => Some(Change::Delete(index, key(&o))),
             Ok(watcher::Event::InitDone) => {
                 if let Some(since) = failing.take() {
                     tracing::info!(kind = kind.kind, outage = ?since.elapsed(), "watching again");
