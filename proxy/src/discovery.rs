@@ -453,6 +453,7 @@ fn apply(
             let router = Router::compile(
                 &d.routes,
                 d.unmatched_to_service,
+                Some((d.service.as_str(), balancer)),
                 &mut targets.backends,
                 &|| Balancer::new(timeout, identity.clone()).with_ejection(eject_after),
                 &endpoint_specs,

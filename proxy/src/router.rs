@@ -176,15 +176,19 @@ impl CompiledMatch {
 
 impl Router {
     /// Compiles `routes`, reusing the balancers of backends already known (their load and
-    /// connections survive updates) from `balancers`, which is updated in place.
+    /// connections survive updates) from `balancers`, which is updated in place. One balancer
+    /// per backend service: routes that name the same backend share it, and a backend that is
+    /// the destination itself (`own`: its service and balancer, kept up to date by the caller)
+    /// uses the destination's balancer.
     pub fn compile(
         routes: &[Route],
         unmatched_to_service: bool,
+        own: Option<(&str, &Arc<Balancer>)>,
         balancers: &mut HashMap<Arc<str>, Arc<Balancer>>,
         new_balancer: &dyn Fn() -> Balancer,
         to_specs: &dyn Fn(&[strait_api::discovery::Endpoint]) -> Vec<crate::balance::EndpointSpec>,
     ) -> Self {
-        let mut used = HashMap::new();
+        let mut used: HashMap<Arc<str>, Arc<Balancer>> = HashMap::new();
         let compiled = routes
             .iter()
             .map(|r| {
@@ -194,6 +198,12 @@ impl Router {
                     .map(|b| {
                         let service: Arc<str> = b.service.as_str().into();
                         let balancer = b.exists.then(|| {
+                            if let Some((_, own)) = own.filter(|(s, _)| **s == *service) {
+                                return (*own).clone();
+                            }
+                            if let Some(shared) = used.get(&service) {
+                                return shared.clone();
+                            }
                             let balancer = balancers
                                 .get(&service)
                                 .cloned()
@@ -369,6 +379,7 @@ mod tests {
         Router::compile(
             routes,
             false,
+            None,
             &mut balancers,
             &|| Balancer::new(Duration::from_secs(1), None),
             &|_| Vec::new(),
@@ -381,6 +392,54 @@ mod tests {
             b = b.header(*k, *v);
         }
         b.body(()).expect("request")
+    }
+
+    #[test]
+    fn one_balancer_per_backend_service_and_the_destination_keeps_its_own() {
+        // Two routes split between b0 and b1; b0 is the destination itself.
+        let routes = [
+            route("a", prefix("/a"), &[(1, true), (1, true)]),
+            route("b", prefix("/b"), &[(1, true), (1, true)]),
+        ];
+        let own = Arc::new(Balancer::new(Duration::from_secs(1), None));
+        let made = std::sync::atomic::AtomicUsize::new(0);
+        let mut balancers = HashMap::new();
+        let router = Router::compile(
+            &routes,
+            false,
+            Some(("b0", &own)),
+            &mut balancers,
+            &|| {
+                made.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Balancer::new(Duration::from_secs(1), None)
+            },
+            &|_| Vec::new(),
+        );
+        let backend = |route: usize, i: usize| {
+            router.routes[route].backends[i]
+                .balancer
+                .clone()
+                .expect("exists")
+        };
+        assert!(Arc::ptr_eq(&backend(0, 0), &own));
+        assert!(Arc::ptr_eq(&backend(1, 0), &own));
+        assert!(Arc::ptr_eq(&backend(0, 1), &backend(1, 1)));
+        assert_eq!(made.load(std::sync::atomic::Ordering::Relaxed), 1);
+        // The next update keeps the same balancer (its load and connections).
+        let kept = backend(0, 1);
+        let router = Router::compile(
+            &routes,
+            false,
+            Some(("b0", &own)),
+            &mut balancers,
+            &|| panic!("no new balancer"),
+            &|_| Vec::new(),
+        );
+        let again = router.routes[1].backends[1]
+            .balancer
+            .clone()
+            .expect("exists");
+        assert!(Arc::ptr_eq(&again, &kept));
     }
 
     #[test]
