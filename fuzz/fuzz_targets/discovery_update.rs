@@ -20,7 +20,7 @@ fuzz_target!(|data: &[u8]| {
     let Some(Update::Destination(d)) = update.update else {
         return;
     };
-    let balancer = Balancer::new(Duration::from_secs(1), None);
+    let balancer = std::sync::Arc::new(Balancer::new(Duration::from_secs(1), None));
     let specs = endpoint_specs(&d.endpoints);
     let n = specs.len();
     balancer.update(specs);
@@ -37,6 +37,7 @@ fuzz_target!(|data: &[u8]| {
     let router = Router::compile(
         &d.routes,
         d.unmatched_to_service,
+        Some((d.service.as_str(), &balancer)),
         &mut backends,
         &|| Balancer::new(Duration::from_secs(1), None),
         &endpoint_specs,
