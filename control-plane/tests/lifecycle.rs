@@ -35,6 +35,9 @@ fn start(dir: &std::path::Path, admin: SocketAddr) -> Child {
             &dir.with_extension("state").to_string_lossy(),
         ])
         .args(["--discovery-addr", &format!("127.0.0.1:{}", free_port())])
+        // Not the default 0.0.0.0:8080: the tests of this file run in parallel, and a start
+        // that finds the port taken exits (never ready).
+        .args(["--identity-addr", &format!("127.0.0.1:{}", free_port())])
         .args(["--admin-addr", &admin.to_string()])
         .args(["--poll-interval", "50ms"])
         .env("STRAIT_LOG", "warn")
