@@ -162,7 +162,7 @@ where
                 entry.tx.send_replace(bytes);
             }
         }
-        state.prune();
+        // Encodings the changed entries no longer use go at the next prune.
         round.answers = state.entries.len();
         round
     }

@@ -217,33 +217,23 @@ impl Store {
     }
 }
 
-fn key_of(object: &serde_json::Value) -> Key {
-    let meta = &object["metadata"];
-    let s = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
-    (s(&meta["namespace"]), s(&meta["name"]))
-}
-
 /// Watches one kind until the process ends, reporting changes. Pods are read into
 /// [`WatchedPod`] directly; the other kinds go through the local-mode parser.
 async fn watch_kind(client: kube::Client, index: usize, tx: mpsc::Sender<Change>) {
     let kind = KINDS[index];
     if kind.kind == "Pod" {
         let api: Api<WatchedPod> = Api::all(client);
-        let convert = |p: WatchedPod| (p.key(), vec![Resource::Pod(p.pod)]);
+        let convert = |_: &Key, p: WatchedPod| vec![Resource::Pod(p.pod)];
         watch_objects(api, kind, index, tx, convert, WatchedPod::key).await;
         return;
     }
     let api: Api<DynamicObject> = Api::all_with(client, &kind.api_resource());
-    let convert = |object: DynamicObject| -> (Key, Vec<Resource>) {
+    let convert = |key: &Key, object: DynamicObject| -> Vec<Resource> {
         let value = serde_json::to_value(object).unwrap_or_default();
-        let key = key_of(&value);
-        match to_resources(&kind, value) {
-            Ok(resources) => (key, resources),
-            Err(error) => {
-                tracing::warn!(kind = kind.kind, namespace = %key.0, name = %key.1, %error, "ignoring an object Strait cannot use");
-                (key, Vec::new())
-            }
-        }
+        to_resources(&kind, value).unwrap_or_else(|error| {
+            tracing::warn!(kind = kind.kind, namespace = %key.0, name = %key.1, %error, "ignoring an object Strait cannot use");
+            Vec::new()
+        })
     };
     let key = |object: &DynamicObject| {
         (
@@ -260,7 +250,7 @@ async fn watch_objects<K>(
     kind: Kind,
     index: usize,
     tx: mpsc::Sender<Change>,
-    convert: impl Fn(K) -> (Key, Vec<Resource>),
+    convert: impl Fn(&Key, K) -> Vec<Resource>,
     key: impl Fn(&K) -> Key,
 ) where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
@@ -275,7 +265,8 @@ async fn watch_objects<K>(
         let change = match event {
             Ok(watcher::Event::Init) => Some(Change::Relist(index)),
             Ok(watcher::Event::InitApply(o) | watcher::Event::Apply(o)) => {
-                let (key, resources) = convert(o);
+                let key = key(&o);
+                let resources = convert(&key, o);
                 Some(Change::Apply(index, key, resources))
             }
             Ok(watcher::Event::Delete(o)) => Some(Change::Delete(index, key(&o))),

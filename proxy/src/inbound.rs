@@ -472,11 +472,7 @@ impl Handler for InboundHttp {
 /// the headers are removed whoever sent them.
 fn said_by_peer(headers: &mut http::HeaderMap, mtls: bool) -> Option<Destination> {
     let take = |headers: &mut http::HeaderMap, name| {
-        headers
-            .remove(name)
-            .and_then(|v| v.to_str().ok().map(str::to_owned))
-            // Label values from a peer: bounded in length (a DNS name's).
-            .filter(|v| v.len() <= 253)
+        headers.remove(name).as_ref().and_then(Label::from_peer)
     };
     let service = take(headers, crate::http::headers::DST_SERVICE);
     let workload = take(headers, crate::http::headers::SRC_WORKLOAD);
@@ -484,8 +480,8 @@ fn said_by_peer(headers: &mut http::HeaderMap, mtls: bool) -> Option<Destination
         return None;
     }
     Some(Destination {
-        dst_service: Label::new(service.as_deref().unwrap_or_default()),
-        src_workload: Label::new(workload.as_deref().unwrap_or_default()),
+        dst_service: service.unwrap_or_default(),
+        src_workload: workload.unwrap_or_default(),
         ..Destination::default()
     })
 }

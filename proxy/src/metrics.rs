@@ -64,6 +64,16 @@ impl Label {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// A label value a peer proxy sent in a header: text, and bounded in length (a DNS
+    /// name's, 253 bytes), else none.
+    pub fn from_peer(value: &http::HeaderValue) -> Option<Self> {
+        value
+            .to_str()
+            .ok()
+            .filter(|v| v.len() <= 253)
+            .map(Self::new)
+    }
 }
 
 impl From<Arc<str>> for Label {

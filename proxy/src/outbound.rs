@@ -536,10 +536,12 @@ fn tell_peer<B>(req: &mut Request<B>, service: &str, workload: Option<&http::Hea
 /// The workload the server's proxy says answered (trusted over mTLS only); the header is
 /// removed whoever sent it.
 fn said_by_server(headers: &mut http::HeaderMap, mtls: bool) -> Label {
-    match headers.remove(crate::http::headers::DST_WORKLOAD) {
-        Some(v) if mtls && v.len() <= 253 => v.to_str().map(Label::new).unwrap_or_default(),
-        _ => Label::empty(),
-    }
+    headers
+        .remove(crate::http::headers::DST_WORKLOAD)
+        .filter(|_| mtls)
+        .as_ref()
+        .and_then(Label::from_peer)
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
