@@ -79,6 +79,7 @@ pub async fn checks(client: kube::Client, args: &CheckArgs) -> Vec<Line> {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     for name in [
         "authorizationpolicies.policy.strait.io",
+        "httpfaults.policy.strait.io",
         "trafficsplits.split.smi-spec.io",
         "httproutegroups.specs.smi-spec.io",
     ] {

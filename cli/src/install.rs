@@ -14,8 +14,9 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 use strait_identity::ca;
 
-const CRDS: [&str; 3] = [
+const CRDS: [&str; 4] = [
     include_str!("../../install/crds/authorizationpolicies.yaml"),
+    include_str!("../../install/crds/httpfaults.yaml"),
     include_str!("../../install/crds/trafficsplits.yaml"),
     include_str!("../../install/crds/httproutegroups.yaml"),
 ];
@@ -549,7 +550,7 @@ pub fn manifests(args: &InstallArgs) -> anyhow::Result<Vec<Value>> {
         {"apiGroups": ["specs.smi-spec.io"], "resources": ["httproutegroups"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes", "referencegrants"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes/status"], "verbs": ["patch"]},
-        {"apiGroups": ["policy.strait.io"], "resources": ["authorizationpolicies"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": ["policy.strait.io"], "resources": ["authorizationpolicies", "httpfaults"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
     ]);
     docs.extend([

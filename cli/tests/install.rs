@@ -114,6 +114,7 @@ fn every_installed_manifest_is_valid_for_kubernetes_1_29_to_1_33_and_least_privi
             "CustomResourceDefinition",
             "authorizationpolicies.policy.strait.io",
         ),
+        ("CustomResourceDefinition", "httpfaults.policy.strait.io"),
         (
             "CustomResourceDefinition",
             "trafficsplits.split.smi-spec.io",

@@ -111,6 +111,11 @@ impl MeshIndex {
                 Resource::AuthorizationPolicy(p) => policies.push(p),
                 Resource::HttpRoute(r) => route_sources.http_routes.push(r),
                 Resource::ReferenceGrant(g) => route_sources.grants.push(g),
+                Resource::HttpFault(f) => {
+                    route_sources
+                        .faults
+                        .insert((f.metadata.namespace.clone(), f.metadata.name.clone()), f);
+                }
                 Resource::TrafficSplit(t) => route_sources.splits.push(t),
                 Resource::HttpRouteGroup(g) => {
                     route_sources
@@ -880,5 +885,60 @@ stringData: {token: not-a-token}
             0,
             "8080 is served"
         );
+    }
+
+    #[test]
+    fn filters_that_cannot_be_applied_show_in_the_route_status() {
+        let text = r#"
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {ports: [{name: http, port: 80}]}
+---
+kind: HTTPRoute
+apiVersion: gateway.networking.k8s.io/v1
+metadata: {name: cors, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+  rules: [{filters: [{type: CORS, cors: {}}], backendRefs: [{name: web, port: 80}]}]
+---
+kind: HTTPRoute
+apiVersion: gateway.networking.k8s.io/v1
+metadata: {name: chaos, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+  rules:
+  - filters: [{type: ExtensionRef, extensionRef: {group: policy.strait.io, kind: HTTPFault, name: flaky}}]
+    backendRefs: [{name: web, port: 80}]
+---
+kind: HTTPRoute
+apiVersion: gateway.networking.k8s.io/v1
+metadata: {name: fine, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+  rules:
+  - filters: [{type: ResponseHeaderModifier, responseHeaderModifier: {add: [{name: x-a, value: b}]}}]
+    backendRefs: [{name: web, port: 80}]
+"#;
+        let index = MeshIndex::build(&parse_documents(text).expect("valid"), &Naming::default());
+        let status = |name: &str| {
+            index
+                .route_statuses()
+                .iter()
+                .find(|s| s.name == name)
+                .cloned()
+                .expect("a status")
+        };
+        let cors = status("cors");
+        assert!(!cors.accepted.ok);
+        assert_eq!(cors.accepted.reason, "UnsupportedValue");
+        assert!(cors.accepted.message.contains("CORS"), "{}", cors.accepted.message);
+        let chaos = status("chaos");
+        assert!(chaos.accepted.ok);
+        assert_eq!(
+            (chaos.resolved_refs.ok, chaos.resolved_refs.reason),
+            (false, "BackendNotFound")
+        );
+        let fine = status("fine");
+        assert!(fine.accepted.ok && fine.resolved_refs.ok);
     }
 }

@@ -56,7 +56,7 @@ impl Kind {
 /// Everything watched. The issuer Secret is not among them: it is mounted into the control
 /// plane's pod (the kubelet keeps the files current), so the control plane needs no right to
 /// read Secrets.
-pub const KINDS: [Kind; 9] = [
+pub const KINDS: [Kind; 10] = [
     Kind {
         group: "",
         version: "v1",
@@ -119,6 +119,13 @@ pub const KINDS: [Kind; 9] = [
         version: "v1alpha1",
         kind: "AuthorizationPolicy",
         plural: "authorizationpolicies",
+        required: false,
+    },
+    Kind {
+        group: "policy.strait.io",
+        version: "v1alpha1",
+        kind: "HTTPFault",
+        plural: "httpfaults",
         required: false,
     },
 ];

@@ -17,5 +17,6 @@ pub mod kubernetes;
 pub mod limits;
 pub mod local;
 pub mod resources;
+pub mod route_filters;
 pub mod routes;
 pub mod tokens;

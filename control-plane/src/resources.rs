@@ -260,6 +260,7 @@ pub enum Resource {
     HttpRouteGroup(HttpRouteGroup),
     HttpRoute(HttpRoute),
     ReferenceGrant(ReferenceGrant),
+    HttpFault(HttpFault),
 }
 
 /// Annotations and labels Strait reads.
@@ -512,6 +513,9 @@ pub struct BackendRef {
     pub port: Option<u16>,
     #[serde(default)]
     pub weight: Option<u32>,
+    /// Filters applied only to requests sent to this backend.
+    #[serde(default)]
+    pub filters: Vec<RouteFilter>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -540,6 +544,115 @@ pub struct RouteFilter {
     pub type_: String,
     #[serde(default)]
     pub request_header_modifier: Option<HeaderModifierSpec>,
+    #[serde(default)]
+    pub response_header_modifier: Option<HeaderModifierSpec>,
+    #[serde(default)]
+    pub request_redirect: Option<RedirectSpec>,
+    #[serde(default)]
+    pub url_rewrite: Option<RewriteSpec>,
+    #[serde(default)]
+    pub request_mirror: Option<MirrorSpec>,
+    #[serde(default)]
+    pub extension_ref: Option<LocalObjectRef>,
+}
+
+/// `path` of RequestRedirect and URLRewrite.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PathModifierSpec {
+    #[serde(rename = "type")]
+    pub type_: String,
+    #[serde(default)]
+    pub replace_full_path: Option<String>,
+    #[serde(default)]
+    pub replace_prefix_match: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RedirectSpec {
+    #[serde(default)]
+    pub scheme: Option<String>,
+    #[serde(default)]
+    pub hostname: Option<String>,
+    #[serde(default)]
+    pub path: Option<PathModifierSpec>,
+    #[serde(default)]
+    pub port: Option<u32>,
+    #[serde(default)]
+    pub status_code: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+pub struct RewriteSpec {
+    #[serde(default)]
+    pub hostname: Option<String>,
+    #[serde(default)]
+    pub path: Option<PathModifierSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MirrorSpec {
+    pub backend_ref: BackendRef,
+    #[serde(default)]
+    pub percent: Option<u32>,
+    #[serde(default)]
+    pub fraction: Option<FractionSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct FractionSpec {
+    pub numerator: u32,
+    #[serde(default)]
+    pub denominator: Option<u32>,
+}
+
+/// An ExtensionRef: a local object by group, kind and name.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct LocalObjectRef {
+    #[serde(default)]
+    pub group: String,
+    pub kind: String,
+    pub name: String,
+}
+
+/// `policy.strait.io/v1alpha1` HTTPFault: fault injection for an HTTPRoute rule that names it
+/// in an ExtensionRef filter (Istio's VirtualService `fault`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct HttpFault {
+    pub metadata: ObjectMeta,
+    pub spec: HttpFaultSpec,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HttpFaultSpec {
+    #[serde(default)]
+    pub delay: Option<FaultDelay>,
+    #[serde(default)]
+    pub abort: Option<FaultAbort>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FaultDelay {
+    /// A duration, `250ms`, `2s`.
+    pub fixed_delay: String,
+    /// Share of requests delayed, 0-100 (fractions allowed: 0.5).
+    pub percentage: f64,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FaultAbort {
+    /// The HTTP status answered (200-599).
+    #[serde(default)]
+    pub http_status: Option<u32>,
+    /// The gRPC status gRPC requests get (1-16); default: the one the HTTP status maps to.
+    #[serde(default)]
+    pub grpc_status: Option<u32>,
+    pub percentage: f64,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]

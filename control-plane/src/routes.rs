@@ -15,14 +15,14 @@
 use std::collections::HashMap;
 
 use strait_api::discovery::{
-    path_match, Backend, Endpoint, Header, HeaderModifier, PathMatch, RetryPolicy, Route,
-    RouteMatch, ValueMatch,
+    path_match, Backend, Endpoint, PathMatch, RetryPolicy, Route, RouteMatch, ValueMatch,
 };
 
 use crate::resources::{
-    GroupMatch, HttpRoute, HttpRouteGroup, HttpRouteMatch, HttpRouteRule, ReferenceGrant,
-    TrafficSplit,
+    BackendRef, GroupMatch, HttpRoute, HttpRouteGroup, HttpRouteMatch, HttpRouteRule,
+    ReferenceGrant, TrafficSplit,
 };
+use crate::route_filters::{self, Place};
 
 /// HTTPRoute annotation: gRPC status codes that are retried (comma-separated numbers; the
 /// Gateway API has no field for them). Default: 14 (UNAVAILABLE).
@@ -38,6 +38,8 @@ pub struct RouteSources<'a> {
     pub splits: Vec<&'a TrafficSplit>,
     pub groups: HashMap<(String, String), &'a HttpRouteGroup>,
     pub grants: Vec<&'a ReferenceGrant>,
+    /// HTTPFaults (policy.strait.io), by (namespace, name), for ExtensionRef filters.
+    pub faults: HashMap<(String, String), &'a crate::resources::HttpFault>,
 }
 
 impl RouteSources<'_> {
@@ -273,6 +275,24 @@ pub fn route_statuses(
                 }
             }
         }
+        let mut accepted = accepted;
+        let parent_port = parents.first().and_then(|p| p.2).unwrap_or(0);
+        for (i, rule) in route.spec.rules.iter().enumerate() {
+            let name = format!("httproute {route_ns}/{}#{i}", route.metadata.name);
+            if let Some(p) = filter_problem(rule, &name, route_ns, parent_port, resolve, sources) {
+                let condition = match p.condition {
+                    route_filters::Condition::Accepted => &mut accepted,
+                    route_filters::Condition::ResolvedRefs => &mut resolved_refs,
+                };
+                if condition.ok {
+                    *condition = Condition {
+                        ok: false,
+                        reason: p.reason,
+                        message: format!("rule {i}: {}", p.message),
+                    };
+                }
+            }
+        }
         out.push(RouteStatus {
             namespace: route_ns.to_string(),
             name: route.metadata.name.clone(),
@@ -284,6 +304,58 @@ pub fn route_statuses(
     }
     out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     out
+}
+
+/// The first reason a rule's filters (or its backendRefs' filters) cannot be applied, or a
+/// mirror backend that does not exist.
+fn filter_problem(
+    rule: &HttpRouteRule,
+    name: &str,
+    route_ns: &str,
+    parent_port: u16,
+    resolve: &Resolve<'_>,
+    sources: &RouteSources<'_>,
+) -> Option<route_filters::Problem> {
+    let backend = |b: &BackendRef| backend_of(b, name, route_ns, parent_port, resolve, sources);
+    let cx = route_filters::Context {
+        route_ns,
+        backend: &backend,
+        fault: &|ns, fault| {
+            sources
+                .faults
+                .get(&(ns.to_string(), fault.to_string()))
+                .copied()
+        },
+    };
+    let lists = std::iter::once((&rule.filters, Place::Rule)).chain(
+        rule.backend_refs
+            .iter()
+            .map(|b| (&b.filters, Place::Backend)),
+    );
+    for (filters, place) in lists {
+        match route_filters::translate(filters, place, &cx) {
+            Err(p) => {
+                return Some(route_filters::Problem {
+                    message: format!("{}; the rule's requests get 500", p.message),
+                    ..p
+                })
+            }
+            Ok(translated) => {
+                for f in translated {
+                    if let Some(strait_api::discovery::filter::Kind::RequestMirror(m)) = f.kind {
+                        if let Some(b) = m.backend.filter(|b| !b.exists) {
+                            return Some(route_filters::Problem {
+                                condition: route_filters::Condition::ResolvedRefs,
+                                reason: "BackendNotFound",
+                                message: format!("mirror backend {} does not exist (or may not be referred to); nothing is mirrored", b.service),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+    None
 }
 
 /// Logs the status of every route that is new or changed since `previous` (one line each:
@@ -414,6 +486,7 @@ fn http_routes(
                 let key = precedence(&compiled);
                 let mut r = base.clone();
                 r.matches = vec![compiled];
+                route_filters::bind_matched_prefix(&mut r);
                 keyed.push((key, keyed.len(), r));
             }
         }
@@ -482,63 +555,41 @@ fn rule_route(
     resolve: &Resolve<'_>,
     sources: &RouteSources<'_>,
 ) -> Route {
-    let backends = rule
+    let backend = |b: &BackendRef| backend_of(b, name, route_ns, parent_port, resolve, sources);
+    let cx = route_filters::Context {
+        route_ns,
+        backend: &backend,
+        fault: &|ns, fault| {
+            sources
+                .faults
+                .get(&(ns.to_string(), fault.to_string()))
+                .copied()
+        },
+    };
+    let mut invalid = String::new();
+    let mut problem = |p: route_filters::Problem| {
+        if invalid.is_empty() {
+            tracing::warn!(
+                route = name,
+                reason = p.reason,
+                "{}; the rule's requests get 500",
+                p.message
+            );
+            invalid = p.message;
+        }
+        Vec::new()
+    };
+    let backends: Vec<Backend> = rule
         .backend_refs
         .iter()
-        .map(|b| {
-            let kind_ok = b.kind.as_deref().unwrap_or("Service") == "Service" && b.group.as_deref().unwrap_or("").is_empty();
-            let ns = b.namespace.as_deref().unwrap_or(route_ns);
-            let port = b.port.unwrap_or(parent_port);
-            let weight = b.weight.unwrap_or(1);
-            if kind_ok && !sources.may_refer(route_ns, ns, &b.name) {
-                tracing::warn!(route = name, backend = %format!("{ns}/{}:{port}", b.name), "backend in another namespace without a ReferenceGrant there; its share gets 500");
-                return Backend {
-                    service: format!("{}.{ns}:{port}", b.name),
-                    weight,
-                    endpoints: Vec::new(),
-                    exists: false,
-                };
-            }
-            match resolve(ns, &b.name, port).filter(|_| kind_ok) {
-                Some((service, endpoints)) => Backend {
-                    service,
-                    weight,
-                    endpoints,
-                    exists: true,
-                },
-                None => {
-                    tracing::warn!(route = name, backend = %format!("{ns}/{}:{port}", b.name), "backend service port does not exist; its share gets 500");
-                    Backend {
-                        service: format!("{}.{ns}:{port}", b.name),
-                        weight,
-                        endpoints: Vec::new(),
-                        exists: false,
-                    }
-                }
-            }
+        .map(|b| Backend {
+            filters: route_filters::translate(&b.filters, Place::Backend, &cx)
+                .unwrap_or_else(&mut problem),
+            ..backend(b)
         })
         .collect();
-    let mut modifier = HeaderModifier::default();
-    for f in &rule.filters {
-        match (f.type_.as_str(), &f.request_header_modifier) {
-            ("RequestHeaderModifier", Some(m)) => {
-                let header = |h: &crate::resources::HeaderValueSpec| Header {
-                    name: h.name.to_ascii_lowercase(),
-                    value: h.value.clone(),
-                };
-                modifier.set.extend(m.set.iter().map(header));
-                modifier.add.extend(m.add.iter().map(header));
-                modifier
-                    .remove
-                    .extend(m.remove.iter().map(|r| r.to_ascii_lowercase()));
-            }
-            (other, _) => tracing::warn!(
-                route = name,
-                filter = other,
-                "filter not supported; ignored"
-            ),
-        }
-    }
+    let filters =
+        route_filters::translate(&rule.filters, Place::Rule, &cx).unwrap_or_else(&mut problem);
     let retry = rule.retry.as_ref().map(|r| RetryPolicy {
         attempts: r.attempts.unwrap_or(0),
         codes: r.codes.iter().map(|c| u32::from(*c)).collect(),
@@ -562,7 +613,49 @@ fn rule_route(
             name,
         ),
         retry,
-        request_header_modifier: Some(modifier),
+        request_header_modifier: None,
+        filters,
+        invalid,
+    }
+}
+
+/// A backendRef as proxies get it: its service's endpoints, or `exists: false` (its share of
+/// requests gets 500) when it does not exist, is not a Service, or is in another namespace
+/// without a ReferenceGrant there.
+fn backend_of(
+    b: &BackendRef,
+    name: &str,
+    route_ns: &str,
+    parent_port: u16,
+    resolve: &Resolve<'_>,
+    sources: &RouteSources<'_>,
+) -> Backend {
+    let kind_ok = b.kind.as_deref().unwrap_or("Service") == "Service"
+        && b.group.as_deref().unwrap_or("").is_empty();
+    let ns = b.namespace.as_deref().unwrap_or(route_ns);
+    let port = b.port.unwrap_or(parent_port);
+    let weight = b.weight.unwrap_or(1);
+    let missing = || Backend {
+        service: format!("{}.{ns}:{port}", b.name),
+        weight,
+        ..Default::default()
+    };
+    if kind_ok && !sources.may_refer(route_ns, ns, &b.name) {
+        tracing::warn!(route = name, backend = %format!("{ns}/{}:{port}", b.name), "backend in another namespace without a ReferenceGrant there; its share gets 500");
+        return missing();
+    }
+    match resolve(ns, &b.name, port).filter(|_| kind_ok) {
+        Some((service, endpoints)) => Backend {
+            service,
+            weight,
+            endpoints,
+            exists: true,
+            filters: Vec::new(),
+        },
+        None => {
+            tracing::warn!(route = name, backend = %format!("{ns}/{}:{port}", b.name), "backend service port does not exist; its share gets 500");
+            missing()
+        }
     }
 }
 
@@ -588,14 +681,14 @@ fn split_routes(
                     weight,
                     endpoints,
                     exists: true,
+                    filters: Vec::new(),
                 },
                 None => {
                     tracing::warn!(split = %name, backend = svc, port, "backend service port does not exist; its share gets 500");
                     Backend {
                         service: format!("{svc}.{ns}:{port}"),
                         weight,
-                        endpoints: Vec::new(),
-                        exists: false,
+                        ..Default::default()
                     }
                 }
             }
@@ -835,7 +928,11 @@ spec:
             (retry.attempts, retry.codes.as_slice(), retry.backoff_ms),
             (2, &[503][..], 50)
         );
-        let m = r.request_header_modifier.as_ref().expect("modifier");
+        let Some(strait_api::discovery::filter::Kind::RequestHeaderModifier(m)) =
+            r.filters.first().and_then(|f| f.kind.as_ref())
+        else {
+            panic!("a RequestHeaderModifier: {:?}", r.filters)
+        };
         assert_eq!(m.set[0].name, "x-env");
         assert_eq!(m.remove, ["x-debug"]);
         assert!(

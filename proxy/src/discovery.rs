@@ -68,7 +68,7 @@ pub struct Resolution {
     /// HTTP routes (HTTPRoute, TrafficSplit); empty: everything goes to `balancer`.
     pub router: Arc<ArcSwap<Router>>,
     /// Caps the retries of requests to this destination.
-    pub retry_budget: crate::retry::RetryBudget,
+    pub retry_budget: Arc<crate::retry::RetryBudget>,
     last_used: AtomicU64,
 }
 
@@ -120,6 +120,7 @@ pub struct Discovery {
     identity: Option<Arc<crate::identity::Identity>>,
     retry_budget: crate::retry::BudgetSettings,
     eject_after: u32,
+    egress: Arc<crate::stack::Egress>,
 }
 
 #[derive(Debug, Default)]
@@ -205,6 +206,7 @@ impl Discovery {
         cfg: &crate::config::ProxyConfig,
         metrics: Arc<Metrics>,
         identity: Option<Arc<crate::identity::Identity>>,
+        egress: Arc<crate::stack::Egress>,
     ) -> Result<Self, AddrError> {
         let workload = cfg.workload.clone();
         let first_answer_timeout = cfg.discovery_timeout;
@@ -258,6 +260,7 @@ impl Discovery {
             identity,
             retry_budget,
             eject_after,
+            egress,
         })
     }
 
@@ -306,6 +309,7 @@ impl Discovery {
                 .with_ejection(self.eject_after),
         );
         let router = Arc::new(ArcSwap::from_pointee(Router::default()));
+        let retry_budget = Arc::new(crate::retry::RetryBudget::new(&self.retry_budget));
         let resolution = Arc::new(Resolution {
             state: rx,
             current: current.clone(),
@@ -313,7 +317,7 @@ impl Discovery {
             warned_pending: AtomicBool::new(false),
             balancer: balancer.clone(),
             router: router.clone(),
-            retry_budget: crate::retry::RetryBudget::new(&self.retry_budget),
+            retry_budget: retry_budget.clone(),
             last_used: AtomicU64::new(now),
         });
         cache.entries.insert(target, resolution.clone());
@@ -331,6 +335,8 @@ impl Discovery {
                 connect_timeout: self.connect_timeout,
                 identity: self.identity.clone(),
                 eject_after: self.eject_after,
+                egress: self.egress.clone(),
+                budget: retry_budget,
             },
             self.metrics.clone(),
         ));
@@ -415,6 +421,8 @@ struct Targets {
     connect_timeout: Duration,
     identity: Option<Arc<crate::identity::Identity>>,
     eject_after: u32,
+    egress: Arc<crate::stack::Egress>,
+    budget: Arc<crate::retry::RetryBudget>,
 }
 
 /// The usable endpoints of a discovery answer (bad addresses and ports are skipped).
@@ -445,23 +453,6 @@ fn apply(
     match update.update {
         Some(Update::Destination(d)) => {
             let specs = endpoint_specs(&d.endpoints);
-            let (timeout, identity, eject_after) = (
-                targets.connect_timeout,
-                targets.identity.clone(),
-                targets.eject_after,
-            );
-            let router = Router::compile(
-                &d.routes,
-                d.unmatched_to_service,
-                Some((d.service.as_str(), balancer)),
-                &mut targets.backends,
-                &|| Balancer::new(timeout, identity.clone()).with_ejection(eject_after),
-                &endpoint_specs,
-            );
-            targets.router.store(Arc::new(router));
-            tracing::debug!(%target, service = %d.service, endpoints = specs.len(), "discovery update");
-            balancer.update(specs);
-            let hint = ProtocolHint::try_from(d.protocol).unwrap_or(ProtocolHint::Unknown);
             // The same service keeps its metrics handles; a new one gets its own.
             let http = match &**state.current.load() {
                 Resolved::Mesh {
@@ -469,6 +460,29 @@ fn apply(
                 } if **service == *d.service => metrics.clone(),
                 _ => Arc::new(metrics.http(Direction::Outbound, &d.service, None)),
             };
+            let (timeout, identity, eject_after) = (
+                targets.connect_timeout,
+                targets.identity.clone(),
+                targets.eject_after,
+            );
+            let mut build = crate::stack::Build {
+                egress: &targets.egress,
+                budget: &targets.budget,
+                metrics: &http,
+                own: Some((d.service.as_str(), balancer)),
+                previous: &targets.backends,
+                used: HashMap::new(),
+                new_balancer: &|| {
+                    Balancer::new(timeout, identity.clone()).with_ejection(eject_after)
+                },
+                to_specs: &endpoint_specs,
+            };
+            let router = Router::compile(&d.routes, d.unmatched_to_service, &mut build);
+            targets.backends = build.used;
+            targets.router.store(Arc::new(router));
+            tracing::debug!(%target, service = %d.service, endpoints = specs.len(), "discovery update");
+            balancer.update(specs);
+            let hint = ProtocolHint::try_from(d.protocol).unwrap_or(ProtocolHint::Unknown);
             state.publish(Resolved::Mesh {
                 service: d.service.into(),
                 hint,
@@ -519,6 +533,24 @@ impl Backoff {
 mod tests {
     use super::*;
 
+    fn test_budget() -> Arc<crate::retry::RetryBudget> {
+        Arc::new(crate::retry::RetryBudget::new(
+            &crate::retry::BudgetSettings {
+                ratio: 0.2,
+                min_per_second: 10,
+                window: Duration::from_secs(10),
+            },
+        ))
+    }
+
+    fn test_egress() -> Arc<crate::stack::Egress> {
+        Arc::new(crate::stack::Egress {
+            clients: crate::http::forward::Clients::new(Duration::from_secs(1)),
+            workload: None,
+            mirrors: Arc::new(crate::stack::mirror::Mirrors::new(Arc::new(Metrics::new()))),
+        })
+    }
+
     #[test]
     fn backoff_grows_to_a_cap_and_resets() {
         let mut b = Backoff::default();
@@ -548,6 +580,8 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             identity: None,
             eject_after: 7,
+            egress: test_egress(),
+            budget: test_budget(),
         };
         let balancer = targets.balancer.clone();
         let update = DestinationUpdate {
@@ -606,11 +640,7 @@ mod tests {
             warned_pending: AtomicBool::new(false),
             balancer: Arc::new(Balancer::new(Duration::from_secs(1), None)),
             router: Arc::new(ArcSwap::from_pointee(Router::default())),
-            retry_budget: crate::retry::RetryBudget::new(&crate::retry::BudgetSettings {
-                ratio: 0.2,
-                min_per_second: 10,
-                window: Duration::from_secs(10),
-            }),
+            retry_budget: test_budget(),
             last_used: AtomicU64::new(0),
         });
         (resolution, State { tx, current })
@@ -637,6 +667,8 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             identity: None,
             eject_after: 7,
+            egress: test_egress(),
+            budget: test_budget(),
         };
         // Nothing comes: after the timeout the request goes by "pending" (passed through).
         let s = resolution.state_for_request(Duration::from_secs(1)).await;

@@ -362,7 +362,7 @@ async fn serve_http<I, E>(
             &app.port().to_string(),
             client.as_ref().map(|c| c.to_string()).as_deref(),
         ),
-        app_h2: ctx.clients.h2.get(app),
+        app_h2: ctx.egress.clients.h2.get(app),
         ctx: ctx.clone(),
         app,
         peer,
@@ -418,8 +418,8 @@ impl Handler for InboundHttp {
         &self,
         req: Request<Incoming>,
         _target: &(),
-    ) -> Result<Response<Incoming>, ProxyError> {
-        let mut req = req.map(Either::Left);
+    ) -> Result<Response<crate::http::Body>, ProxyError> {
+        let mut req = req.map(crate::http::ReqBody::Stream);
         // What the client's proxy said (trusted over mTLS only; never passed to the app).
         let said = said_by_peer(req.headers_mut(), self.client.is_some());
         if let Err(denied) = self
@@ -441,16 +441,16 @@ impl Handler for InboundHttp {
         let resp = if restore_orig_proto(&mut req) {
             strip_hop_by_hop(req.headers_mut(), false);
             send_h1(
-                &self.ctx.clients.h1,
+                &self.ctx.egress.clients.h1,
                 self.app,
-                self.ctx.clients.connect_timeout,
+                self.ctx.egress.clients.connect_timeout,
                 req,
             )
             .await
         } else {
             let upgrade = is_upgrade(&req);
             strip_hop_by_hop(req.headers_mut(), upgrade);
-            direct(&self.ctx.clients, self.app, &self.app_h2, req).await
+            direct(&self.ctx.egress.clients, self.app, &self.app_h2, req).await
         };
         resp.map(|mut resp| {
             // The application's word is not the workload's: only this proxy says it, and only
@@ -458,12 +458,12 @@ impl Handler for InboundHttp {
             let headers = resp.headers_mut();
             headers.remove(crate::http::headers::DST_WORKLOAD);
             if let Some(said) = said {
-                if let Some(w) = &self.ctx.workload {
+                if let Some(w) = &self.ctx.egress.workload {
                     headers.insert(crate::http::headers::DST_WORKLOAD, w.clone());
                 }
                 resp.extensions_mut().insert(said);
             }
-            resp
+            resp.map(Either::Left)
         })
     }
 }

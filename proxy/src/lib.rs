@@ -25,6 +25,7 @@ pub mod outbound;
 pub mod policy;
 pub mod retry;
 pub mod router;
+pub mod stack;
 pub mod tcp;
 pub mod telemetry;
 pub mod transport_header;
@@ -49,7 +50,8 @@ pub struct Context {
     /// The request metrics of outbound requests passed through (not in the mesh).
     pub passthrough_metrics: metrics::HttpMetrics,
     pub discovery: Option<Discovery>,
-    pub clients: Clients,
+    /// Connection pools and what requests leaving the proxy share.
+    pub egress: Arc<stack::Egress>,
     pub drain: Drain,
     /// This proxy's identity, when mTLS is on.
     pub identity: Option<Arc<identity::Identity>>,
@@ -59,8 +61,6 @@ pub struct Context {
     pub telemetry: telemetry::Telemetry,
     /// Who speaks first, per destination: learned by speculative connections.
     pub protocols: Arc<first_bytes::Protocols>,
-    /// This workload, `<workload>.<namespace>`: told to peer proxies (`strait-src-workload`).
-    pub workload: Option<::http::HeaderValue>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -166,12 +166,18 @@ pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
     }
     let workload = cfg.service_name();
     metrics.set_workload(&workload);
+    let egress = Arc::new(stack::Egress {
+        clients: Clients::new(cfg.connect_timeout),
+        workload: ::http::HeaderValue::from_str(&workload).ok(),
+        mirrors: Arc::new(stack::mirror::Mirrors::new(metrics.clone())),
+    });
     let discovery = match &cfg.control_plane_addr {
         Some(addr) => Some(Discovery::new(
             addr,
             &cfg,
             metrics.clone(),
             identity.clone(),
+            egress.clone(),
         )?),
         None => {
             tracing::warn!("no control plane configured: every destination is passed through");
@@ -184,9 +190,8 @@ pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
     let discovery_configured = discovery.is_some();
     let cfg_default_policy = cfg.default_inbound_policy;
     let ctx = Arc::new(Context {
-        workload: ::http::HeaderValue::from_str(&workload).ok(),
         telemetry,
-        clients: Clients::new(cfg.connect_timeout),
+        egress,
         protocols: Arc::new(first_bytes::Protocols::new(cfg.protocol_memory)),
         cfg,
         passthrough_metrics: metrics.http(metrics::Direction::Outbound, "passthrough", None),

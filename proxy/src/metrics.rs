@@ -277,6 +277,17 @@ pub struct Metrics {
     pub spans_dropped: Family<ReasonLabels, Counter>,
     /// Access log lines dropped because stdout was not keeping up.
     pub access_log_dropped: Counter,
+    /// Mirrored requests (HTTPRoute RequestMirror), by mirror backend and outcome.
+    mirrors: Family<MirrorLabels, Counter>,
+}
+
+/// Labels of a mirrored request: `outcome` is `sent` (the mirror answered; its response is
+/// discarded), `failed` (no answer, or its body was cut) or `skipped` (too many mirrors in
+/// flight, or a body that cannot be copied).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MirrorLabels {
+    pub backend: Label,
+    pub outcome: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -355,9 +366,15 @@ impl Metrics {
             spans_exported: Counter::default(),
             spans_dropped: Family::default(),
             access_log_dropped: Counter::default(),
+            mirrors: Family::default(),
             registry: Registry::default(),
         };
         registry.register("request", "HTTP requests received", m.requests.clone());
+        registry.register(
+            "http_mirror",
+            "Requests mirrored (HTTPRoute RequestMirror) by mirror backend; outcome sent, failed or skipped",
+            m.mirrors.clone(),
+        );
         registry.register(
             "response",
             "HTTP responses sent, by status and classification",
@@ -560,6 +577,16 @@ impl Metrics {
             .get_or_create(&DetectLabels {
                 direction,
                 protocol,
+            })
+            .inc();
+    }
+
+    /// Counts one mirrored request.
+    pub fn mirror(&self, backend: &Label, outcome: &'static str) {
+        self.mirrors
+            .get_or_create(&MirrorLabels {
+                backend: backend.clone(),
+                outcome,
             })
             .inc();
     }

@@ -17,29 +17,26 @@ use hyper::body::Incoming;
 use strait_api::discovery::ProtocolHint;
 use tokio::net::TcpStream;
 
-use crate::balance::Balancer;
 use crate::detect::Protocol;
 use crate::discovery::{Resolution, Resolved};
 use crate::first_bytes::{self, Protocols, Speaker, Start, Timing, Upstream};
-use crate::http::client::{send_upgrade, H2Conn};
+use crate::http::client::H2Conn;
 use crate::http::error::ProxyError;
-use crate::http::forward::{direct, to_peer};
+use crate::http::forward::direct;
 use crate::http::headers::{is_upgrade, strip_hop_by_hop};
 use crate::http::server::{serve, Handler};
-use crate::http::ReqBody;
+use crate::http::{Body, ReqBody};
 use crate::identity::TlsTarget;
 use crate::io::{CountingIo, PrefixedIo};
 use crate::metrics::{Destination, Direction, HttpMetrics, Label};
-use crate::retry;
 use crate::router::grpc_timeout;
+use crate::stack::balance::send_to;
 use crate::Context;
 use http_body_util::Either;
 use std::time::Duration;
+use tower::ServiceExt;
 
 const PASSTHROUGH: &str = "passthrough";
-
-/// Endpoints a request may try when connections fail (nothing was sent to them).
-const CONNECT_TRIES: usize = 3;
 
 pub async fn serve_connection(ctx: Arc<Context>, stream: TcpStream, orig_dst: SocketAddr) {
     let peer = stream.peer_addr().ok();
@@ -278,9 +275,10 @@ impl Handler for OutboundHttp {
 
     async fn forward(
         &self,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
         target: &Target,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<Body>, ProxyError> {
+        let mut req = req.map(ReqBody::Stream);
         let upgrade = is_upgrade(&req);
         strip_hop_by_hop(req.headers_mut(), upgrade);
         if crate::http::headers::authority(&req).is_none() {
@@ -303,13 +301,15 @@ impl Handler for OutboundHttp {
         let Target::Mesh {
             service,
             resolution,
-            metrics,
+            ..
         } = target
         else {
+            let clients = &self.ctx.egress.clients;
             let h2 = self
                 .passthrough_h2
-                .get_or_init(|| self.ctx.clients.h2.get(self.orig_dst));
-            return direct(&self.ctx.clients, self.orig_dst, h2, req.map(Either::Left)).await;
+                .get_or_init(|| clients.h2.get(self.orig_dst));
+            let resp = direct(clients, self.orig_dst, h2, req).await?;
+            return Ok(resp.map(Either::Left));
         };
         resolution.retry_budget.deposit();
         let router = resolution.router.load();
@@ -320,253 +320,27 @@ impl Handler for OutboundHttp {
             None => return Err(ProxyError::NoRoute(service.to_string())),
         };
         let Some(route) = route else {
-            let timeout = grpc_timeout(&req);
-            let req = req.map(Either::Left);
-            return with_timeout(
-                timeout,
-                self.send_to(&resolution.balancer, service, req, upgrade),
-            )
-            .await;
+            // No routes: straight to the service's endpoints, bounded by a gRPC deadline.
+            let deadline = grpc_timeout(&req);
+            let send = send_to(&resolution.balancer, service, &self.ctx.egress, req);
+            return match deadline {
+                Some(after) => tokio::time::timeout(after, send)
+                    .await
+                    .unwrap_or(Err(ProxyError::Timeout { after })),
+                None => send.await,
+            };
         };
-        route.modify(&mut req);
-        let backend = route.pick_backend().ok_or_else(|| {
-            ProxyError::NoBackend(format!("{}: every backend weight is 0", route.name))
-        })?;
-        let Some(balancer) = &backend.balancer else {
-            return Err(ProxyError::NoBackend(format!(
-                "{}: backend {} does not exist",
-                route.name, backend.service
-            )));
-        };
-        // The request timeout bounds every attempt together; backendRequest each one.
-        let overall = [route.request_timeout, grpc_timeout(&req)]
-            .into_iter()
-            .flatten()
-            .min();
-        let per_attempt = route.backend_timeout;
-        let result = match route
-            .retry
-            .as_ref()
-            .filter(|_| !upgrade && retry::is_replayable(&req))
-        {
+        let mut resp = route.stack.clone().oneshot(req).await?;
+        let name = Label::from(route.name.clone());
+        match resp.extensions_mut().get_mut::<Destination>() {
+            Some(dst) => dst.route = name,
             None => {
-                let attempt = with_timeout(
-                    per_attempt,
-                    self.send_to(balancer, &backend.service, req.map(Either::Left), upgrade),
-                );
-                with_timeout(overall, attempt).await
-            }
-            Some(policy) => {
-                let attempts = self.with_retries(
-                    (balancer, &backend.service),
-                    req,
-                    policy,
-                    per_attempt,
-                    &resolution.retry_budget,
-                    metrics,
-                );
-                with_timeout(overall, attempts).await
-            }
-        };
-        result.map(|mut resp| {
-            if let Some(dst) = resp.extensions_mut().get_mut::<Destination>() {
-                dst.route = Label::from(route.name.clone());
-            }
-            resp
-        })
-    }
-}
-
-/// Bounds `fut` (until the response headers) by `timeout`, if any.
-async fn with_timeout<F>(
-    timeout: Option<Duration>,
-    fut: F,
-) -> Result<Response<Incoming>, ProxyError>
-where
-    F: std::future::Future<Output = Result<Response<Incoming>, ProxyError>>,
-{
-    match timeout {
-        Some(after) => tokio::time::timeout(after, fut)
-            .await
-            .unwrap_or(Err(ProxyError::Timeout { after })),
-        None => fut.await,
-    }
-}
-
-impl OutboundHttp {
-    /// Sends a replayable request, retrying as `policy` says while the budget allows.
-    async fn with_retries(
-        &self,
-        (balancer, service): (&Balancer, &Arc<str>),
-        req: Request<Incoming>,
-        policy: &retry::RetryPolicy,
-        per_attempt: Option<Duration>,
-        budget: &retry::RetryBudget,
-        metrics: &HttpMetrics,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        let grpc = crate::http::headers::is_grpc(&req);
-        let replay = retry::Replayable::buffer(req).await?;
-        let mut attempt = 0;
-        loop {
-            let result = with_timeout(
-                per_attempt,
-                self.send_to(balancer, service, replay.request(), false),
-            )
-            .await;
-            if attempt >= policy.attempts || !retry::should_retry(&result, policy, grpc) {
-                return result;
-            }
-            if !budget.withdraw() {
-                metrics.retries_exhausted.inc();
-                return result;
-            }
-            metrics.retries.inc();
-            attempt += 1;
-            drop(result);
-            if !policy.backoff.is_zero() {
-                // Jittered: half to all of the backoff.
-                tokio::time::sleep(policy.backoff.mul_f64(0.5 + fastrand::f64() / 2.0)).await;
-            }
-        }
-    }
-
-    /// Sends `req` to an endpoint of `balancer` (the service `service`).
-    ///
-    /// A meshed endpoint whose connection cannot be established costs the request nothing:
-    /// nothing was sent, so it moves to another endpoint (up to [`CONNECT_TRIES`]), and the
-    /// failure counts against that endpoint at once. An endpoint whose first connection is
-    /// still being attempted is passed over when another one is already connected, so requests
-    /// do not queue behind a connect to a black-holed endpoint.
-    async fn send_to(
-        &self,
-        balancer: &Balancer,
-        service: &Arc<str>,
-        mut req: Request<ReqBody>,
-        upgrade: bool,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        let no_endpoints = || ProxyError::NoEndpoints(service.to_string());
-        let mut endpoint = balancer.pick().ok_or_else(no_endpoints)?;
-        let mut tries = 0;
-        let in_flight = loop {
-            // Only pooled HTTP/2 to a meshed peer is set up ahead of the request.
-            if !endpoint.spec.meshed || upgrade {
-                break endpoint.start();
-            }
-            if !endpoint.h2.is_open() && endpoint.h2.is_connecting() && tries == 0 {
-                if let Some(other) = balancer.pick().filter(|o| o.h2.is_open()) {
-                    endpoint = other;
-                }
-            }
-            let mut in_flight = endpoint.start();
-            match endpoint.h2.ready().await {
-                Ok(()) => {
-                    in_flight.connected();
-                    break in_flight;
-                }
-                Err(e) => {
-                    in_flight.failure();
-                    tries += 1;
-                    if tries >= CONNECT_TRIES.min(balancer.len()) {
-                        return Err(e);
-                    }
-                    // Another endpoint than this one, if the balancer gives one.
-                    let failed = endpoint.addr();
-                    endpoint = (0..4)
-                        .filter_map(|_| balancer.pick())
-                        .find(|e| e.addr() != failed)
-                        .ok_or(e)?;
-                }
-            }
-        };
-        if endpoint.tls.is_some() && endpoint.spec.meshed {
-            tell_peer(&mut req, service, self.ctx.workload.as_ref());
-        }
-        let result = match (&endpoint.tls, endpoint.spec.meshed, upgrade) {
-            // An upgrade to a meshed peer: its own mTLS connection, HTTP/1.1 inside.
-            (Some(tls), true, true) => {
-                send_upgrade(
-                    endpoint.addr(),
-                    self.ctx.cfg.connect_timeout,
-                    Some(&tls.http1),
-                    req,
-                )
-                .await
-            }
-            (_, true, false) => to_peer(&endpoint.h2, req).await,
-            _ => direct(&self.ctx.clients, endpoint.addr(), &endpoint.h2, req).await,
-        };
-        match result {
-            Ok(mut resp) => {
-                in_flight.response(resp.status());
-                let mtls = endpoint.tls.is_some() && endpoint.spec.meshed;
-                let dst_workload = said_by_server(resp.headers_mut(), mtls);
                 resp.extensions_mut().insert(Destination {
-                    route: Label::empty(),
-                    backend: Label::from(service.clone()),
-                    server_id: Label::from(endpoint.spec.identity.clone()),
-                    tls: mtls,
-                    upstream: Some(endpoint.addr()),
-                    dst_workload,
+                    route: name,
                     ..Destination::default()
                 });
-                Ok(resp)
-            }
-            Err(e) => {
-                in_flight.failure();
-                Err(e)
             }
         }
-    }
-}
-
-/// Tells the server's proxy (over mTLS) which service the request went to and which workload
-/// sent it, for its metrics' `dst_service` and `src_workload`.
-fn tell_peer<B>(req: &mut Request<B>, service: &str, workload: Option<&http::HeaderValue>) {
-    let headers = req.headers_mut();
-    if let Some((name, ns)) = crate::metrics::service_of(service) {
-        if let Ok(v) = http::HeaderValue::from_str(&format!("{name}.{ns}")) {
-            headers.insert(crate::http::headers::DST_SERVICE, v);
-        }
-    }
-    if let Some(w) = workload {
-        headers.insert(crate::http::headers::SRC_WORKLOAD, w.clone());
-    }
-}
-
-/// The workload the server's proxy says answered (trusted over mTLS only); the header is
-/// removed whoever sent it.
-fn said_by_server(headers: &mut http::HeaderMap, mtls: bool) -> Label {
-    headers
-        .remove(crate::http::headers::DST_WORKLOAD)
-        .filter(|_| mtls)
-        .as_ref()
-        .and_then(Label::from_peer)
-        .unwrap_or_default()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_server_workload_is_read_over_mtls_only_and_never_passed_on() {
-        let header = crate::http::headers::DST_WORKLOAD;
-        let mut headers = http::HeaderMap::new();
-        headers.insert(header.clone(), http::HeaderValue::from_static("web.shop"));
-        assert_eq!(said_by_server(&mut headers, true).as_str(), "web.shop");
-        assert!(headers.is_empty());
-        // An unmeshed server (or its application) cannot name itself.
-        headers.insert(
-            header.clone(),
-            http::HeaderValue::from_static("admin.kube-system"),
-        );
-        assert_eq!(said_by_server(&mut headers, false).as_str(), "");
-        assert!(headers.is_empty());
-        let long = "w".repeat(300);
-        let Ok(long) = http::HeaderValue::from_str(&long) else {
-            panic!("a header value")
-        };
-        headers.insert(header, long);
-        assert_eq!(said_by_server(&mut headers, true).as_str(), "");
+        Ok(resp)
     }
 }

@@ -11,15 +11,10 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body::Body as _;
-use http_body_util::{BodyExt, Either, Full};
-use hyper::body::Incoming;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::http::error::ProxyError;
-use crate::http::ReqBody;
 
 /// Largest request body buffered for a retry.
 pub const MAX_REPLAY_BODY: u64 = 64 * 1024;
@@ -50,7 +45,7 @@ pub fn is_idempotent(method: &Method) -> bool {
 }
 
 /// Whether `req` can be replayed: an idempotent method and a body known to fit the buffer.
-pub fn is_replayable(req: &Request<Incoming>) -> bool {
+pub fn is_replayable<B: http_body::Body>(req: &Request<B>) -> bool {
     if !is_idempotent(req.method()) {
         return false;
     }
@@ -63,46 +58,9 @@ pub fn is_replayable(req: &Request<Incoming>) -> bool {
         .is_some_and(|n| n <= MAX_REPLAY_BODY)
 }
 
-/// A request that can be sent several times.
-pub struct Replayable {
-    method: Method,
-    uri: http::Uri,
-    version: http::Version,
-    headers: http::HeaderMap,
-    body: Bytes,
-}
-
-impl Replayable {
-    /// Buffers the body (callers check [`is_replayable`] first).
-    pub async fn buffer(req: Request<Incoming>) -> Result<Self, ProxyError> {
-        let (parts, body) = req.into_parts();
-        let body = body
-            .collect()
-            .await
-            .map_err(|e| ProxyError::RequestBody(e.to_string()))?
-            .to_bytes();
-        Ok(Self {
-            method: parts.method,
-            uri: parts.uri,
-            version: parts.version,
-            headers: parts.headers,
-            body,
-        })
-    }
-
-    pub fn request(&self) -> Request<ReqBody> {
-        let mut r = Request::new(Either::Right(Full::new(self.body.clone())));
-        *r.method_mut() = self.method.clone();
-        *r.uri_mut() = self.uri.clone();
-        *r.version_mut() = self.version;
-        *r.headers_mut() = self.headers.clone();
-        r
-    }
-}
-
 /// Whether `result` is worth another attempt under `policy`.
-pub fn should_retry(
-    result: &Result<Response<Incoming>, ProxyError>,
+pub fn should_retry<B>(
+    result: &Result<Response<B>, ProxyError>,
     policy: &RetryPolicy,
     grpc: bool,
 ) -> bool {
@@ -283,7 +241,7 @@ mod tests {
             grpc_codes: vec![14],
             backoff: Duration::ZERO,
         };
-        let timeout: Result<Response<Incoming>, ProxyError> = Err(ProxyError::Timeout {
+        let timeout: Result<Response<()>, ProxyError> = Err(ProxyError::Timeout {
             after: Duration::from_secs(1),
         });
         assert!(should_retry(&timeout, &policy(vec![503, 504]), false));

@@ -6,15 +6,14 @@
 //! path element (`/api` matches `/api` and `/api/x`, not `/apix`). Routes are already in order
 //! of precedence; the first that matches wins.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderName, HeaderValue, Method, Request};
+use http::{HeaderName, Method, Request};
 use regex::Regex;
 use strait_api::discovery::{path_match, Route, RouteMatch, ValueMatch};
 
-use crate::balance::Balancer;
+use crate::stack::{Build, RouteService};
 
 /// The routes of one destination.
 #[derive(Debug, Default)]
@@ -25,28 +24,21 @@ pub struct Router {
     pub unmatched_to_service: bool,
 }
 
-#[derive(Debug)]
+/// One route: its matches, and the stack its requests go through (filters, timeouts, retries,
+/// split, balancers; see [`crate::stack`]).
 pub struct CompiledRoute {
     pub name: Arc<str>,
     matches: Vec<CompiledMatch>,
-    pub backends: Vec<RouteBackend>,
-    total_weight: u64,
-    /// Requests that picked a backend so far: the position in the split's sequence.
-    picks: std::sync::atomic::AtomicU64,
-    pub request_timeout: Option<Duration>,
-    pub backend_timeout: Option<Duration>,
-    pub retry: Option<crate::retry::RetryPolicy>,
-    set: Vec<(HeaderName, HeaderValue)>,
-    add: Vec<(HeaderName, HeaderValue)>,
-    remove: Vec<HeaderName>,
+    pub stack: RouteService,
 }
 
-#[derive(Debug)]
-pub struct RouteBackend {
-    pub service: Arc<str>,
-    pub weight: u32,
-    /// `None`: the backend service does not exist (its share of requests gets 500).
-    pub balancer: Option<Arc<Balancer>>,
+impl std::fmt::Debug for CompiledRoute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompiledRoute")
+            .field("name", &self.name)
+            .field("matches", &self.matches)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug)]
@@ -175,98 +167,21 @@ impl CompiledMatch {
 }
 
 impl Router {
-    /// Compiles `routes`, reusing the balancers of backends already known (their load and
-    /// connections survive updates) from `balancers`, which is updated in place. One balancer
-    /// per backend service: routes that name the same backend share it, and a backend that is
-    /// the destination itself (`own`: its service and balancer, kept up to date by the caller)
-    /// uses the destination's balancer.
-    pub fn compile(
-        routes: &[Route],
-        unmatched_to_service: bool,
-        own: Option<(&str, &Arc<Balancer>)>,
-        balancers: &mut HashMap<Arc<str>, Arc<Balancer>>,
-        new_balancer: &dyn Fn() -> Balancer,
-        to_specs: &dyn Fn(&[strait_api::discovery::Endpoint]) -> Vec<crate::balance::EndpointSpec>,
-    ) -> Self {
-        let mut used: HashMap<Arc<str>, Arc<Balancer>> = HashMap::new();
+    /// Compiles `routes` into their stacks; `build` says what they share (balancers by
+    /// backend service, the destination's own balancer, its retry budget and metrics).
+    pub fn compile(routes: &[Route], unmatched_to_service: bool, build: &mut Build<'_>) -> Self {
         let compiled = routes
             .iter()
-            .map(|r| {
-                let backends: Vec<RouteBackend> = r
-                    .backends
+            .map(|r| CompiledRoute {
+                name: r.name.as_str().into(),
+                matches: r
+                    .matches
                     .iter()
-                    .map(|b| {
-                        let service: Arc<str> = b.service.as_str().into();
-                        let balancer = b.exists.then(|| {
-                            if let Some((_, own)) = own.filter(|(s, _)| **s == *service) {
-                                return (*own).clone();
-                            }
-                            if let Some(shared) = used.get(&service) {
-                                return shared.clone();
-                            }
-                            let balancer = balancers
-                                .get(&service)
-                                .cloned()
-                                .unwrap_or_else(|| Arc::new(new_balancer()));
-                            balancer.update(to_specs(&b.endpoints));
-                            used.insert(service.clone(), balancer.clone());
-                            balancer
-                        });
-                        RouteBackend {
-                            service,
-                            weight: b.weight,
-                            balancer,
-                        }
-                    })
-                    .collect();
-                let header = |h: &strait_api::discovery::Header| {
-                    Some((
-                        HeaderName::from_bytes(h.name.as_bytes()).ok()?,
-                        HeaderValue::from_str(&h.value).ok()?,
-                    ))
-                };
-                let modifier = r.request_header_modifier.clone().unwrap_or_default();
-                CompiledRoute {
-                    name: r.name.as_str().into(),
-                    matches: r
-                        .matches
-                        .iter()
-                        .map(|m| compile_match(m, &r.name))
-                        .collect(),
-                    total_weight: backends.iter().map(|b| u64::from(b.weight)).sum(),
-                    picks: std::sync::atomic::AtomicU64::new(0),
-                    backends,
-                    request_timeout: (r.request_timeout_ms > 0)
-                        .then(|| Duration::from_millis(r.request_timeout_ms)),
-                    backend_timeout: (r.backend_request_timeout_ms > 0)
-                        .then(|| Duration::from_millis(r.backend_request_timeout_ms)),
-                    retry: r.retry.as_ref().filter(|p| p.attempts > 0).map(|p| {
-                        crate::retry::RetryPolicy {
-                            attempts: p.attempts.min(10),
-                            codes: p
-                                .codes
-                                .iter()
-                                .filter_map(|c| u16::try_from(*c).ok())
-                                .collect(),
-                            grpc_codes: if p.grpc_codes.is_empty() {
-                                vec![14]
-                            } else {
-                                p.grpc_codes.clone()
-                            },
-                            backoff: Duration::from_millis(p.backoff_ms.min(10_000)),
-                        }
-                    }),
-                    set: modifier.set.iter().filter_map(header).collect(),
-                    add: modifier.add.iter().filter_map(header).collect(),
-                    remove: modifier
-                        .remove
-                        .iter()
-                        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
-                        .collect(),
-                }
+                    .map(|m| compile_match(m, &r.name))
+                    .collect(),
+                stack: build.route(r),
             })
             .collect();
-        *balancers = used;
         Self {
             routes: compiled,
             unmatched_to_service,
@@ -282,46 +197,6 @@ impl Router {
         self.routes
             .iter()
             .find(|r| r.matches.is_empty() || r.matches.iter().any(|m| m.matches(req)))
-    }
-}
-
-impl CompiledRoute {
-    /// A backend chosen by weight; `None` when every weight is 0.
-    pub fn pick_backend(&self) -> Option<&RouteBackend> {
-        if self.total_weight == 0 {
-            return None;
-        }
-        // A Weyl sequence (k times the golden ratio, mod 1) in place of a random draw: as
-        // uniform, but every run of requests splits by weight to within a request or two,
-        // where random choice drifts by sqrt(n) (an 80/20 split over 1,000 requests: 800 +-2,
-        // not 800 +-13). One relaxed atomic add per request.
-        let k = self
-            .picks
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let point = k.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let mut n = ((u128::from(point) * u128::from(self.total_weight)) >> 64) as u64;
-        for b in &self.backends {
-            let w = u64::from(b.weight);
-            if n < w {
-                return Some(b);
-            }
-            n -= w;
-        }
-        None
-    }
-
-    /// Applies the route's RequestHeaderModifier.
-    pub fn modify<B>(&self, req: &mut Request<B>) {
-        let headers = req.headers_mut();
-        for (name, value) in &self.set {
-            headers.insert(name.clone(), value.clone());
-        }
-        for (name, value) in &self.add {
-            headers.append(name.clone(), value.clone());
-        }
-        for name in &self.remove {
-            headers.remove(name);
-        }
     }
 }
 
@@ -344,6 +219,11 @@ pub fn grpc_timeout<B>(req: &Request<B>) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::balance::Balancer;
+    use crate::metrics::{HttpMetrics, Metrics};
+    use crate::retry::RetryBudget;
+    use crate::stack::Egress;
+    use std::collections::HashMap;
     use strait_api::discovery::{Backend, PathMatch};
 
     fn route(name: &str, m: RouteMatch, weights: &[(u32, bool)]) -> Route {
@@ -358,6 +238,7 @@ mod tests {
                     weight: *w,
                     endpoints: Vec::new(),
                     exists: *exists,
+                    filters: Vec::new(),
                 })
                 .collect(),
             ..Default::default()
@@ -374,16 +255,43 @@ mod tests {
         }
     }
 
+    fn egress() -> Arc<Egress> {
+        Arc::new(Egress {
+            clients: crate::http::forward::Clients::new(Duration::from_secs(1)),
+            workload: None,
+            mirrors: Arc::new(crate::stack::mirror::Mirrors::new(Arc::new(Metrics::new()))),
+        })
+    }
+
     fn compile(routes: &[Route]) -> Router {
-        let mut balancers = HashMap::new();
-        Router::compile(
-            routes,
-            false,
+        let (egress, budget, metrics) = shared();
+        let previous = HashMap::new();
+        let mut build = Build {
+            egress: &egress,
+            budget: &budget,
+            metrics: &metrics,
+            own: None,
+            previous: &previous,
+            used: HashMap::new(),
+            new_balancer: &|| Balancer::new(Duration::from_secs(1), None),
+            to_specs: &|_| Vec::new(),
+        };
+        Router::compile(routes, false, &mut build)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn shared() -> (Arc<Egress>, Arc<RetryBudget>, Arc<HttpMetrics>) {
+        let budget = Arc::new(RetryBudget::new(&crate::retry::BudgetSettings {
+            ratio: 0.2,
+            min_per_second: 10,
+            window: Duration::from_secs(10),
+        }));
+        let metrics = Arc::new(Arc::new(Metrics::new()).http(
+            crate::metrics::Direction::Outbound,
+            "web",
             None,
-            &mut balancers,
-            &|| Balancer::new(Duration::from_secs(1), None),
-            &|_| Vec::new(),
-        )
+        ));
+        (egress(), budget, metrics)
     }
 
     fn req(path: &str, headers: &[(&str, &str)]) -> Request<()> {
@@ -403,43 +311,41 @@ mod tests {
         ];
         let own = Arc::new(Balancer::new(Duration::from_secs(1), None));
         let made = std::sync::atomic::AtomicUsize::new(0);
-        let mut balancers = HashMap::new();
-        let router = Router::compile(
-            &routes,
-            false,
-            Some(("b0", &own)),
-            &mut balancers,
-            &|| {
-                made.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                Balancer::new(Duration::from_secs(1), None)
-            },
-            &|_| Vec::new(),
-        );
-        let backend = |route: usize, i: usize| {
-            router.routes[route].backends[i]
-                .balancer
-                .clone()
-                .expect("exists")
+        let (egress, budget, metrics) = shared();
+        let previous = HashMap::new();
+        let new_balancer = || {
+            made.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Balancer::new(Duration::from_secs(1), None)
         };
-        assert!(Arc::ptr_eq(&backend(0, 0), &own));
-        assert!(Arc::ptr_eq(&backend(1, 0), &own));
-        assert!(Arc::ptr_eq(&backend(0, 1), &backend(1, 1)));
+        let mut build = Build {
+            egress: &egress,
+            budget: &budget,
+            metrics: &metrics,
+            own: Some(("b0", &own)),
+            previous: &previous,
+            used: HashMap::new(),
+            new_balancer: &new_balancer,
+            to_specs: &|_| Vec::new(),
+        };
+        Router::compile(&routes, false, &mut build);
+        // b0 took the destination's balancer; b1 got one, shared by both routes.
         assert_eq!(made.load(std::sync::atomic::Ordering::Relaxed), 1);
+        let used = build.used;
+        assert_eq!(used.len(), 1);
+        let kept = used.get("b1").cloned().expect("b1");
         // The next update keeps the same balancer (its load and connections).
-        let kept = backend(0, 1);
-        let router = Router::compile(
-            &routes,
-            false,
-            Some(("b0", &own)),
-            &mut balancers,
-            &|| panic!("no new balancer"),
-            &|_| Vec::new(),
-        );
-        let again = router.routes[1].backends[1]
-            .balancer
-            .clone()
-            .expect("exists");
-        assert!(Arc::ptr_eq(&again, &kept));
+        let mut build = Build {
+            egress: &egress,
+            budget: &budget,
+            metrics: &metrics,
+            own: Some(("b0", &own)),
+            previous: &used,
+            used: HashMap::new(),
+            new_balancer: &|| panic!("no new balancer"),
+            to_specs: &|_| Vec::new(),
+        };
+        Router::compile(&routes, false, &mut build);
+        assert!(Arc::ptr_eq(&build.used["b1"], &kept));
     }
 
     #[test]
@@ -506,38 +412,6 @@ mod tests {
         };
         assert!(compile(&[route("bad", bad, &[(1, true)])])
             .route(&req("/", &[]))
-            .is_none());
-    }
-
-    #[test]
-    fn weights_split_requests_and_zero_weights_pick_nothing() {
-        let r = compile(&[route("split", prefix("/"), &[(80, true), (20, true)])]);
-        let split = r.route(&req("/", &[])).expect("route");
-        let first = (0..10_000)
-            .filter(|_| split.pick_backend().is_some_and(|b| &*b.service == "b0"))
-            .count();
-        assert!(
-            (7_998..=8_002).contains(&first),
-            "{first}/10000 to the 80% backend"
-        );
-        // Every window splits by weight too, not only the whole run.
-        let window = (0..100)
-            .filter(|_| split.pick_backend().is_some_and(|b| &*b.service == "b0"))
-            .count();
-        assert!((78..=82).contains(&window), "{window}/100");
-        let zero = compile(&[route("zero", prefix("/"), &[(0, true), (0, true)])]);
-        assert!(zero
-            .route(&req("/", &[]))
-            .expect("route")
-            .pick_backend()
-            .is_none());
-        let ghost = compile(&[route("ghost", prefix("/"), &[(1, false)])]);
-        assert!(ghost
-            .route(&req("/", &[]))
-            .expect("route")
-            .pick_backend()
-            .expect("b")
-            .balancer
             .is_none());
     }
 

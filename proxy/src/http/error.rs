@@ -40,6 +40,17 @@ pub enum ProxyError {
     NoBackend(String),
     #[error("no response within the timeout of {after:?}")]
     Timeout { after: Duration },
+    /// The route cannot be served as written (an unsupported or invalid filter); the
+    /// Gateway API says its requests get 500.
+    #[error("route {route} is invalid: {reason}")]
+    InvalidRoute { route: String, reason: String },
+    /// A fault injected by the route's HTTPFault (resilience testing).
+    #[error("fault injected: {status}")]
+    Fault {
+        status: StatusCode,
+        /// The gRPC status for gRPC requests; `None`: the one the HTTP status maps to.
+        grpc: Option<u8>,
+    },
     /// Logged in full; the caller only learns that it was refused (see [`ProxyError::public`]).
     #[error("{client} is not authorized: {denied}")]
     Unauthorized {
@@ -88,6 +99,8 @@ impl ProxyError {
             ProxyError::RequestBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::NoBackend(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::InvalidRoute { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            ProxyError::Fault { status, .. } => *status,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::HeadersTooLarge {
@@ -126,6 +139,8 @@ impl ProxyError {
             ProxyError::RequestBody(_) => "request body",
             ProxyError::NoBackend(_) => "no backend",
             ProxyError::Timeout { .. } => "timeout",
+            ProxyError::InvalidRoute { .. } => "invalid route",
+            ProxyError::Fault { .. } => "fault injected",
             ProxyError::BadRequest(_) => "bad request",
             ProxyError::NotImplemented(_) => "not implemented",
             ProxyError::HeadersTooLarge {
@@ -144,7 +159,19 @@ impl ProxyError {
             ProxyError::NoAuthority => 13,          // INTERNAL
             ProxyError::BadRequest(_) | ProxyError::NotImplemented(_) => 13, // INTERNAL
             ProxyError::HeadersTooLarge { .. } => 8, // RESOURCE_EXHAUSTED
-            _ => 14,                                // UNAVAILABLE
+            ProxyError::Fault {
+                grpc: Some(code), ..
+            } => *code,
+            // The gRPC project's mapping of HTTP statuses.
+            ProxyError::Fault { status, .. } => match status.as_u16() {
+                400 => 13,
+                401 => 16,
+                403 => 7,
+                404 => 12,
+                429 | 502..=504 => 14,
+                _ => 2,
+            },
+            _ => 14, // UNAVAILABLE
         }
     }
 

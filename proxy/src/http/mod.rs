@@ -1,6 +1,7 @@
 //! HTTP proxying shared by the inbound and outbound sides: header rules, the errors the proxy
 //! answers itself, and the upstream clients.
 
+pub mod body;
 pub mod client;
 pub mod error;
 pub mod forward;
@@ -16,5 +17,4 @@ use hyper::body::Incoming;
 /// A response body: the upstream's, streamed, or one the proxy wrote itself.
 pub type Body = Either<Incoming, Full<Bytes>>;
 
-/// A request body sent upstream: the client's, streamed, or one buffered for retries.
-pub type ReqBody = Either<Incoming, Full<Bytes>>;
+pub use body::ReqBody;

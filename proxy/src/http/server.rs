@@ -12,8 +12,6 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use http_body_util::Either;
-
 use super::error::ProxyError;
 use super::headers::{is_grpc, strip_hop_by_hop};
 use super::limits::{check_request, check_response, Limits, LIBRARY_MAX_HEADERS};
@@ -34,7 +32,7 @@ pub trait Handler: Send + Sync + 'static {
         &self,
         req: Request<Incoming>,
         target: &Self::Target,
-    ) -> impl Future<Output = Result<Response<Incoming>, ProxyError>> + Send;
+    ) -> impl Future<Output = Result<Response<Body>, ProxyError>> + Send;
     /// The metrics that count a request to `target`.
     fn metrics<'a>(&'a self, target: &'a Self::Target) -> &'a HttpMetrics;
     /// Where requests go, for the log line of a failure.
@@ -101,7 +99,7 @@ async fn handle<H: Handler>(
             } else {
                 version
             };
-            (resp.map(Either::Left), "")
+            (resp, "")
         }
         Err(e) => {
             strait_admin::log_limited!(
