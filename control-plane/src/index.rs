@@ -931,7 +931,11 @@ spec:
         let cors = status("cors");
         assert!(!cors.accepted.ok);
         assert_eq!(cors.accepted.reason, "UnsupportedValue");
-        assert!(cors.accepted.message.contains("CORS"), "{}", cors.accepted.message);
+        assert!(
+            cors.accepted.message.contains("CORS"),
+            "{}",
+            cors.accepted.message
+        );
         let chaos = status("chaos");
         assert!(chaos.accepted.ok);
         assert_eq!(

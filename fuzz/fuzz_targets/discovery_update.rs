@@ -11,7 +11,12 @@ use strait_api::discovery::destination_update::Update;
 use strait_api::discovery::DestinationUpdate;
 use strait_proxy::balance::Balancer;
 use strait_proxy::discovery::endpoint_specs;
+use strait_proxy::http::forward::Clients;
+use strait_proxy::metrics::{Direction, Metrics};
+use strait_proxy::retry::{BudgetSettings, RetryBudget};
 use strait_proxy::router::Router;
+use strait_proxy::stack::mirror::Mirrors;
+use strait_proxy::stack::{Build, Egress};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(update) = DestinationUpdate::decode(data) else {
@@ -33,22 +38,39 @@ fuzz_target!(|data: &[u8]| {
                 .any(|x| x.port == u32::from(e.addr().port())));
         }
     }
-    let mut backends = HashMap::new();
-    let router = Router::compile(
-        &d.routes,
-        d.unmatched_to_service,
-        Some((d.service.as_str(), &balancer)),
-        &mut backends,
-        &|| Balancer::new(Duration::from_secs(1), None),
-        &endpoint_specs,
-    );
+    // Every route's stack is built: its filters (header names, redirects, rewrites, faults)
+    // compiled from what the control plane sent.
+    let metrics = Arc::new(Metrics::new());
+    let egress = Arc::new(Egress {
+        clients: Clients::new(Duration::from_secs(1)),
+        workload: None,
+        mirrors: Arc::new(Mirrors::new(metrics.clone())),
+    });
+    let budget = Arc::new(RetryBudget::new(&BudgetSettings {
+        ratio: 0.2,
+        min_per_second: 10,
+        window: Duration::from_secs(10),
+    }));
+    let http_metrics = Arc::new(metrics.http(Direction::Outbound, "web", None));
+    let previous = HashMap::new();
+    let mut build = Build {
+        egress: &egress,
+        budget: &budget,
+        metrics: &http_metrics,
+        own: Some((d.service.as_str(), &balancer)),
+        previous: &previous,
+        used: HashMap::new(),
+        new_balancer: &|| Balancer::new(Duration::from_secs(1), None),
+        to_specs: &endpoint_specs,
+    };
+    let router = Router::compile(&d.routes, d.unmatched_to_service, &mut build);
     let req = http::Request::builder()
         .uri("http://web/a")
         .header("x-canary", "1")
         .body(())
         .expect("request");
     if let Some(route) = router.route(&req) {
-        let _ = route.pick_backend();
+        let _ = route.stack.clone();
     }
     let _ = Arc::new(router);
 });

@@ -1,11 +1,14 @@
 //! The request body the proxy sends upstream: the client's, streamed; one buffered for
 //! retries; or the client's teed to a mirror, and the mirror's copy of it.
 //!
-//! A mirror never slows the original: the tee hands each frame to the mirror's channel only
-//! when there is room (`try_send`); when there is none, the mirror's copy is cut (it ends in an
+//! A mirror never slows the original: the tee hands each frame to the mirror's queue only while
+//! the mirror's backlog is within bounds ([`MIRROR_LAG`] for one mirror, the proxy's
+//! [`MirrorBuffer`] for all of them); past a bound, the mirror's copy is cut (it ends in an
 //! error, so its server sees a reset stream, never a truncated body that looks complete).
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -14,8 +17,20 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use tokio::sync::mpsc;
 
-/// Frames a mirror's copy may lag behind the original before it is cut.
-pub const MIRROR_FRAMES: usize = 16;
+/// Bytes a mirror's copy may lag behind the original before it is cut.
+pub const MIRROR_LAG: usize = 1 << 20;
+/// Bytes every mirror of the proxy may hold together.
+pub const MIRROR_BUFFER: usize = 16 << 20;
+
+/// The bytes teed bodies hold for their mirrors, proxy-wide.
+#[derive(Debug, Default)]
+pub struct MirrorBuffer(AtomicUsize);
+
+impl MirrorBuffer {
+    pub fn held(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+}
 
 #[derive(Debug)]
 pub enum ReqBody {
@@ -35,8 +50,9 @@ impl ReqBody {
     }
 
     /// A copy of the body for a mirror: `None` when the body cannot be copied (a mirror's own
-    /// copy; a tee already). The body itself becomes a tee when it streams.
-    pub fn mirror(&mut self) -> Option<ReqBody> {
+    /// copy; a tee already). The body itself becomes a tee when it streams; what the mirror
+    /// has not read yet counts against `buffer`.
+    pub fn mirror(&mut self, buffer: &Arc<MirrorBuffer>) -> Option<ReqBody> {
         match self {
             ReqBody::Full(full) => Some(ReqBody::Full(full.clone())),
             ReqBody::Stream(incoming) if incoming.is_end_stream() => Some(ReqBody::empty()),
@@ -45,12 +61,20 @@ impl ReqBody {
                     unreachable!("matched above")
                 };
                 let hint = incoming.size_hint();
-                let (tx, rx) = mpsc::channel(MIRROR_FRAMES);
+                let (tx, rx) = mpsc::unbounded_channel();
+                let lag = Arc::new(AtomicUsize::new(0));
                 *self = ReqBody::Tee(Tee {
                     inner: incoming,
                     tx: Some(tx),
+                    lag: lag.clone(),
+                    buffer: buffer.clone(),
                 });
-                Some(ReqBody::Copy(Copy { rx, hint }))
+                Some(ReqBody::Copy(Copy {
+                    rx,
+                    hint,
+                    lag,
+                    buffer: buffer.clone(),
+                }))
             }
             ReqBody::Tee(_) | ReqBody::Copy(_) => None,
         }
@@ -73,13 +97,44 @@ enum Msg {
 #[derive(Debug)]
 pub struct Tee {
     inner: Incoming,
-    tx: Option<mpsc::Sender<Msg>>,
+    tx: Option<mpsc::UnboundedSender<Msg>>,
+    /// Bytes queued for this mirror and not read yet.
+    lag: Arc<AtomicUsize>,
+    buffer: Arc<MirrorBuffer>,
 }
 
 #[derive(Debug)]
 pub struct Copy {
-    rx: mpsc::Receiver<Msg>,
+    rx: mpsc::UnboundedReceiver<Msg>,
     hint: SizeHint,
+    lag: Arc<AtomicUsize>,
+    buffer: Arc<MirrorBuffer>,
+}
+
+impl Msg {
+    fn len(&self) -> usize {
+        match self {
+            Msg::Frame(f) => f.data_ref().map_or(0, |d| d.len()),
+            Msg::End => 0,
+        }
+    }
+}
+
+impl Copy {
+    fn release(&self, n: usize) {
+        self.lag.fetch_sub(n, Ordering::Relaxed);
+        self.buffer.0.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Copy {
+    /// What the mirror never read is no longer held.
+    fn drop(&mut self) {
+        self.rx.close();
+        while let Ok(msg) = self.rx.try_recv() {
+            self.release(msg.len());
+        }
+    }
 }
 
 /// The mirror's copy was cut (the mirror fell behind, or the original failed or was dropped).
@@ -96,11 +151,26 @@ fn copy_of(frame: &Frame<Bytes>) -> Option<Frame<Bytes>> {
 
 impl Tee {
     fn offer(&mut self, msg: Msg) {
-        if let Some(tx) = &self.tx {
-            if tx.try_send(msg).is_err() {
-                // Full (the mirror is slow) or closed (it is done): the copy ends here.
-                self.tx = None;
+        let Some(tx) = &self.tx else {
+            return;
+        };
+        let n = msg.len();
+        let lagging = self.lag.load(Ordering::Relaxed) + n > MIRROR_LAG;
+        if lagging || self.buffer.0.fetch_add(n, Ordering::Relaxed) + n > MIRROR_BUFFER {
+            if !lagging {
+                self.buffer.0.fetch_sub(n, Ordering::Relaxed);
             }
+            // The mirror is too far behind (or the proxy holds too much for mirrors): its copy
+            // ends here.
+            self.tx = None;
+            return;
+        }
+        self.lag.fetch_add(n, Ordering::Relaxed);
+        if let Err(mpsc::error::SendError(msg)) = tx.send(msg) {
+            // The mirror is done (failed, or timed out).
+            self.lag.fetch_sub(n, Ordering::Relaxed);
+            self.buffer.0.fetch_sub(msg.len(), Ordering::Relaxed);
+            self.tx = None;
         }
     }
 }
@@ -123,6 +193,12 @@ impl Body for ReqBody {
                         if let Some(copy) = copy_of(frame) {
                             tee.offer(Msg::Frame(copy));
                         }
+                        // Whoever reads the original may stop at the last frame, without
+                        // polling for the end: the mirror is told here.
+                        if tee.inner.is_end_stream() {
+                            tee.offer(Msg::End);
+                            tee.tx = None;
+                        }
                     }
                     Poll::Ready(None) => {
                         tee.offer(Msg::End);
@@ -135,7 +211,10 @@ impl Body for ReqBody {
                 polled.map_err(Into::into)
             }
             ReqBody::Copy(copy) => match copy.rx.poll_recv(cx) {
-                Poll::Ready(Some(Msg::Frame(f))) => Poll::Ready(Some(Ok(f))),
+                Poll::Ready(Some(Msg::Frame(f))) => {
+                    copy.release(f.data_ref().map_or(0, |d| d.len()));
+                    Poll::Ready(Some(Ok(f)))
+                }
                 Poll::Ready(Some(Msg::End)) => Poll::Ready(None),
                 Poll::Ready(None) => Poll::Ready(Some(Err(CopyCut.into()))),
                 Poll::Pending => Poll::Pending,
@@ -157,7 +236,7 @@ impl Body for ReqBody {
             ReqBody::Stream(b) => b.size_hint(),
             ReqBody::Full(b) => b.size_hint(),
             ReqBody::Tee(t) => t.inner.size_hint(),
-            ReqBody::Copy(c) => c.hint.clone(),
+            ReqBody::Copy(c) => c.hint,
         }
     }
 }

@@ -1,7 +1,8 @@
 //! RequestMirror: a copy of the request goes to another backend, fire-and-forget. Its response
 //! is discarded; it never delays, changes or fails the original (its body is teed, frame by
-//! frame, and cut when the mirror falls behind). Mirrors in flight are bounded per proxy; past
-//! the bound a request is not mirrored. Counted in `strait_http_mirror_total`.
+//! frame, and cut when the mirror falls more than 1 MiB behind, or the proxy's mirrors hold
+//! 16 MiB). Mirrors in flight are bounded per proxy ([`MAX_IN_FLIGHT`]); past the bound a
+//! request is not mirrored. Counted in `strait_http_mirror_total`.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -11,6 +12,7 @@ use tokio::sync::Semaphore;
 use tower::{Layer, Service, ServiceExt};
 
 use super::{Req, RouteService};
+use crate::http::body::MirrorBuffer;
 use crate::metrics::{Label, Metrics};
 
 /// Mirrored requests in flight per proxy, at most.
@@ -34,6 +36,8 @@ pub struct Target {
 pub struct Mirrors {
     pub metrics: Arc<Metrics>,
     pub in_flight: Arc<Semaphore>,
+    /// Body bytes held for mirrors that have not read them yet.
+    pub buffer: Arc<MirrorBuffer>,
 }
 
 impl Mirrors {
@@ -41,6 +45,7 @@ impl Mirrors {
         Self {
             metrics,
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            buffer: Arc::default(),
         }
     }
 }
@@ -93,7 +98,7 @@ impl MirrorLayer {
                 metrics.mirror(&t.backend, "skipped");
                 continue;
             };
-            let Some(body) = req.body_mut().mirror() else {
+            let Some(body) = req.body_mut().mirror(&self.mirrors.buffer) else {
                 metrics.mirror(&t.backend, "skipped");
                 continue;
             };
