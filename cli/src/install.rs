@@ -14,11 +14,36 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 use strait_identity::ca;
 
-const CRDS: [&str; 4] = [
-    include_str!("../../install/crds/authorizationpolicies.yaml"),
-    include_str!("../../install/crds/httpfaults.yaml"),
-    include_str!("../../install/crds/trafficsplits.yaml"),
-    include_str!("../../install/crds/httproutegroups.yaml"),
+/// Who owns a CRD: Strait's own are always installed; the SMI and Gateway API ones may already
+/// be there (another mesh, Flagger, the Gateway API bundle).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CrdOwner {
+    Strait,
+    Smi,
+    GatewayApi,
+}
+
+const CRDS: [(CrdOwner, &str); 5] = [
+    (
+        CrdOwner::Strait,
+        include_str!("../../install/crds/authorizationpolicies.yaml"),
+    ),
+    (
+        CrdOwner::Strait,
+        include_str!("../../install/crds/httpfaults.yaml"),
+    ),
+    (
+        CrdOwner::Smi,
+        include_str!("../../install/crds/trafficsplits.yaml"),
+    ),
+    (
+        CrdOwner::Smi,
+        include_str!("../../install/crds/httproutegroups.yaml"),
+    ),
+    (
+        CrdOwner::GatewayApi,
+        include_str!("../../install/crds/grpcroutes.yaml"),
+    ),
 ];
 
 #[derive(Debug, clap::Args)]
@@ -66,6 +91,10 @@ pub struct InstallArgs {
     /// already installed them.
     #[arg(long)]
     pub skip_smi_crds: bool,
+    /// Leave out the GRPCRoute CRD, e.g. when the Gateway API's own CRDs (standard channel
+    /// v1.1 or later) are installed.
+    #[arg(long)]
+    pub skip_gateway_api_crds: bool,
     /// OpenTelemetry collector the proxies send spans to, OTLP/gRPC (`http://host:4317`).
     #[arg(long)]
     pub trace_collector: Option<String>,
@@ -537,8 +566,13 @@ pub fn manifests(args: &InstallArgs) -> anyhow::Result<Vec<Value>> {
                          "automountServiceAccountToken": false}));
         docs.push(cni_daemonset(args));
     }
-    for (i, crd) in CRDS.iter().enumerate() {
-        if args.skip_smi_crds && i > 0 {
+    for (owner, crd) in CRDS {
+        let skip = match owner {
+            CrdOwner::Strait => false,
+            CrdOwner::Smi => args.skip_smi_crds,
+            CrdOwner::GatewayApi => args.skip_gateway_api_crds,
+        };
+        if skip {
             continue;
         }
         docs.push(serde_yaml_ng::from_str(crd).context("an embedded CRD")?);
@@ -548,8 +582,8 @@ pub fn manifests(args: &InstallArgs) -> anyhow::Result<Vec<Value>> {
         {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": ["split.smi-spec.io"], "resources": ["trafficsplits"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": ["specs.smi-spec.io"], "resources": ["httproutegroups"], "verbs": ["get", "list", "watch"]},
-        {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes", "referencegrants"], "verbs": ["get", "list", "watch"]},
-        {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes/status"], "verbs": ["patch"]},
+        {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes", "grpcroutes", "referencegrants"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes/status", "grpcroutes/status"], "verbs": ["patch"]},
         {"apiGroups": ["policy.strait.io"], "resources": ["authorizationpolicies", "httpfaults"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
     ]);

@@ -117,6 +117,10 @@ fn every_installed_manifest_is_valid_for_kubernetes_1_29_to_1_33_and_least_privi
         ("CustomResourceDefinition", "httpfaults.policy.strait.io"),
         (
             "CustomResourceDefinition",
+            "grpcroutes.gateway.networking.k8s.io",
+        ),
+        (
+            "CustomResourceDefinition",
             "trafficsplits.split.smi-spec.io",
         ),
         (
@@ -213,9 +217,12 @@ fn every_installed_manifest_is_valid_for_kubernetes_1_29_to_1_33_and_least_privi
         if verbs.iter().any(|v| v == "create") {
             assert_eq!(rule["resources"], json!(["tokenreviews"]));
         }
-        // The one write besides TokenReviews: the conditions of HTTPRoutes.
+        // The one write besides TokenReviews: the conditions of HTTPRoutes and GRPCRoutes.
         if verbs.iter().any(|v| v == "patch") {
-            assert_eq!(rule["resources"], json!(["httproutes/status"]));
+            assert_eq!(
+                rule["resources"],
+                json!(["httproutes/status", "grpcroutes/status"])
+            );
             assert_eq!(rule["verbs"], json!(["patch"]));
         }
     }
@@ -281,6 +288,11 @@ fn install_uses_the_operators_anchors_and_issuer() {
     assert!(!docs
         .iter()
         .any(|d| d["metadata"]["name"] == "trafficsplits.split.smi-spec.io"));
+    assert!(
+        docs.iter()
+            .any(|d| d["metadata"]["name"] == "httpfaults.policy.strait.io"),
+        "Strait's own CRDs stay"
+    );
     assert_eq!(
         find(&docs, "Deployment", "strait-control-plane")["spec"]["replicas"],
         3
@@ -431,7 +443,7 @@ fn check_passes_on_an_installed_mesh_and_names_what_is_missing() {
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("all 12 checks passed"), "{stdout}");
+    assert!(stdout.contains("all 13 checks passed"), "{stdout}");
     assert!(stdout.contains("2/2 replicas ready"), "{stdout}");
     assert!(
         stdout

@@ -91,7 +91,16 @@ impl MeshIndex {
         let mut tokens = HashMap::new();
         let mut namespace_defaults = HashMap::new();
         let mut policies = Vec::new();
+        // GRPCRoutes, in HTTPRoute terms: owned here, borrowed by the route sources.
+        let grpc_routes: Vec<crate::resources::HttpRoute> = resources
+            .iter()
+            .filter_map(|r| match r {
+                Resource::GrpcRoute(g) => Some(g.to_http()),
+                _ => None,
+            })
+            .collect();
         let mut route_sources = RouteSources::default();
+        route_sources.http_routes.extend(grpc_routes.iter());
         for r in resources {
             match r {
                 Resource::Service(s) => services.push(s),
@@ -111,6 +120,7 @@ impl MeshIndex {
                 Resource::AuthorizationPolicy(p) => policies.push(p),
                 Resource::HttpRoute(r) => route_sources.http_routes.push(r),
                 Resource::ReferenceGrant(g) => route_sources.grants.push(g),
+                Resource::GrpcRoute(_) => {}
                 Resource::HttpFault(f) => {
                     route_sources
                         .faults

@@ -56,7 +56,7 @@ impl Kind {
 /// Everything watched. The issuer Secret is not among them: it is mounted into the control
 /// plane's pod (the kubelet keeps the files current), so the control plane needs no right to
 /// read Secrets.
-pub const KINDS: [Kind; 10] = [
+pub const KINDS: [Kind; 11] = [
     Kind {
         group: "",
         version: "v1",
@@ -105,6 +105,13 @@ pub const KINDS: [Kind; 10] = [
         version: "v1",
         kind: "HTTPRoute",
         plural: "httproutes",
+        required: false,
+    },
+    Kind {
+        group: "gateway.networking.k8s.io",
+        version: "v1",
+        kind: "GRPCRoute",
+        plural: "grpcroutes",
         required: false,
     },
     Kind {
@@ -421,25 +428,30 @@ pub async fn run(
     }
 }
 
-/// Writes routes' conditions to their `status` subresource (RBAC: `httproutes/status` only).
-/// A failure is logged; the next change writes again.
+/// Writes routes' conditions to their `status` subresource (RBAC: `httproutes/status` and
+/// `grpcroutes/status` only). A failure is logged; the next change writes again.
 pub async fn write_route_statuses(client: kube::Client, statuses: Vec<crate::routes::RouteStatus>) {
-    let kind = KINDS
-        .iter()
-        .find(|k| k.kind == "HTTPRoute")
-        .map(Kind::api_resource);
-    let Some(resource) = kind else { return };
+    let resource = |kind: &str| {
+        KINDS
+            .iter()
+            .find(|k| k.kind == kind)
+            .map(Kind::api_resource)
+    };
+    let (Some(http), Some(grpc)) = (resource("HTTPRoute"), resource("GRPCRoute")) else {
+        return;
+    };
     let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
     for status in statuses {
+        let resource = if status.grpc { &grpc } else { &http };
         let api: Api<DynamicObject> =
-            Api::namespaced_with(client.clone(), &status.namespace, &resource);
+            Api::namespaced_with(client.clone(), &status.namespace, resource);
         let body = crate::routes::status_json(&status, &now);
         let patch = kube::api::Patch::Merge(&body);
         if let Err(e) = api
             .patch_status(&status.name, &kube::api::PatchParams::default(), &patch)
             .await
         {
-            strait_admin::log_limited!(tracing::Level::WARN, "route status", "patch", route = %format!("{}/{}", status.namespace, status.name), error = %e, "cannot write the HTTPRoute's status (RBAC: patch on httproutes/status)");
+            strait_admin::log_limited!(tracing::Level::WARN, "route status", "patch", route = %format!("{}/{}", status.namespace, status.name), error = %e, "cannot write the route's status (RBAC: patch on httproutes/status, grpcroutes/status)");
         }
     }
 }

@@ -261,6 +261,7 @@ pub enum Resource {
     HttpRoute(HttpRoute),
     ReferenceGrant(ReferenceGrant),
     HttpFault(HttpFault),
+    GrpcRoute(GrpcRoute),
 }
 
 /// Annotations and labels Strait reads.
@@ -412,13 +413,11 @@ pub struct GrantTo {
 }
 
 impl ReferenceGrant {
-    /// Whether this grant lets HTTPRoutes of `route_ns` refer to the Service `service` in the
-    /// grant's namespace.
-    pub fn allows_route_to_service(&self, route_ns: &str, service: &str) -> bool {
+    /// Whether this grant lets routes of `kind` (`HTTPRoute`, `GRPCRoute`) in `route_ns` refer
+    /// to the Service `service` in the grant's namespace.
+    pub fn allows_route_to_service(&self, kind: &str, route_ns: &str, service: &str) -> bool {
         self.spec.from.iter().any(|f| {
-            f.group == "gateway.networking.k8s.io"
-                && f.kind == "HTTPRoute"
-                && f.namespace == route_ns
+            f.group == "gateway.networking.k8s.io" && f.kind == kind && f.namespace == route_ns
         }) && self.spec.to.iter().any(|t| {
             t.group.is_empty()
                 && t.kind == "Service"
@@ -432,6 +431,9 @@ impl ReferenceGrant {
 pub struct HttpRoute {
     pub metadata: ObjectMeta,
     pub spec: HttpRouteSpec,
+    /// Set when this route is a GRPCRoute in HTTPRoute terms ([`GrpcRoute::to_http`]).
+    #[serde(skip)]
+    pub grpc: bool,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -669,4 +671,186 @@ pub struct HeaderModifierSpec {
 pub struct HeaderValueSpec {
     pub name: String,
     pub value: String,
+}
+
+impl HttpRoute {
+    /// `HTTPRoute`, or `GRPCRoute` for a GRPCRoute in HTTPRoute terms.
+    pub fn kind(&self) -> &'static str {
+        if self.grpc {
+            "GRPCRoute"
+        } else {
+            "HTTPRoute"
+        }
+    }
+}
+
+/// Gateway API `gateway.networking.k8s.io/v1` GRPCRoute, bound to Services (GAMMA).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct GrpcRoute {
+    pub metadata: ObjectMeta,
+    pub spec: GrpcRouteSpec,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GrpcRouteSpec {
+    #[serde(default)]
+    pub parent_refs: Vec<ParentRef>,
+    #[serde(default)]
+    pub rules: Vec<GrpcRouteRule>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GrpcRouteRule {
+    #[serde(default)]
+    pub matches: Vec<GrpcRouteMatch>,
+    #[serde(default)]
+    pub backend_refs: Vec<BackendRef>,
+    #[serde(default)]
+    pub filters: Vec<RouteFilter>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+pub struct GrpcRouteMatch {
+    #[serde(default)]
+    pub method: Option<GrpcMethodMatch>,
+    #[serde(default)]
+    pub headers: Vec<NamedMatch>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+pub struct GrpcMethodMatch {
+    /// `Exact` (default) or `RegularExpression`.
+    #[serde(default, rename = "type")]
+    pub type_: Option<String>,
+    #[serde(default)]
+    pub service: Option<String>,
+    #[serde(default)]
+    pub method: Option<String>,
+}
+
+/// GRPCRoute annotations for retries (the GRPCRoute API has no retry field): the gRPC status
+/// codes retried (`strait.io/retry-grpc-codes`, e.g. `"14"`), the attempts after the first
+/// (`strait.io/retry-attempts`, default 2) and the backoff (`strait.io/retry-backoff`).
+pub const RETRY_ATTEMPTS: &str = "strait.io/retry-attempts";
+pub const RETRY_BACKOFF: &str = "strait.io/retry-backoff";
+
+/// The filters a GRPCRoute may have.
+const GRPC_FILTERS: [&str; 4] = [
+    "RequestHeaderModifier",
+    "ResponseHeaderModifier",
+    "RequestMirror",
+    "ExtensionRef",
+];
+
+fn regex_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if "\\.+*?()|[]{}^$#&-~".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+impl GrpcRoute {
+    /// The same route in HTTPRoute terms: a method match is a path match (`/service/method`:
+    /// exact, a `/service` prefix, or a regular expression), every match also requires a gRPC
+    /// content type, and retries come from the annotations. Everything else (GAMMA producer and
+    /// consumer routes, ReferenceGrants, filters, weights, status) is then shared.
+    pub fn to_http(&self) -> HttpRoute {
+        let grpc_content = NamedMatch {
+            type_: Some("RegularExpression".into()),
+            name: "content-type".into(),
+            value: "application/grpc(\\+.*)?".into(),
+        };
+        let path_of = |m: &GrpcMethodMatch| -> TypedValue {
+            let regex = m.type_.as_deref() == Some("RegularExpression");
+            let (service, method) = (m.service.as_deref(), m.method.as_deref());
+            let (type_, value) = match (regex, service, method) {
+                (false, Some(s), Some(me)) => ("Exact", format!("/{s}/{me}")),
+                (false, Some(s), None) => ("PathPrefix", format!("/{s}")),
+                (false, None, Some(me)) => {
+                    ("RegularExpression", format!("/[^/]+/{}", regex_escape(me)))
+                }
+                (false, None, None) => ("PathPrefix", "/".into()),
+                (true, s, me) => (
+                    "RegularExpression",
+                    format!("/{}/{}", s.unwrap_or("[^/]+"), me.unwrap_or("[^/]+")),
+                ),
+            };
+            TypedValue {
+                type_: Some(type_.into()),
+                value: Some(value),
+            }
+        };
+        let annotations = &self.metadata.annotations;
+        let retry = annotations
+            .get(crate::routes::RETRY_GRPC_CODES)
+            .map(|_| RouteRetry {
+                codes: Vec::new(),
+                attempts: Some(
+                    annotations
+                        .get(RETRY_ATTEMPTS)
+                        .and_then(|a| a.trim().parse().ok())
+                        .unwrap_or(2),
+                ),
+                backoff: annotations.get(RETRY_BACKOFF).cloned(),
+            });
+        let rules = self
+            .spec
+            .rules
+            .iter()
+            .map(|r| {
+                let matches = if r.matches.is_empty() {
+                    vec![GrpcRouteMatch::default()]
+                } else {
+                    r.matches.clone()
+                };
+                let filters = r
+                    .filters
+                    .iter()
+                    .map(|f| {
+                        let mut f = f.clone();
+                        if !GRPC_FILTERS.contains(&f.type_.as_str()) {
+                            f.type_ = format!("{} (not a GRPCRoute filter)", f.type_);
+                        }
+                        f
+                    })
+                    .collect();
+                HttpRouteRule {
+                    matches: matches
+                        .iter()
+                        .map(|m| HttpRouteMatch {
+                            path: Some(path_of(
+                                m.method.as_ref().unwrap_or(&GrpcMethodMatch::default()),
+                            )),
+                            headers: m
+                                .headers
+                                .iter()
+                                .cloned()
+                                .chain([grpc_content.clone()])
+                                .collect(),
+                            query_params: Vec::new(),
+                            method: Some("POST".into()),
+                        })
+                        .collect(),
+                    backend_refs: r.backend_refs.clone(),
+                    timeouts: None,
+                    retry: retry.clone(),
+                    filters,
+                }
+            })
+            .collect();
+        HttpRoute {
+            metadata: self.metadata.clone(),
+            spec: HttpRouteSpec {
+                parent_refs: self.spec.parent_refs.clone(),
+                rules,
+            },
+            grpc: true,
+        }
+    }
 }

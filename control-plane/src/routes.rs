@@ -45,12 +45,11 @@ pub struct RouteSources<'a> {
 impl RouteSources<'_> {
     /// Whether an HTTPRoute of `route_ns` may send to the Service `ns/name`: always within its
     /// namespace, across namespaces only with a ReferenceGrant in the Service's.
-    pub fn may_refer(&self, route_ns: &str, ns: &str, name: &str) -> bool {
+    pub fn may_refer(&self, kind: &str, route_ns: &str, ns: &str, name: &str) -> bool {
         route_ns == ns
-            || self
-                .grants
-                .iter()
-                .any(|g| g.metadata.namespace == ns && g.allows_route_to_service(route_ns, name))
+            || self.grants.iter().any(|g| {
+                g.metadata.namespace == ns && g.allows_route_to_service(kind, route_ns, name)
+            })
     }
 
     /// The HTTPRoutes whose parentRefs name the Service `ns/name` (port `port`).
@@ -163,6 +162,8 @@ pub struct Condition {
 pub struct RouteStatus {
     pub namespace: String,
     pub name: String,
+    /// A GRPCRoute's (its status goes to `grpcroutes/status`).
+    pub grpc: bool,
     pub generation: Option<i64>,
     /// The Service parents, `(namespace, name, port)`.
     pub parents: Vec<(String, String, Option<u16>)>,
@@ -247,7 +248,7 @@ pub fn route_statuses(
                         "InvalidKind",
                         format!("backend {} is not a Service", b.name),
                     ))
-                } else if !sources.may_refer(route_ns, ns, &b.name) {
+                } else if !sources.may_refer(route.kind(), route_ns, ns, &b.name) {
                     Some((
                         "RefNotPermitted",
                         format!(
@@ -278,8 +279,16 @@ pub fn route_statuses(
         let mut accepted = accepted;
         let parent_port = parents.first().and_then(|p| p.2).unwrap_or(0);
         for (i, rule) in route.spec.rules.iter().enumerate() {
-            let name = format!("httproute {route_ns}/{}#{i}", route.metadata.name);
-            if let Some(p) = filter_problem(rule, &name, route_ns, parent_port, resolve, sources) {
+            let kind = if route.grpc { "grpcroute" } else { "httproute" };
+            let name = format!("{kind} {route_ns}/{}#{i}", route.metadata.name);
+            if let Some(p) = filter_problem(
+                rule,
+                &name,
+                (route.kind(), route_ns),
+                parent_port,
+                resolve,
+                sources,
+            ) {
                 let condition = match p.condition {
                     route_filters::Condition::Accepted => &mut accepted,
                     route_filters::Condition::ResolvedRefs => &mut resolved_refs,
@@ -296,6 +305,7 @@ pub fn route_statuses(
         out.push(RouteStatus {
             namespace: route_ns.to_string(),
             name: route.metadata.name.clone(),
+            grpc: route.grpc,
             generation: route.metadata.generation,
             parents,
             accepted,
@@ -311,12 +321,13 @@ pub fn route_statuses(
 fn filter_problem(
     rule: &HttpRouteRule,
     name: &str,
-    route_ns: &str,
+    (kind, route_ns): (&str, &str),
     parent_port: u16,
     resolve: &Resolve<'_>,
     sources: &RouteSources<'_>,
 ) -> Option<route_filters::Problem> {
-    let backend = |b: &BackendRef| backend_of(b, name, route_ns, parent_port, resolve, sources);
+    let backend =
+        |b: &BackendRef| backend_of(b, name, (kind, route_ns), parent_port, resolve, sources);
     let cx = route_filters::Context {
         route_ns,
         backend: &backend,
@@ -380,10 +391,15 @@ pub fn log_status_changes(previous: &[RouteStatus], now: &[RouteStatus]) {
             status.resolved_refs.reason,
             status.resolved_refs.message
         );
-        if level_ok {
-            tracing::info!(%route, %accepted, resolved_refs = %resolved, "HTTPRoute status");
+        let kind = if status.grpc {
+            "GRPCRoute"
         } else {
-            tracing::warn!(%route, %accepted, resolved_refs = %resolved, "HTTPRoute status");
+            "HTTPRoute"
+        };
+        if level_ok {
+            tracing::info!(%route, %accepted, resolved_refs = %resolved, "{kind} status");
+        } else {
+            tracing::warn!(%route, %accepted, resolved_refs = %resolved, "{kind} status");
         }
     }
 }
@@ -465,8 +481,16 @@ fn http_routes(
     for route in sorted {
         let route_ns = route.metadata.namespace.as_str();
         for (i, rule) in route.spec.rules.iter().enumerate() {
-            let name = format!("httproute {route_ns}/{}#{i}", route.metadata.name);
-            let mut base = rule_route(&name, rule, route_ns, port, resolve, sources);
+            let kind = if route.grpc { "grpcroute" } else { "httproute" };
+            let name = format!("{kind} {route_ns}/{}#{i}", route.metadata.name);
+            let mut base = rule_route(
+                &name,
+                rule,
+                (route.kind(), route_ns),
+                port,
+                resolve,
+                sources,
+            );
             if let (Some(retry), Some(codes)) = (
                 base.retry.as_mut(),
                 route.metadata.annotations.get(RETRY_GRPC_CODES),
@@ -550,12 +574,13 @@ fn route_match(m: &HttpRouteMatch) -> RouteMatch {
 fn rule_route(
     name: &str,
     rule: &HttpRouteRule,
-    route_ns: &str,
+    (kind, route_ns): (&str, &str),
     parent_port: u16,
     resolve: &Resolve<'_>,
     sources: &RouteSources<'_>,
 ) -> Route {
-    let backend = |b: &BackendRef| backend_of(b, name, route_ns, parent_port, resolve, sources);
+    let backend =
+        |b: &BackendRef| backend_of(b, name, (kind, route_ns), parent_port, resolve, sources);
     let cx = route_filters::Context {
         route_ns,
         backend: &backend,
@@ -625,7 +650,7 @@ fn rule_route(
 fn backend_of(
     b: &BackendRef,
     name: &str,
-    route_ns: &str,
+    (kind, route_ns): (&str, &str),
     parent_port: u16,
     resolve: &Resolve<'_>,
     sources: &RouteSources<'_>,
@@ -640,7 +665,7 @@ fn backend_of(
         weight,
         ..Default::default()
     };
-    if kind_ok && !sources.may_refer(route_ns, ns, &b.name) {
+    if kind_ok && !sources.may_refer(kind, route_ns, ns, &b.name) {
         tracing::warn!(route = name, backend = %format!("{ns}/{}:{port}", b.name), "backend in another namespace without a ReferenceGrant there; its share gets 500");
         return missing();
     }
@@ -898,6 +923,74 @@ spec: {clusterIP: 10.96.0.20, ports: [{name: grpc, port: 9000}]}
             "{:#?}",
             d.routes
         );
+    }
+
+    #[test]
+    fn a_grpcroute_matches_methods_of_grpc_requests_and_retries_by_status() {
+        let route = r#"
+kind: GRPCRoute
+apiVersion: gateway.networking.k8s.io/v1
+metadata: {name: echo, namespace: shop, annotations: {strait.io/retry-grpc-codes: "14", strait.io/retry-attempts: "3"}}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+  rules:
+  - matches: [{method: {service: strait.test.v1.Echo, method: Unary}}]
+    backendRefs: [{name: web-v2, port: 80}]
+  - matches: [{method: {method: ServerStream}, headers: [{name: x-tier, value: gold}]}]
+    backendRefs: [{name: web-v1, port: 80}]
+  - matches: [{method: {service: strait.test.v1.Echo}}]
+    backendRefs: [{name: web-v1, port: 80, weight: 3}, {name: web-v2, port: 80, weight: 1}]
+"#;
+        let d = destination(route, "10.96.0.10:80");
+        let paths: Vec<(i32, &str)> = d
+            .routes
+            .iter()
+            .map(|r| {
+                let p = r.matches[0].path.as_ref().expect("path");
+                (p.kind, p.value.as_str())
+            })
+            .collect();
+        // Exact method first, then the service prefix, then the method-only regex.
+        assert_eq!(
+            paths,
+            [
+                (
+                    strait_api::discovery::path_match::Kind::Exact as i32,
+                    "/strait.test.v1.Echo/Unary"
+                ),
+                (
+                    strait_api::discovery::path_match::Kind::Prefix as i32,
+                    "/strait.test.v1.Echo"
+                ),
+                (
+                    strait_api::discovery::path_match::Kind::Regex as i32,
+                    "/[^/]+/ServerStream"
+                ),
+            ]
+        );
+        for r in &d.routes {
+            assert!(r.name.starts_with("grpcroute shop/echo#"), "{}", r.name);
+            assert_eq!(r.matches[0].method, "POST");
+            assert!(
+                r.matches[0]
+                    .headers
+                    .iter()
+                    .any(|h| h.name == "content-type" && h.regex),
+                "only gRPC requests: {:?}",
+                r.matches[0].headers
+            );
+            let retry = r.retry.as_ref().expect("retry from the annotations");
+            assert_eq!(
+                (retry.attempts, retry.grpc_codes.as_slice()),
+                (3, &[14][..])
+            );
+        }
+        assert!(d.routes[2].matches[0]
+            .headers
+            .iter()
+            .any(|h| h.name == "x-tier"));
+        let weights: Vec<u32> = d.routes[1].backends.iter().map(|b| b.weight).collect();
+        assert_eq!(weights, [3, 1]);
     }
 
     #[test]

@@ -1,7 +1,7 @@
-//! Retry layer: tower's `Retry` with the route's policy and the destination's budget. The body
-//! is buffered first (only requests [`crate::retry::is_replayable`] says are safe); any other
-//! request passes through and is tried once. The policy itself (what is worth a retry, the
-//! budget) is in [`crate::retry`].
+//! Retry layer: tower's `Retry` with the route's policy and the destination's budget. Safe
+//! requests (an idempotent method, or gRPC) whose body ends within 64 KiB are buffered and
+//! may be retried; any other request passes through and is tried once. The policy itself (what
+//! is worth a retry, the budget) is in [`crate::retry`].
 
 use std::future::Future;
 use std::pin::Pin;
@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures_util::future::Either;
-use http_body_util::BodyExt;
+use http_body::Body as _;
 use tower::{Layer, Service, ServiceExt};
 
 use super::{Req, Rsp};
@@ -17,7 +17,7 @@ use crate::http::error::ProxyError;
 use crate::http::headers::{is_grpc, is_upgrade};
 use crate::http::ReqBody;
 use crate::metrics::HttpMetrics;
-use crate::retry::{is_replayable, should_retry, RetryBudget, RetryPolicy};
+use crate::retry::{is_idempotent, should_retry, RetryBudget, RetryPolicy, MAX_REPLAY_BODY};
 
 #[derive(Debug, Clone)]
 pub struct RetryLayer {
@@ -113,12 +113,21 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        if is_upgrade(&req) || !is_replayable(&req) {
+        let grpc = is_grpc(&req);
+        // A gRPC request is retried whatever its method: the route names the gRPC statuses
+        // safe to retry (UNAVAILABLE by default: the server did not process it).
+        let safe = grpc || is_idempotent(req.method());
+        let too_large = req
+            .body()
+            .size_hint()
+            .exact()
+            .is_some_and(|n| n > MAX_REPLAY_BODY);
+        if is_upgrade(&req) || !safe || too_large {
             return Either::Left(self.inner.call(req));
         }
         let policy = Policy {
             layer: self.layer.clone(),
-            grpc: is_grpc(&req),
+            grpc,
             attempts: 0,
         };
         let inner = self.inner.clone();
@@ -126,24 +135,26 @@ where
         Either::Right(Box::pin(async move {
             let (parts, body) = req.into_parts();
             let body = match body {
-                ReqBody::Stream(b) => b
-                    .collect()
-                    .await
-                    .map_err(|e| ProxyError::RequestBody(e.to_string()))?
-                    .to_bytes(),
-                full @ ReqBody::Full(_) => {
-                    return tower::retry::Retry::new(policy, inner)
-                        .oneshot(http::Request::from_parts(parts, full))
-                        .await
-                }
-                // A teed or mirrored body is not replayable (is_replayable says so first).
+                // Read up to the limit: a body that ends within it (a gRPC message has no
+                // Content-Length) is buffered and retried; a longer one streams on, tried once.
+                ReqBody::Stream(b) => match ReqBody::read_within(b, MAX_REPLAY_BODY as usize).await
+                {
+                    Ok(bytes) => ReqBody::Full(http_body_util::Full::new(bytes)),
+                    Err(streaming) => {
+                        return inner
+                            .oneshot(http::Request::from_parts(parts, streaming))
+                            .await;
+                    }
+                },
+                full @ ReqBody::Full(_) => full,
+                // A teed or mirrored body is not replayable.
                 other => {
                     return inner.oneshot(http::Request::from_parts(parts, other)).await;
                 }
             };
-            let req =
-                http::Request::from_parts(parts, ReqBody::Full(http_body_util::Full::new(body)));
-            tower::retry::Retry::new(policy, inner).oneshot(req).await
+            tower::retry::Retry::new(policy, inner)
+                .oneshot(http::Request::from_parts(parts, body))
+                .await
         }))
     }
 }

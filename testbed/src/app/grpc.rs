@@ -22,6 +22,8 @@ use pb::{EchoReply, EchoRequest, StreamRequest};
 #[derive(Debug)]
 struct Server {
     name: String,
+    /// Share of unary calls answered UNAVAILABLE (a flaky replica), 0 to 1.
+    fail_ratio: f64,
 }
 
 fn failure(code: i32) -> Status {
@@ -40,6 +42,9 @@ impl Echo for Server {
         let req = req.into_inner();
         if req.fail_code != 0 {
             return Err(failure(req.fail_code));
+        }
+        if self.fail_ratio > 0.0 && super::http::rand_unit() < self.fail_ratio {
+            return Err(Status::unavailable(format!("{} is flaky", self.name)));
         }
         Ok(Response::new(EchoReply {
             message: req.message,
@@ -89,13 +94,13 @@ impl Echo for Server {
     }
 }
 
-pub async fn serve(listen: SocketAddr, name: String) -> anyhow::Result<()> {
+pub async fn serve(listen: SocketAddr, name: String, fail_ratio: f64) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("bind {listen}"))?;
     println!("listening on {listen}");
     tonic::transport::Server::builder()
-        .add_service(EchoServer::new(Server { name }))
+        .add_service(EchoServer::new(Server { name, fail_ratio }))
         .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
         .await?;
     Ok(())
@@ -108,6 +113,9 @@ pub enum Call {
         message: String,
         #[arg(long, default_value_t = 0)]
         fail_code: i32,
+        /// Calls made one after the other on the channel, a line each.
+        #[arg(long, default_value_t = 1)]
+        repeat: u32,
     },
     Stream {
         #[arg(long, default_value_t = 100)]
@@ -144,13 +152,23 @@ pub async fn client(addr: String, call: Call) -> anyhow::Result<()> {
         .context("connect")?;
     let mut client = EchoClient::new(channel);
     match call {
-        Call::Unary { message, fail_code } => {
-            match client.unary(EchoRequest { message, fail_code }).await {
-                Ok(r) => {
-                    let r = r.into_inner();
-                    println!("ok served_by={} message={}", r.served_by, r.message);
+        Call::Unary {
+            message,
+            fail_code,
+            repeat,
+        } => {
+            for _ in 0..repeat.clamp(1, 10_000) {
+                let req = EchoRequest {
+                    message: message.clone(),
+                    fail_code,
+                };
+                match client.unary(req).await {
+                    Ok(r) => {
+                        let r = r.into_inner();
+                        println!("ok served_by={} message={}", r.served_by, r.message);
+                    }
+                    Err(s) => print_status(&s),
                 }
-                Err(s) => print_status(&s),
             }
         }
         Call::Stream { count, fail_code } => {

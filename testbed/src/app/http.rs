@@ -121,7 +121,7 @@ async fn handle(mut req: Request<Incoming>, name: &str) -> Response<Body> {
 }
 
 /// A uniform number in [0, 1), from the std hasher's random seed (no extra dependency).
-fn rand_unit() -> f64 {
+pub(crate) fn rand_unit() -> f64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     let nanos = std::time::SystemTime::now()

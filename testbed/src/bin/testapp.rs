@@ -36,6 +36,9 @@ enum Cmd {
         listen: SocketAddr,
         #[arg(long)]
         name: String,
+        /// Share of unary calls answered UNAVAILABLE (a flaky replica), 0 to 1.
+        #[arg(long, default_value_t = 0.0)]
+        fail_ratio: f64,
     },
     /// Server-speaks-first TCP: sends `text` on accept, then echoes.
     Banner {
@@ -98,7 +101,11 @@ async fn main() -> anyhow::Result<()> {
             delay_ms,
             fail_ratio,
         } => app::http::serve(listen, name, Duration::from_millis(delay_ms), fail_ratio).await,
-        Cmd::Grpc { listen, name } => app::grpc::serve(listen, name).await,
+        Cmd::Grpc {
+            listen,
+            name,
+            fail_ratio,
+        } => app::grpc::serve(listen, name, fail_ratio).await,
         Cmd::Banner { listen, text } => app::tcp::banner(listen, text).await,
         Cmd::Echo { listen } => app::tcp::echo(listen).await,
         Cmd::GrpcClient { addr, call } => app::grpc::client(addr, call).await,
