@@ -80,6 +80,7 @@ pub async fn checks(client: kube::Client, args: &CheckArgs) -> Vec<Line> {
     for name in [
         "authorizationpolicies.policy.strait.io",
         "httpfaults.policy.strait.io",
+        "httplocalratelimitpolicies.policy.strait.io",
         "trafficsplits.split.smi-spec.io",
         "httproutegroups.specs.smi-spec.io",
     ] {

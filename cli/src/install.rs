@@ -23,10 +23,14 @@ enum CrdOwner {
     GatewayApi,
 }
 
-const CRDS: [(CrdOwner, &str); 5] = [
+const CRDS: [(CrdOwner, &str); 6] = [
     (
         CrdOwner::Strait,
         include_str!("../../install/crds/authorizationpolicies.yaml"),
+    ),
+    (
+        CrdOwner::Strait,
+        include_str!("../../install/crds/httplocalratelimitpolicies.yaml"),
     ),
     (
         CrdOwner::Strait,
@@ -584,7 +588,7 @@ pub fn manifests(args: &InstallArgs) -> anyhow::Result<Vec<Value>> {
         {"apiGroups": ["specs.smi-spec.io"], "resources": ["httproutegroups"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes", "grpcroutes", "referencegrants"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes/status", "grpcroutes/status"], "verbs": ["patch"]},
-        {"apiGroups": ["policy.strait.io"], "resources": ["authorizationpolicies", "httpfaults"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": ["policy.strait.io"], "resources": ["authorizationpolicies", "httplocalratelimitpolicies", "httpfaults"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
     ]);
     docs.extend([

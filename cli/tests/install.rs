@@ -117,6 +117,10 @@ fn every_installed_manifest_is_valid_for_kubernetes_1_29_to_1_33_and_least_privi
         ("CustomResourceDefinition", "httpfaults.policy.strait.io"),
         (
             "CustomResourceDefinition",
+            "httplocalratelimitpolicies.policy.strait.io",
+        ),
+        (
+            "CustomResourceDefinition",
             "grpcroutes.gateway.networking.k8s.io",
         ),
         (
@@ -443,7 +447,7 @@ fn check_passes_on_an_installed_mesh_and_names_what_is_missing() {
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("all 13 checks passed"), "{stdout}");
+    assert!(stdout.contains("all 14 checks passed"), "{stdout}");
     assert!(stdout.contains("2/2 replicas ready"), "{stdout}");
     assert!(
         stdout

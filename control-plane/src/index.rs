@@ -11,6 +11,7 @@ use std::sync::Arc;
 use strait_api::discovery::{
     allowed_client, destination_update::Update, AllowedClient, DefaultPolicy, Destination,
     DestinationUpdate, Endpoint, InboundPolicy, NotInMesh, PortAuthorization, ProtocolHint,
+    RateLimit, RateLimitOverride,
 };
 
 use crate::resources::{
@@ -91,6 +92,7 @@ impl MeshIndex {
         let mut tokens = HashMap::new();
         let mut namespace_defaults = HashMap::new();
         let mut policies = Vec::new();
+        let mut limits = Vec::new();
         // GRPCRoutes, in HTTPRoute terms: owned here, borrowed by the route sources.
         let grpc_routes: Vec<crate::resources::HttpRoute> = resources
             .iter()
@@ -121,6 +123,7 @@ impl MeshIndex {
                 Resource::HttpRoute(r) => route_sources.http_routes.push(r),
                 Resource::ReferenceGrant(g) => route_sources.grants.push(g),
                 Resource::GrpcRoute(_) => {}
+                Resource::RateLimitPolicy(l) => limits.push(l),
                 Resource::HttpFault(f) => {
                     route_sources
                         .faults
@@ -187,7 +190,7 @@ impl MeshIndex {
             consumer_answers: HashMap::new(),
             services: services.len(),
             tokens,
-            inbound: inbound_policies(&policies),
+            inbound: inbound_policies(&policies, &limits, naming),
             opaque_inbound: HashMap::new(),
             namespace_defaults,
             default_inbound_policy: naming.default_inbound_policy,
@@ -382,6 +385,8 @@ impl MeshIndex {
 /// warning: a policy is never widened by an error.
 fn inbound_policies(
     policies: &[&AuthorizationPolicy],
+    limits: &[&crate::resources::RateLimitPolicy],
+    naming: &Naming,
 ) -> HashMap<(String, String), Arc<InboundPolicy>> {
     let mut out: HashMap<(String, String), InboundPolicy> = HashMap::new();
     let mut sorted: Vec<_> = policies.iter().collect();
@@ -422,6 +427,66 @@ fn inbound_policies(
                 port: u32::from(p.spec.port.unwrap_or(0)),
                 policy: name,
                 allow,
+                routes: p
+                    .spec
+                    .routes
+                    .iter()
+                    .map(crate::routes::route_match)
+                    .collect(),
+            });
+    }
+    let mut sorted: Vec<_> = limits.iter().collect();
+    sorted.sort_by(|a, b| {
+        (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
+    });
+    for l in sorted {
+        let name = format!("{}/{}", l.metadata.namespace, l.metadata.name);
+        if l.spec.target_ref.kind != "ServiceAccount" {
+            tracing::warn!(policy = %name, kind = %l.spec.target_ref.kind, "targetRef.kind must be ServiceAccount; rate limit ignored");
+            continue;
+        }
+        let overrides = l
+            .spec
+            .overrides
+            .iter()
+            .map(|o| RateLimitOverride {
+                rps: o.requests_per_second,
+                identities: o
+                    .client_refs
+                    .iter()
+                    .filter(|c| {
+                        let ok = c.kind == "ServiceAccount";
+                        if !ok {
+                            tracing::warn!(policy = %name, kind = %c.kind, "clientRefs name ServiceAccounts; entry skipped");
+                        }
+                        ok
+                    })
+                    .map(|c| {
+                        let ns = c.namespace.as_deref().unwrap_or(&l.metadata.namespace);
+                        format!("spiffe://{}/ns/{ns}/sa/{}", naming.trust_domain, c.name)
+                    })
+                    .collect(),
+            })
+            .collect();
+        out.entry((l.metadata.namespace.clone(), l.spec.target_ref.name.clone()))
+            .or_default()
+            .rate_limits
+            .push(RateLimit {
+                port: u32::from(l.spec.port.unwrap_or(0)),
+                policy: name,
+                routes: l
+                    .spec
+                    .routes
+                    .iter()
+                    .map(crate::routes::route_match)
+                    .collect(),
+                total_rps: l.spec.total.as_ref().map_or(0, |r| r.requests_per_second),
+                identity_rps: l
+                    .spec
+                    .identity
+                    .as_ref()
+                    .map_or(0, |r| r.requests_per_second),
+                overrides,
             });
     }
     out.into_iter().map(|(k, v)| (k, Arc::new(v))).collect()

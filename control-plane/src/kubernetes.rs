@@ -56,7 +56,7 @@ impl Kind {
 /// Everything watched. The issuer Secret is not among them: it is mounted into the control
 /// plane's pod (the kubelet keeps the files current), so the control plane needs no right to
 /// read Secrets.
-pub const KINDS: [Kind; 11] = [
+pub const KINDS: [Kind; 12] = [
     Kind {
         group: "",
         version: "v1",
@@ -126,6 +126,13 @@ pub const KINDS: [Kind; 11] = [
         version: "v1alpha1",
         kind: "AuthorizationPolicy",
         plural: "authorizationpolicies",
+        required: false,
+    },
+    Kind {
+        group: "policy.strait.io",
+        version: "v1alpha1",
+        kind: "HTTPLocalRateLimitPolicy",
+        plural: "httplocalratelimitpolicies",
         required: false,
     },
     Kind {

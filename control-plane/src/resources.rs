@@ -225,6 +225,60 @@ pub struct AuthorizationPolicySpec {
     pub port: Option<u16>,
     #[serde(default)]
     pub allow: Vec<AllowRule>,
+    /// HTTP requests the policy is about (HTTPRoute match syntax: path, method, headers,
+    /// queryParams); empty: every request and connection of the port.
+    #[serde(default)]
+    pub routes: Vec<HttpRouteMatch>,
+}
+
+/// `policy.strait.io/v1alpha1` HTTPLocalRateLimitPolicy: rate limits of a workload's inbound
+/// HTTP requests (Linkerd's HTTPLocalRateLimitPolicy, targeting a ServiceAccount).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct RateLimitPolicy {
+    pub metadata: ObjectMeta,
+    pub spec: RateLimitSpec,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RateLimitSpec {
+    pub target_ref: PolicyTarget,
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// Only requests matching one of these count; empty: every request.
+    #[serde(default)]
+    pub routes: Vec<HttpRouteMatch>,
+    /// Every client together.
+    #[serde(default)]
+    pub total: Option<Rate>,
+    /// Each client identity (clients without one share a bucket).
+    #[serde(default)]
+    pub identity: Option<Rate>,
+    #[serde(default)]
+    pub overrides: Vec<RateOverride>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Rate {
+    pub requests_per_second: u32,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RateOverride {
+    pub requests_per_second: u32,
+    /// The clients: ServiceAccounts (`{kind: ServiceAccount, name, namespace}`).
+    pub client_refs: Vec<ClientRef>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClientRef {
+    pub kind: String,
+    pub name: String,
+    #[serde(default)]
+    pub namespace: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -262,6 +316,7 @@ pub enum Resource {
     ReferenceGrant(ReferenceGrant),
     HttpFault(HttpFault),
     GrpcRoute(GrpcRoute),
+    RateLimitPolicy(RateLimitPolicy),
 }
 
 /// Annotations and labels Strait reads.

@@ -536,7 +536,9 @@ fn precedence(m: &RouteMatch) -> (u8, usize, bool, usize, usize) {
     )
 }
 
-fn route_match(m: &HttpRouteMatch) -> RouteMatch {
+/// An HTTPRoute match as proxies get it (HTTPRoutes, GRPCRoutes and the route matches of
+/// policies).
+pub fn route_match(m: &HttpRouteMatch) -> RouteMatch {
     let path = m.path.as_ref().map_or(
         PathMatch {
             kind: path_match::Kind::Prefix as i32,

@@ -422,10 +422,10 @@ impl Handler for InboundHttp {
         let mut req = req.map(crate::http::ReqBody::Stream);
         // What the client's proxy said (trusted over mTLS only; never passed to the app).
         let said = said_by_peer(req.headers_mut(), self.client.is_some());
-        if let Err(denied) = self
-            .ctx
-            .authz
-            .authorize(self.app.port(), self.client.as_ref())
+        if let Err(denied) =
+            self.ctx
+                .authz
+                .authorize_request(self.app.port(), self.client.as_ref(), &req)
         {
             self.ctx
                 .metrics
@@ -436,6 +436,19 @@ impl Handler for InboundHttp {
                     ToString::to_string,
                 ),
                 denied,
+            });
+        }
+        if let Err(limited) = self
+            .ctx
+            .authz
+            .rate_limit(self.app.port(), self.client.as_ref(), &req)
+        {
+            self.ctx
+                .metrics
+                .refused("rate limited", self.app.port(), self.client.as_ref());
+            return Err(ProxyError::RateLimited {
+                policy: limited.policy,
+                retry_after: limited.retry_after,
             });
         }
         let resp = if restore_orig_proto(&mut req) {

@@ -23,6 +23,7 @@ pub mod listen;
 pub mod metrics;
 pub mod outbound;
 pub mod policy;
+pub mod ratelimit;
 pub mod retry;
 pub mod router;
 pub mod stack;

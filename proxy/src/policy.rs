@@ -10,6 +10,9 @@
 //! - A port no policy selects follows the default policy: the pod's own setting, else the one
 //!   the control plane sends (the namespace's annotation, else the cluster-wide flag).
 //! - `namespace` rules match the namespace in this trust domain only.
+//! - Policies about routes (path, method, headers) decide the HTTP requests they match, over
+//!   the port's other policies; a request none matches is decided by the port's policies
+//!   without routes, and refused when the port has only route policies (TCP connections too).
 //! - Every change is announced ([`Authorizer::revoked`]): open TCP connections re-check and
 //!   close when they are no longer allowed.
 //! - The last policy received keeps being enforced while the control plane is away.
@@ -18,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
+use http::Request;
 use strait_api::discovery::allowed_client::Client;
 use strait_api::discovery::discovery_client::DiscoveryClient;
 use strait_api::discovery::{DefaultPolicy, InboundPolicy, InboundRequest};
@@ -25,11 +29,42 @@ use strait_identity::SpiffeId;
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
+use crate::ratelimit::{Limited, Limits};
+use crate::router::{compile_match, CompiledMatch};
+
+/// The policy in force, with what is compiled from it.
+#[derive(Debug)]
+struct Compiled {
+    policy: InboundPolicy,
+    /// Per entry of `policy.ports`: its route matches (empty: the whole port).
+    routes: Vec<Vec<CompiledMatch>>,
+    limits: Limits,
+}
+
+impl Compiled {
+    fn new(policy: InboundPolicy) -> Self {
+        Self {
+            routes: policy
+                .ports
+                .iter()
+                .map(|e| {
+                    e.routes
+                        .iter()
+                        .map(|m| compile_match(m, &e.policy))
+                        .collect()
+                })
+                .collect(),
+            limits: Limits::compile(&policy.rate_limits),
+            policy,
+        }
+    }
+}
+
 /// The policy in force.
 #[derive(Debug)]
 pub struct Authorizer {
     /// None until the first policy arrives.
-    current: ArcSwapOption<InboundPolicy>,
+    current: ArcSwapOption<Compiled>,
     /// The pod's own default policy, which wins over the control plane's.
     pod_default: Option<DefaultPolicy>,
     /// This workload's trust domain (for `namespace` rules and `cluster-authenticated`).
@@ -48,6 +83,12 @@ pub enum Denied {
     Policies(String),
     /// No policy selects the port, and the default policy refuses the client.
     Default(DefaultPolicy),
+    /// Policies about the request's route (path, method) allow none of the client's
+    /// identities.
+    Route(String),
+    /// The port's policies are all about routes, and none is about this request (or this is
+    /// a TCP connection).
+    NoRoute(String),
 }
 
 impl Denied {
@@ -57,6 +98,8 @@ impl Denied {
             Denied::Pending => "policy pending",
             Denied::Policies(_) => "unauthorized",
             Denied::Default(_) => "default policy",
+            Denied::Route(_) => "route unauthorized",
+            Denied::NoRoute(_) => "no authorized route",
         }
     }
 }
@@ -67,6 +110,8 @@ impl std::fmt::Display for Denied {
             Denied::Pending => f.write_str("no inbound policy yet"),
             Denied::Policies(p) => write!(f, "policies {p}"),
             Denied::Default(d) => write!(f, "default policy {}", default_name(*d)),
+            Denied::Route(p) => write!(f, "route policies {p}"),
+            Denied::NoRoute(p) => write!(f, "no route of policies {p} is this request's"),
         }
     }
 }
@@ -87,36 +132,108 @@ impl Authorizer {
     /// An authorizer with no policy source: every client is allowed on every port.
     pub fn allow_all() -> Self {
         let a = Self::pending("", None);
-        a.current.store(Some(Arc::new(InboundPolicy::default())));
+        a.current
+            .store(Some(Arc::new(Compiled::new(InboundPolicy::default()))));
         a
     }
 
-    /// Whether `client` may reach `port`.
+    /// Whether `client` may reach `port` (a TCP connection: route policies do not allow it).
     pub fn authorize(&self, port: u16, client: Option<&SpiffeId>) -> Result<(), Denied> {
+        self.check(port, client, None::<&Request<()>>)
+    }
+
+    /// Whether `client` may send `req` to `port`: policies about the request's route decide
+    /// it when there are some, else the port's.
+    pub fn authorize_request<B>(
+        &self,
+        port: u16,
+        client: Option<&SpiffeId>,
+        req: &Request<B>,
+    ) -> Result<(), Denied> {
+        self.check(port, client, Some(req))
+    }
+
+    /// Takes `req`'s tokens from the rate limits that count it.
+    pub fn rate_limit<B>(
+        &self,
+        port: u16,
+        client: Option<&SpiffeId>,
+        req: &Request<B>,
+    ) -> Result<(), Limited> {
+        match self.current.load().as_deref() {
+            Some(c) if !c.limits.is_empty() => c.limits.check(port, client, req),
+            _ => Ok(()),
+        }
+    }
+
+    fn check<B>(
+        &self,
+        port: u16,
+        client: Option<&SpiffeId>,
+        req: Option<&Request<B>>,
+    ) -> Result<(), Denied> {
         let guard = self.current.load();
-        let Some(policy) = guard.as_deref() else {
+        let Some(compiled) = guard.as_deref() else {
             return Err(Denied::Pending);
         };
-        let mut selecting = Vec::new();
-        for entry in &policy.ports {
-            if entry.port != 0 && entry.port != u32::from(port) {
-                continue;
-            }
-            if let Some(client) = client {
-                if entry
+        let policy = &compiled.policy;
+        let allowed = |entry: &strait_api::discovery::PortAuthorization| {
+            client.is_some_and(|client| {
+                entry
                     .allow
                     .iter()
                     .any(|a| allows(a.client.as_ref(), client, &self.trust_domain))
-                {
+            })
+        };
+        // One pass without allocating decides; the names are gathered only for a refusal.
+        let applies = |entry: &strait_api::discovery::PortAuthorization| {
+            entry.port == 0 || entry.port == u32::from(port)
+        };
+        let about_request = |routes: &[CompiledMatch]| {
+            !routes.is_empty() && req.is_some_and(|req| routes.iter().any(|m| m.matches(req)))
+        };
+        let (mut route_matched, mut port_selected, mut port_allowed, mut route_only) =
+            (false, false, false, false);
+        for (entry, routes) in policy.ports.iter().zip(&compiled.routes) {
+            if !applies(entry) {
+                continue;
+            }
+            if routes.is_empty() {
+                port_selected = true;
+                port_allowed |= allowed(entry);
+            } else if about_request(routes) {
+                if allowed(entry) {
                     return Ok(());
                 }
+                route_matched = true;
+            } else {
+                route_only = true;
             }
-            selecting.push(entry.policy.as_str());
         }
-        if !selecting.is_empty() {
-            return Err(Denied::Policies(selecting.join(", ")));
+        let names = |pick: &dyn Fn(&[CompiledMatch]) -> bool| {
+            policy
+                .ports
+                .iter()
+                .zip(&compiled.routes)
+                .filter(|(e, r)| applies(e) && pick(r))
+                .map(|(e, _)| e.policy.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        // Policies about this request's route decide it, over the port's.
+        if route_matched {
+            return Err(Denied::Route(names(&|r| about_request(r))));
         }
-        let default = self.pod_default.unwrap_or(policy.default_policy());
+        if port_allowed {
+            return Ok(());
+        }
+        if port_selected {
+            return Err(Denied::Policies(names(&|r| r.is_empty())));
+        }
+        if route_only {
+            return Err(Denied::NoRoute(names(&|r| !r.is_empty())));
+        }
+        let default = self.pod_default.unwrap_or(compiled.policy.default_policy());
         let allowed = match default {
             DefaultPolicy::AllUnauthenticated => true,
             DefaultPolicy::AllAuthenticated => client.is_some(),
@@ -137,11 +254,11 @@ impl Authorizer {
         self.current
             .load()
             .as_deref()
-            .is_some_and(|p| p.opaque_ports.contains(&u32::from(port)))
+            .is_some_and(|p| p.policy.opaque_ports.contains(&u32::from(port)))
     }
 
     pub fn replace(&self, policy: InboundPolicy) {
-        self.current.store(Some(Arc::new(policy)));
+        self.current.store(Some(Arc::new(Compiled::new(policy))));
         self.version.send_modify(|v| *v += 1);
     }
 
@@ -232,7 +349,58 @@ mod tests {
                 .into_iter()
                 .map(|c| AllowedClient { client: Some(c) })
                 .collect(),
+            routes: Vec::new(),
         }
+    }
+
+    #[test]
+    fn route_policies_decide_their_requests_over_the_port() {
+        use strait_api::discovery::{path_match, PathMatch, RouteMatch};
+        let admin = |method: &str| RouteMatch {
+            path: Some(PathMatch {
+                kind: path_match::Kind::Prefix as i32,
+                value: "/admin".into(),
+            }),
+            method: method.into(),
+            ..Default::default()
+        };
+        let a = Authorizer::pending("cluster.local", None);
+        let mut only_ops = entry(8080, vec![Client::Identity(id("ops", "admin").to_string())]);
+        only_ops.routes = vec![admin("")];
+        only_ops.policy = "default/admin".into();
+        a.replace(InboundPolicy {
+            ports: vec![
+                only_ops.clone(),
+                entry(8080, vec![Client::Namespace("web".into())]),
+            ],
+            ..Default::default()
+        });
+        let req = |path: &str| Request::get(path).body(()).expect("request");
+        let web = id("web", "frontend");
+        assert_eq!(a.authorize_request(8080, Some(&web), &req("/home")), Ok(()));
+        assert_eq!(
+            a.authorize_request(8080, Some(&web), &req("/admin/users")),
+            Err(Denied::Route("default/admin".into())),
+            "the route's policy decides, though the port's allows web"
+        );
+        assert_eq!(
+            a.authorize_request(8080, Some(&id("ops", "admin")), &req("/admin/users")),
+            Ok(())
+        );
+        // Only route policies on a port: other requests and TCP are refused.
+        a.replace(InboundPolicy {
+            ports: vec![only_ops],
+            ..Default::default()
+        });
+        assert_eq!(
+            a.authorize_request(8080, Some(&web), &req("/home")),
+            Err(Denied::NoRoute("default/admin".into()))
+        );
+        assert!(a.authorize(8080, Some(&id("ops", "admin"))).is_err(), "TCP");
+        assert!(
+            a.authorize(9090, Some(&web)).is_ok(),
+            "another port: default"
+        );
     }
 
     #[test]

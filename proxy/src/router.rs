@@ -57,8 +57,9 @@ enum ValueMatcher {
     Never,
 }
 
+/// One route match, compiled (routes and per-route authorization share it).
 #[derive(Debug)]
-struct CompiledMatch {
+pub struct CompiledMatch {
     path: Option<PathMatcher>,
     headers: Vec<(HeaderName, ValueMatcher)>,
     query: Vec<(String, ValueMatcher)>,
@@ -93,7 +94,7 @@ impl ValueMatcher {
     }
 }
 
-fn compile_match(m: &RouteMatch, route: &str) -> CompiledMatch {
+pub fn compile_match(m: &RouteMatch, route: &str) -> CompiledMatch {
     let path = m
         .path
         .as_ref()
@@ -128,7 +129,7 @@ fn compile_match(m: &RouteMatch, route: &str) -> CompiledMatch {
 }
 
 impl CompiledMatch {
-    fn matches<B>(&self, req: &Request<B>) -> bool {
+    pub fn matches<B>(&self, req: &Request<B>) -> bool {
         let path = req.uri().path();
         let path_ok = match &self.path {
             None => true,

@@ -84,6 +84,7 @@ fn parse_value(doc: usize, value: Value, out: &mut Vec<Resource>) -> Result<(), 
         "ReferenceGrant" => Resource::ReferenceGrant(typed(value).map_err(shape)?),
         "HTTPFault" => Resource::HttpFault(typed(value).map_err(shape)?),
         "GRPCRoute" => Resource::GrpcRoute(typed(value).map_err(shape)?),
+        "HTTPLocalRateLimitPolicy" => Resource::RateLimitPolicy(typed(value).map_err(shape)?),
         list if list.ends_with("List") => {
             // `kubectl get -o yaml` output: a List of items.
             if let Some(Value::Sequence(items)) = value.get("items") {

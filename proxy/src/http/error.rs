@@ -44,6 +44,12 @@ pub enum ProxyError {
     /// Gateway API says its requests get 500.
     #[error("route {route} is invalid: {reason}")]
     InvalidRoute { route: String, reason: String },
+    /// Over a local rate limit (HTTPLocalRateLimitPolicy): 429 with `Retry-After`.
+    #[error("rate limited by {policy}; retry after {retry_after:?}")]
+    RateLimited {
+        policy: String,
+        retry_after: Duration,
+    },
     /// A fault injected by the route's HTTPFault (resilience testing).
     #[error("fault injected: {status}")]
     Fault {
@@ -100,6 +106,7 @@ impl ProxyError {
             ProxyError::NoBackend(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::InvalidRoute { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Fault { status, .. } => *status,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
@@ -140,6 +147,7 @@ impl ProxyError {
             ProxyError::NoBackend(_) => "no backend",
             ProxyError::Timeout { .. } => "timeout",
             ProxyError::InvalidRoute { .. } => "invalid route",
+            ProxyError::RateLimited { .. } => "rate limited",
             ProxyError::Fault { .. } => "fault injected",
             ProxyError::BadRequest(_) => "bad request",
             ProxyError::NotImplemented(_) => "not implemented",
@@ -159,6 +167,7 @@ impl ProxyError {
             ProxyError::NoAuthority => 13,          // INTERNAL
             ProxyError::BadRequest(_) | ProxyError::NotImplemented(_) => 13, // INTERNAL
             ProxyError::HeadersTooLarge { .. } => 8, // RESOURCE_EXHAUSTED
+            ProxyError::RateLimited { .. } => 8,    // RESOURCE_EXHAUSTED
             ProxyError::Fault {
                 grpc: Some(code), ..
             } => *code,
@@ -186,6 +195,9 @@ impl ProxyError {
             } => "refused: the destination has no inbound policy yet".to_string(),
             ProxyError::Unauthorized { .. } => {
                 "forbidden by the destination's inbound policy".to_string()
+            }
+            ProxyError::RateLimited { .. } => {
+                "rate limited by the destination's policy; retry later (Retry-After)".to_string()
             }
             other => other.to_string(),
         }
@@ -218,6 +230,13 @@ impl ProxyError {
             r
         };
         response.headers_mut().insert(PROXY_ERROR, marker);
+        if let ProxyError::RateLimited { retry_after, .. } = self {
+            // Whole seconds, rounded up (RFC 9110): at least 1.
+            let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            response
+                .headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
         if self.closes_connection() {
             response
                 .headers_mut()
@@ -249,5 +268,32 @@ mod tests {
         };
         assert_eq!(t.to_response(false).status(), 504);
         assert_eq!(t.to_response(true).headers()["grpc-status"], "4");
+    }
+
+    #[test]
+    fn rate_limited_answers_429_with_retry_after_and_grpc_resource_exhausted() {
+        let e = ProxyError::RateLimited {
+            policy: "shop/limits".into(),
+            retry_after: Duration::from_millis(1200),
+        };
+        let r = e.to_response(false);
+        assert_eq!(r.status(), 429);
+        assert_eq!(
+            r.headers()[http::header::RETRY_AFTER],
+            "2",
+            "seconds, rounded up"
+        );
+        assert!(!r.headers()[PROXY_ERROR]
+            .to_str()
+            .expect("ascii")
+            .contains("shop/limits"));
+        let g = e.to_response(true);
+        assert_eq!(g.headers()["grpc-status"], "8");
+        let f = ProxyError::Fault {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            grpc: None,
+        };
+        assert_eq!(f.to_response(true).headers()["grpc-status"], "14");
+        assert_eq!(f.to_response(false).status(), 503);
     }
 }
