@@ -42,12 +42,8 @@ pub enum ReqBody {
     Tee(Tee),
     /// A mirror's copy of a teed body.
     Copy(Copy),
-    /// Frames already read from the client's body (looking for its end, to buffer it for
-    /// retries), then the rest of it, streamed.
-    Prefixed {
-        read: std::collections::VecDeque<Frame<Bytes>>,
-        rest: Incoming,
-    },
+    /// The client's body, streamed and kept (up to a limit) so that a retry can send it again.
+    Replay(super::replay::Replay),
 }
 
 impl ReqBody {
@@ -82,41 +78,8 @@ impl ReqBody {
                     buffer: buffer.clone(),
                 }))
             }
-            ReqBody::Tee(_) | ReqBody::Copy(_) | ReqBody::Prefixed { .. } => None,
+            ReqBody::Tee(_) | ReqBody::Copy(_) | ReqBody::Replay(_) => None,
         }
-    }
-
-    /// Reads `body` whole if it ends within `max` bytes (and has no trailers): `Ok` with the
-    /// bytes. Otherwise `Err` with a body that sends what was read, then the rest.
-    pub async fn read_within(mut body: Incoming, max: usize) -> Result<Bytes, Self> {
-        use http_body_util::BodyExt;
-        let mut read = std::collections::VecDeque::new();
-        let mut size = 0;
-        loop {
-            if body.is_end_stream() {
-                break;
-            }
-            match body.frame().await {
-                None => break,
-                Some(Ok(frame)) => {
-                    size += frame.data_ref().map_or(0, |d| d.len());
-                    let trailers = frame.is_trailers();
-                    read.push_back(frame);
-                    if size > max || trailers {
-                        return Err(ReqBody::Prefixed { read, rest: body });
-                    }
-                }
-                // The error reaches the upstream request, as it would have without buffering.
-                Some(Err(_)) => return Err(ReqBody::Prefixed { read, rest: body }),
-            }
-        }
-        let mut bytes = bytes::BytesMut::with_capacity(size);
-        for frame in read {
-            if let Some(d) = frame.data_ref() {
-                bytes.extend_from_slice(d);
-            }
-        }
-        Ok(bytes.freeze())
     }
 }
 
@@ -249,10 +212,7 @@ impl Body for ReqBody {
                 }
                 polled.map_err(Into::into)
             }
-            ReqBody::Prefixed { read, rest } => match read.pop_front() {
-                Some(frame) => Poll::Ready(Some(Ok(frame))),
-                None => Pin::new(rest).poll_frame(cx).map_err(Into::into),
-            },
+            ReqBody::Replay(r) => Pin::new(r).poll_frame(cx),
             ReqBody::Copy(copy) => match copy.rx.poll_recv(cx) {
                 Poll::Ready(Some(Msg::Frame(f))) => {
                     copy.release(f.data_ref().map_or(0, |d| d.len()));
@@ -271,7 +231,7 @@ impl Body for ReqBody {
             ReqBody::Full(b) => b.is_end_stream(),
             ReqBody::Tee(t) => t.inner.is_end_stream(),
             ReqBody::Copy(_) => false,
-            ReqBody::Prefixed { read, rest } => read.is_empty() && rest.is_end_stream(),
+            ReqBody::Replay(r) => r.is_end_stream(),
         }
     }
 
@@ -281,19 +241,7 @@ impl Body for ReqBody {
             ReqBody::Full(b) => b.size_hint(),
             ReqBody::Tee(t) => t.inner.size_hint(),
             ReqBody::Copy(c) => c.hint,
-            ReqBody::Prefixed { read, rest } => {
-                let read: u64 = read
-                    .iter()
-                    .map(|f| f.data_ref().map_or(0, |d| d.len() as u64))
-                    .sum();
-                let rest = rest.size_hint();
-                let mut hint = SizeHint::new();
-                hint.set_lower(rest.lower() + read);
-                if let Some(upper) = rest.upper() {
-                    hint.set_upper(upper + read);
-                }
-                hint
-            }
+            ReqBody::Replay(r) => r.size_hint(),
         }
     }
 }

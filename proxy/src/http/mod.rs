@@ -8,6 +8,7 @@ pub mod forward;
 pub mod headers;
 pub mod limits;
 pub mod metered;
+pub mod replay;
 pub mod server;
 
 use bytes::Bytes;

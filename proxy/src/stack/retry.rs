@@ -1,10 +1,10 @@
 //! Retry layer: tower's `Retry` with the route's policy and the destination's budget. Safe
-//! requests (an idempotent method, or gRPC) whose body ends within 64 KiB are buffered and
-//! may be retried; any other request passes through and is tried once. The policy itself (what
-//! is worth a retry, the budget) is in [`crate::retry`].
+//! requests (an idempotent method, or gRPC) may be retried: their body streams to the first
+//! attempt as it comes and is kept, up to 64 KiB, for the next ones
+//! ([`crate::http::replay`]); a body past that is not retried. Any other request passes
+//! through and is tried once. The policy itself (what is worth a retry, the budget) is in
+//! [`crate::retry`].
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -15,6 +15,7 @@ use tower::{Layer, Service, ServiceExt};
 use super::{Req, Rsp};
 use crate::http::error::ProxyError;
 use crate::http::headers::{is_grpc, is_upgrade};
+use crate::http::replay::Replay;
 use crate::http::ReqBody;
 use crate::metrics::HttpMetrics;
 use crate::retry::{is_idempotent, should_retry, RetryBudget, RetryPolicy, MAX_REPLAY_BODY};
@@ -54,7 +55,7 @@ pub struct Retrying<S> {
 
 /// One request's retry state: tower's `Retry` keeps a clone of it per request.
 #[derive(Debug, Clone)]
-struct Policy {
+pub struct Policy {
     layer: RetryLayer,
     grpc: bool,
     attempts: u32,
@@ -87,10 +88,12 @@ impl tower::retry::Policy<Req, Rsp, ProxyError> for Policy {
     }
 
     fn clone_request(&mut self, req: &Req) -> Option<Req> {
-        let ReqBody::Full(body) = req.body() else {
-            return None;
+        let body = match req.body() {
+            ReqBody::Full(body) => ReqBody::Full(body.clone()),
+            ReqBody::Replay(body) => ReqBody::Replay(body.again()?),
+            _ => return None,
         };
-        let mut copy = http::Request::new(ReqBody::Full(body.clone()));
+        let mut copy = http::Request::new(body);
         *copy.method_mut() = req.method().clone();
         *copy.uri_mut() = req.uri().clone();
         *copy.version_mut() = req.version();
@@ -106,7 +109,7 @@ where
 {
     type Response = Rsp;
     type Error = ProxyError;
-    type Future = Either<S::Future, Pin<Box<dyn Future<Output = Result<Rsp, ProxyError>> + Send>>>;
+    type Future = Either<S::Future, tower::util::Oneshot<tower::retry::Retry<Policy, S>, Req>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
@@ -125,6 +128,13 @@ where
         if is_upgrade(&req) || !safe || too_large {
             return Either::Left(self.inner.call(req));
         }
+        // The body streams to the first attempt as it comes, kept for the others.
+        let (parts, body) = req.into_parts();
+        let body = match body {
+            ReqBody::Stream(b) if b.is_end_stream() => ReqBody::empty(),
+            ReqBody::Stream(b) => ReqBody::Replay(Replay::new(b, MAX_REPLAY_BODY as usize)),
+            other => other,
+        };
         let policy = Policy {
             layer: self.layer.clone(),
             grpc,
@@ -132,30 +142,9 @@ where
         };
         let inner = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, inner);
-        Either::Right(Box::pin(async move {
-            let (parts, body) = req.into_parts();
-            let body = match body {
-                // Read up to the limit: a body that ends within it (a gRPC message has no
-                // Content-Length) is buffered and retried; a longer one streams on, tried once.
-                ReqBody::Stream(b) => match ReqBody::read_within(b, MAX_REPLAY_BODY as usize).await
-                {
-                    Ok(bytes) => ReqBody::Full(http_body_util::Full::new(bytes)),
-                    Err(streaming) => {
-                        return inner
-                            .oneshot(http::Request::from_parts(parts, streaming))
-                            .await;
-                    }
-                },
-                full @ ReqBody::Full(_) => full,
-                // A teed or mirrored body is not replayable.
-                other => {
-                    return inner.oneshot(http::Request::from_parts(parts, other)).await;
-                }
-            };
-            tower::retry::Retry::new(policy, inner)
-                .oneshot(http::Request::from_parts(parts, body))
-                .await
-        }))
+        Either::Right(
+            tower::retry::Retry::new(policy, inner).oneshot(http::Request::from_parts(parts, body)),
+        )
     }
 }
 
