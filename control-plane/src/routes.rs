@@ -326,25 +326,22 @@ fn filter_problem(
     resolve: &Resolve<'_>,
     sources: &RouteSources<'_>,
 ) -> Option<route_filters::Problem> {
-    let backend =
-        |b: &BackendRef| backend_of(b, name, (kind, route_ns), parent_port, resolve, sources);
-    let cx = route_filters::Context {
-        route_ns,
-        backend: &backend,
-        fault: &|ns, fault| {
-            sources
-                .faults
-                .get(&(ns.to_string(), fault.to_string()))
-                .copied()
-        },
-    };
+    let at = (name, (kind, route_ns), parent_port);
+    with_filter_context(at, resolve, sources, |cx| first_problem(rule, cx))
+}
+
+/// What `filter_problem` looks for, in a rule's filter context.
+fn first_problem(
+    rule: &HttpRouteRule,
+    cx: &route_filters::Context<'_>,
+) -> Option<route_filters::Problem> {
     let lists = std::iter::once((&rule.filters, Place::Rule)).chain(
         rule.backend_refs
             .iter()
             .map(|b| (&b.filters, Place::Backend)),
     );
     for (filters, place) in lists {
-        match route_filters::translate(filters, place, &cx) {
+        match route_filters::translate(filters, place, cx) {
             Err(p) => {
                 return Some(route_filters::Problem {
                     message: format!("{}; the rule's requests get 500", p.message),
@@ -581,18 +578,35 @@ fn rule_route(
     resolve: &Resolve<'_>,
     sources: &RouteSources<'_>,
 ) -> Route {
+    let at = (name, (kind, route_ns), parent_port);
+    with_filter_context(at, resolve, sources, |cx| rule_route_in(name, rule, cx))
+}
+
+/// The context filters are translated in: the rule's backend resolution and the mesh's
+/// HTTPFaults.
+fn with_filter_context<R>(
+    (name, (kind, route_ns), parent_port): (&str, (&str, &str), u16),
+    resolve: &Resolve<'_>,
+    sources: &RouteSources<'_>,
+    f: impl FnOnce(&route_filters::Context<'_>) -> R,
+) -> R {
     let backend =
         |b: &BackendRef| backend_of(b, name, (kind, route_ns), parent_port, resolve, sources);
-    let cx = route_filters::Context {
+    let fault = |ns: &str, fault: &str| {
+        sources
+            .faults
+            .get(&(ns.to_string(), fault.to_string()))
+            .copied()
+    };
+    f(&route_filters::Context {
         route_ns,
         backend: &backend,
-        fault: &|ns, fault| {
-            sources
-                .faults
-                .get(&(ns.to_string(), fault.to_string()))
-                .copied()
-        },
-    };
+        fault: &fault,
+    })
+}
+
+fn rule_route_in(name: &str, rule: &HttpRouteRule, cx: &route_filters::Context<'_>) -> Route {
+    let backend = cx.backend;
     let mut invalid = String::new();
     let mut problem = |p: route_filters::Problem| {
         if invalid.is_empty() {
@@ -610,13 +624,13 @@ fn rule_route(
         .backend_refs
         .iter()
         .map(|b| Backend {
-            filters: route_filters::translate(&b.filters, Place::Backend, &cx)
+            filters: route_filters::translate(&b.filters, Place::Backend, cx)
                 .unwrap_or_else(&mut problem),
             ..backend(b)
         })
         .collect();
     let filters =
-        route_filters::translate(&rule.filters, Place::Rule, &cx).unwrap_or_else(&mut problem);
+        route_filters::translate(&rule.filters, Place::Rule, cx).unwrap_or_else(&mut problem);
     let retry = rule.retry.as_ref().map(|r| RetryPolicy {
         attempts: r.attempts.unwrap_or(0),
         codes: r.codes.iter().map(|c| u32::from(*c)).collect(),
