@@ -2,57 +2,73 @@
 //!
 //! The control plane sends the same destination answer to every proxy that watches that
 //! destination (a 5,000-endpoint service watched by 1,000 proxies is one answer, not 1,000).
-//! [`Encoded`] holds the protobuf bytes of a message, cheap to clone (reference counted), and
-//! [`EncodedCodec`] writes them as they are: the proxies decode an ordinary message.
+//! [`Encoded`] holds a message's gRPC frame (the 5-byte prefix and the protobuf bytes), cheap
+//! to clone (reference counted), and the hand-written server ([`crate::shared`]) sends that
+//! frame as it is: the proxies decode an ordinary message.
 
 use std::marker::PhantomData;
 
 use bytes::{BufMut as _, Bytes};
 use prost::Message;
-use tonic::codec::{BufferSettings, Codec, EncodeBuf, Encoder};
-use tonic::Status;
 
-/// The protobuf encoding of an `M`, made once.
+/// gRPC's length prefix: a compression flag and the message length (big endian).
+const PREFIX: usize = 5;
+
+/// The gRPC frame of an `M`, encoded once.
 pub struct Encoded<M> {
-    bytes: Bytes,
+    frame: Bytes,
     _message: PhantomData<fn() -> M>,
 }
 
 impl<M: Message> Encoded<M> {
+    /// Encodes `message`. A message over 4 GiB cannot be framed by gRPC; the control plane's
+    /// answers are bounded far below (see `limits`), so this is a bug, not bad input.
     pub fn new(message: &M) -> Self {
+        let len = message.encoded_len();
+        let framed_len = u32::try_from(len).expect("a gRPC message is under 4 GiB");
+        let mut frame = Vec::with_capacity(PREFIX + len);
+        frame.put_u8(0); // not compressed
+        frame.put_u32(framed_len);
+        message.encode_raw(&mut frame);
         Self {
-            bytes: message.encode_to_vec().into(),
+            frame: frame.into(),
             _message: PhantomData,
         }
     }
 }
 
 impl<M> Encoded<M> {
-    /// The encoded bytes (what goes on the wire as the gRPC message).
-    pub fn bytes(&self) -> &Bytes {
-        &self.bytes
+    /// The protobuf bytes of the message.
+    pub fn bytes(&self) -> Bytes {
+        self.frame.slice(PREFIX..)
     }
 
+    /// The whole gRPC frame: what goes on the wire.
+    pub fn frame(&self) -> &Bytes {
+        &self.frame
+    }
+
+    /// The message's length (without the frame's prefix).
     pub fn len(&self) -> usize {
-        self.bytes.len()
+        self.frame.len() - PREFIX
     }
 
     pub fn is_empty(&self) -> bool {
-        self.bytes.is_empty()
+        self.len() == 0
     }
 }
 
 impl<M: Message + Default> Encoded<M> {
     /// Decodes the message again (tests, diagnostics).
     pub fn decode(&self) -> Result<M, prost::DecodeError> {
-        M::decode(self.bytes.clone())
+        M::decode(self.bytes())
     }
 }
 
 impl<M> Clone for Encoded<M> {
     fn clone(&self) -> Self {
         Self {
-            bytes: self.bytes.clone(),
+            frame: self.frame.clone(),
             _message: PhantomData,
         }
     }
@@ -60,7 +76,7 @@ impl<M> Clone for Encoded<M> {
 
 impl<M> PartialEq for Encoded<M> {
     fn eq(&self, other: &Self) -> bool {
-        self.bytes == other.bytes
+        self.frame == other.frame
     }
 }
 
@@ -70,62 +86,8 @@ impl<M> std::fmt::Debug for Encoded<M> {
             f,
             "Encoded<{}>({} bytes)",
             std::any::type_name::<M>(),
-            self.bytes.len()
+            self.len()
         )
-    }
-}
-
-/// The first size of a stream's send buffer.
-const STREAM_BUFFER: usize = 256;
-/// tonic's default: a buffer this full is sent without waiting for more messages.
-const BUFFER_YIELD: usize = 32 * 1024;
-
-/// Sends [`Encoded`] messages as they are; decodes requests with prost.
-pub struct EncodedCodec<T, U>(PhantomData<fn() -> (T, U)>);
-
-impl<T, U> Default for EncodedCodec<T, U> {
-    fn default() -> Self {
-        Self(PhantomData)
-    }
-}
-
-impl<M, U> Codec for EncodedCodec<Encoded<M>, U>
-where
-    M: Send + 'static,
-    U: Message + Default + Send + 'static,
-{
-    type Encode = Encoded<M>;
-    type Decode = U;
-    type Encoder = EncodedEncoder<M>;
-    type Decoder = tonic_prost::ProstDecoder<U>;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        EncodedEncoder(PhantomData)
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        // Requests are a few hundred bytes.
-        tonic_prost::ProstCodec::<U, U>::raw_decoder(BufferSettings::new(1024, BUFFER_YIELD))
-    }
-}
-
-/// Copies an [`Encoded`] message into the gRPC frame.
-pub struct EncodedEncoder<M>(PhantomData<fn() -> M>);
-
-impl<M> Encoder for EncodedEncoder<M> {
-    type Item = Encoded<M>;
-    type Error = Status;
-
-    fn encode(&mut self, item: Self::Item, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put_slice(&item.bytes);
-        Ok(())
-    }
-
-    /// tonic allocates the buffer for each stream up front (8 KiB by default) and keeps it
-    /// for the stream's life; a control plane holds tens of thousands of mostly idle streams
-    /// whose answers are a few hundred bytes, so it starts small and grows to the message.
-    fn buffer_settings(&self) -> BufferSettings {
-        BufferSettings::new(STREAM_BUFFER, BUFFER_YIELD)
     }
 }
 

@@ -8,18 +8,10 @@
 
 pub mod discovery {
     tonic::include_proto!("strait.discovery.v1");
-
-    /// The control plane's side of `Discovery`: answers sent pre-encoded ([`crate::encoded`]),
-    /// the same messages on the wire.
-    pub mod shared {
-        include!(concat!(
-            env!("OUT_DIR"),
-            "/strait.discovery.v1.Discovery.rs"
-        ));
-    }
 }
 
 pub mod encoded;
+pub mod shared;
 
 pub mod identity {
     tonic::include_proto!("strait.identity.v1");

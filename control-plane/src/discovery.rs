@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures_util::StreamExt as _;
-use strait_api::discovery::shared::discovery_server::Discovery;
+use strait_api::shared::Discovery;
 use strait_api::discovery::{
     DestinationUpdate, InboundPolicy, InboundRequest, TrustAnchors, TrustAnchorsRequest,
     WatchRequest,

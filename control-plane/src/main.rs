@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use strait_api::discovery::shared::discovery_server::DiscoveryServer;
+use strait_api::shared::DiscoveryServer;
 use strait_api::identity::identity_server::IdentityServer;
 use strait_control_plane::admin::Metrics;
 use strait_control_plane::control_tls::{AnchorSource, MtlsIo};

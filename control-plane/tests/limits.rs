@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use strait_api::discovery::discovery_client::DiscoveryClient;
-use strait_api::discovery::shared::discovery_server::DiscoveryServer;
+use strait_api::shared::DiscoveryServer;
 use strait_api::discovery::WatchRequest;
 use strait_control_plane::admin::Metrics;
 use strait_control_plane::discovery::DiscoveryService;
