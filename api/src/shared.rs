@@ -44,9 +44,7 @@ const MAX_REQUEST: usize = 16 * 1024;
 #[tonic::async_trait]
 pub trait Discovery: Send + Sync + 'static {
     type WatchStream: Stream<Item = Result<Encoded<DestinationUpdate>, Status>> + Send + 'static;
-    type WatchInboundStream: Stream<Item = Result<Encoded<InboundPolicy>, Status>>
-        + Send
-        + 'static;
+    type WatchInboundStream: Stream<Item = Result<Encoded<InboundPolicy>, Status>> + Send + 'static;
     type WatchTrustAnchorsStream: Stream<Item = Result<TrustAnchors, Status>> + Send + 'static;
 
     /// A destination's answer, then a whole replacement on each change.
@@ -160,7 +158,9 @@ where
         .await
         .transpose()?
         .ok_or_else(|| Status::invalid_argument("the request carries no message"))?;
-    Ok(Request::from_http(http::Request::from_parts(parts, message)))
+    Ok(Request::from_http(http::Request::from_parts(
+        parts, message,
+    )))
 }
 
 /// The HTTP response of a stream of shared answers: gRPC headers, then each answer's frame as
@@ -320,20 +320,34 @@ mod tests {
         let response = shared_response(service.watch(Request::new(Default::default())).await);
         assert_eq!(response.headers()["content-type"], "application/grpc");
         let mut body = response.into_body();
-        let frame = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        let frame = body
+            .frame()
+            .await
+            .expect("a frame")
+            .expect("not an error")
+            .into_data()
+            .expect("data");
         // Not a copy: the very bytes every other watcher of the answer sends.
         assert_eq!(frame.as_ptr(), first.as_ptr());
         assert_eq!(frame.len(), first.len());
-        let _second = body.frame().await.unwrap().unwrap();
-        let trailers = body.frame().await.unwrap().unwrap().into_trailers().unwrap();
+        let _second = body.frame().await.expect("a frame").expect("not an error");
+        let trailers = body
+            .frame()
+            .await
+            .expect("a frame")
+            .expect("not an error")
+            .into_trailers()
+            .expect("trailers");
         assert_eq!(trailers["grpc-status"], "0");
         assert!(http_body::Body::is_end_stream(&body));
         assert!(body.frame().await.is_none());
     }
 
     async fn serve() -> SocketAddr {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(DiscoveryServer::new(fixed()))
@@ -343,7 +357,9 @@ mod tests {
     }
 
     async fn client(addr: SocketAddr) -> DiscoveryClient<tonic::transport::Channel> {
-        DiscoveryClient::connect(format!("http://{addr}")).await.unwrap()
+        DiscoveryClient::connect(format!("http://{addr}"))
+            .await
+            .expect("connect")
     }
 
     fn watch(target: &str) -> WatchRequest {
@@ -358,34 +374,82 @@ mod tests {
         let addr = serve().await;
         let mut client = client(addr).await;
 
-        let mut stream = client.watch(watch("web:80")).await.unwrap().into_inner();
-        assert_eq!(stream.next().await.unwrap().unwrap(), answer(1));
-        assert_eq!(stream.next().await.unwrap().unwrap(), answer(2));
+        let mut stream = client
+            .watch(watch("web:80"))
+            .await
+            .expect("a stream")
+            .into_inner();
+        assert_eq!(
+            stream
+                .next()
+                .await
+                .expect("an answer")
+                .expect("not an error"),
+            answer(1)
+        );
+        assert_eq!(
+            stream
+                .next()
+                .await
+                .expect("an answer")
+                .expect("not an error"),
+            answer(2)
+        );
         assert!(stream.next().await.is_none(), "the stream ends with OK");
 
-        let mut stream = client.watch(watch("fail")).await.unwrap().into_inner();
-        assert_eq!(stream.next().await.unwrap().unwrap(), answer(1));
-        assert_eq!(stream.next().await.unwrap().unwrap(), answer(2));
-        let status = stream.next().await.unwrap().unwrap_err();
+        let mut stream = client
+            .watch(watch("fail"))
+            .await
+            .expect("a stream")
+            .into_inner();
+        assert_eq!(
+            stream
+                .next()
+                .await
+                .expect("an answer")
+                .expect("not an error"),
+            answer(1)
+        );
+        assert_eq!(
+            stream
+                .next()
+                .await
+                .expect("an answer")
+                .expect("not an error"),
+            answer(2)
+        );
+        let status = stream
+            .next()
+            .await
+            .expect("a status")
+            .expect_err("an error");
         assert_eq!(status.code(), tonic::Code::Unavailable);
         assert_eq!(status.message(), "shutting down");
 
-        let status = client.watch(watch("refuse")).await.unwrap_err();
+        let status = client.watch(watch("refuse")).await.expect_err("refused");
         assert_eq!(status.code(), tonic::Code::PermissionDenied);
         assert_eq!(status.message(), "not yours");
 
         let status = client
             .watch_inbound(InboundRequest::default())
             .await
-            .unwrap_err();
+            .expect_err("refused");
         assert_eq!(status.code(), tonic::Code::Unimplemented);
 
         let mut anchors = client
             .watch_trust_anchors(TrustAnchorsRequest::default())
             .await
-            .unwrap()
+            .expect("a stream")
             .into_inner();
-        assert_eq!(anchors.next().await.unwrap().unwrap().pem, "PEM");
+        assert_eq!(
+            anchors
+                .next()
+                .await
+                .expect("anchors")
+                .expect("not an error")
+                .pem,
+            "PEM"
+        );
     }
 
     #[tokio::test]
@@ -395,36 +459,36 @@ mod tests {
         let status = client
             .watch(watch(&"x".repeat(MAX_REQUEST + 1)))
             .await
-            .unwrap_err();
+            .expect_err("refused");
         assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
 
         let compressed = http::Request::builder()
             .uri("/strait.discovery.v1.Discovery/Watch")
             .header("grpc-encoding", "gzip")
             .body(http_body_util::Empty::<Bytes>::new())
-            .unwrap();
+            .expect("request");
         let mut server = DiscoveryServer::new(fixed());
         let response = tonic::codegen::Service::call(&mut server, compressed)
             .await
-            .unwrap();
+            .expect("infallible");
         assert_eq!(response.headers()["grpc-status"], "12");
 
         let empty = http::Request::builder()
             .uri("/strait.discovery.v1.Discovery/Watch")
             .body(http_body_util::Empty::<Bytes>::new())
-            .unwrap();
+            .expect("request");
         let response = tonic::codegen::Service::call(&mut server, empty)
             .await
-            .unwrap();
+            .expect("infallible");
         assert_eq!(response.headers()["grpc-status"], "3", "no message");
 
         let other = http::Request::builder()
             .uri("/strait.discovery.v1.Discovery/Other")
             .body(http_body_util::Empty::<Bytes>::new())
-            .unwrap();
+            .expect("request");
         let response = tonic::codegen::Service::call(&mut server, other)
             .await
-            .unwrap();
+            .expect("infallible");
         assert_eq!(response.headers()["grpc-status"], "12");
     }
 }

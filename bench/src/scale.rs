@@ -307,7 +307,10 @@ fn run_one(bin: &Path, dir: &Path, args: Args) -> Result<Run> {
         .context("starting strait-control-plane")?;
     let pid = cp.id();
     let result = (|| -> Result<Run> {
-        let rt = tokio::runtime::Builder::new_current_thread()
+        // Two workers, as the machine's cores: a real proxy decodes its answer on its own CPU,
+        // so the simulated ones should not all wait for one thread.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
             .enable_all()
             .build()?;
         rt.block_on(measure(pid, dir, args))
@@ -481,6 +484,7 @@ pub fn control_plane(args: Args) -> Result<()> {
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut last = None;
     let mut rss = Vec::new();
+    let first_p = series[0];
     for p in series {
         // Fresh files for each run: every run starts from the same mesh.
         for i in 0..args.services {
@@ -491,35 +495,31 @@ pub fn control_plane(args: Args) -> Result<()> {
         }
         let _ = std::fs::remove_dir_all(dir.join("state"));
         let run = run_one(&bin, &dir, Args { proxies: p, ..args })?;
-        println!(
-            "| {p} | {} | {:.0} | {:.0} / {:.0} / {:.0} | {:.0} / {:.0} / {:.0} | {:.0}{} | {:.3} | {:.1} | {:.1} | {:.0} | {:.0} | {:.1} |",
-            run.streams,
-            run.first_answer_ms,
-            run.small_p50,
-            run.small_p99,
-            run.small_max,
-            run.big_p50,
-            run.big_p99,
-            run.big_max,
-            run.burst_converged_ms,
-            if run.burst_missing > 0 {
-                format!(" ({} streams not converged)", run.burst_missing)
-            } else {
-                String::new()
-            },
-            run.cpu_steady_cores,
-            run.cpu_per_change_ms,
-            run.cpu_big_change_ms,
-            run.bytes_per_change,
-            run.bytes_big_change,
-            run.rss_mb,
-        );
-        if run.errors > 0 {
-            println!("({} streams were refused)", run.errors);
-        }
+        print_row(&p.to_string(), &run);
         rss.push((p, run.rss_mb));
         last = Some((p, run));
     }
+    // Memory against S: the smallest P again, on twice the services.
+    let doubled = Args {
+        proxies: first_p,
+        services: args.services * 2,
+        ..args
+    };
+    for i in 0..doubled.services {
+        write_service(&dir, i, args.endpoints, None)?;
+    }
+    if args.big_endpoints > 0 {
+        write_big(&dir, args.big_endpoints, None)?;
+    }
+    let _ = std::fs::remove_dir_all(dir.join("state"));
+    let per_service = if args.services > 0 {
+        let run = run_one(&bin, &dir, doubled)?;
+        print_row(&format!("{first_p} ({} services)", doubled.services), &run);
+        let base = rss.first().map_or(0.0, |(_, mb)| *mb);
+        Some((run.rss_mb - base) * 1024.0 / f64::from(args.services))
+    } else {
+        None
+    };
     let _ = std::fs::remove_dir_all(&dir);
     if let Some((p, run)) = last {
         println!();
@@ -544,8 +544,43 @@ pub fn control_plane(args: Args) -> Result<()> {
                 );
             }
         }
+        if let Some(kb) = per_service {
+            println!("cp_rss_kb_per_service {kb:.1}");
+        }
     }
     Ok(())
+}
+
+/// One line of the table.
+fn print_row(label: &str, run: &Run) {
+    {
+        println!(
+            "| {label} | {} | {:.0} | {:.0} / {:.0} / {:.0} | {:.0} / {:.0} / {:.0} | {:.0}{} | {:.3} | {:.1} | {:.1} | {:.0} | {:.0} | {:.1} |",
+            run.streams,
+            run.first_answer_ms,
+            run.small_p50,
+            run.small_p99,
+            run.small_max,
+            run.big_p50,
+            run.big_p99,
+            run.big_max,
+            run.burst_converged_ms,
+            if run.burst_missing > 0 {
+                format!(" ({} streams not converged)", run.burst_missing)
+            } else {
+                String::new()
+            },
+            run.cpu_steady_cores,
+            run.cpu_per_change_ms,
+            run.cpu_big_change_ms,
+            run.bytes_per_change,
+            run.bytes_big_change,
+            run.rss_mb,
+        );
+        if run.errors > 0 {
+            println!("({} streams were refused)", run.errors);
+        }
+    }
 }
 
 #[cfg(test)]

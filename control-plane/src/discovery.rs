@@ -9,12 +9,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures_util::StreamExt as _;
-use strait_api::shared::Discovery;
 use strait_api::discovery::{
     DestinationUpdate, InboundPolicy, InboundRequest, TrustAnchors, TrustAnchorsRequest,
     WatchRequest,
 };
 use strait_api::encoded::Encoded;
+use strait_api::shared::Discovery;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, WatchStream};
 use tonic::{Request, Response, Status};

@@ -16,12 +16,15 @@ use strait_api::discovery::{
 
 use crate::resources::{
     annotations, AuthorizationPolicy, EndpointSlice, IntOrString, Pod, Resource, Service,
-    ServicePort,
+    ServicePort, SliceEndpoint,
 };
 use crate::routes::{routes_for, RouteSources};
 
+mod cache;
+use cache::{Cache, Keyed, PortEndpoints, PortMap, ServiceAnswers, ServiceEndpoints};
+
 /// Naming settings of the cluster, and what proves that an endpoint has a sidecar.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Naming {
     /// The SPIFFE trust domain: `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`.
     pub trust_domain: String,
@@ -61,7 +64,7 @@ pub enum SidecarEvidence {
 /// All answers of one version of the mesh state.
 #[derive(Debug, Default)]
 pub struct MeshIndex {
-    answers: HashMap<String, Arc<DestinationUpdate>>,
+    answers: HashMap<Arc<str>, Arc<DestinationUpdate>>,
     /// (client namespace, target) -> the answer for clients of a namespace with consumer
     /// routes for that service (GAMMA); everyone else gets `answers`.
     consumer_answers: HashMap<(String, String), Arc<DestinationUpdate>>,
@@ -80,60 +83,93 @@ pub struct MeshIndex {
     unmatched_policy_ports: usize,
     /// The conditions of every HTTPRoute bound to Services.
     route_statuses: Vec<crate::routes::RouteStatus>,
+    /// What each service's answers were computed from, for the next update.
+    cache: Cache,
+    /// Services whose endpoints or answers this version computed (the others were reused).
+    recomputed: usize,
 }
 
 impl MeshIndex {
-    /// Builds the index of `resources`. Never fails: an object that cannot be used (a bad IP, a
-    /// slice whose service does not exist) is skipped with a warning.
+    /// Builds the index of `resources` from nothing (tests, tools; the sources use
+    /// [`MeshIndex::update`]).
     pub fn build(resources: &[Resource], naming: &Naming) -> Self {
-        let mut services = Vec::new();
-        let mut slices: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
-        let mut pods: HashMap<(&str, &str), &Pod> = HashMap::new();
+        let resources: Vec<Arc<Resource>> = resources.iter().cloned().map(Arc::new).collect();
+        Self::update(&resources, naming, None)
+    }
+
+    /// The index of `resources`, recomputing only the services whose inputs changed since
+    /// `previous` (objects compared by identity: see [`cache`]); an answer recomputed equal to
+    /// the previous one is the previous `Arc`, so the fan-out skips it. Never fails: an object
+    /// that cannot be used (a bad IP, a slice whose service does not exist) is skipped with a
+    /// warning.
+    pub fn update(
+        resources: &[Arc<Resource>],
+        naming: &Naming,
+        previous: Option<&MeshIndex>,
+    ) -> Self {
+        let mut services: Vec<(&Arc<Resource>, &Service)> = Vec::new();
+        let mut slices: HashMap<(&str, &str), Vec<&Arc<Resource>>> = HashMap::new();
+        let mut pods: HashMap<(&str, &str), &Arc<Resource>> = HashMap::new();
         let mut tokens = HashMap::new();
         let mut namespace_defaults = HashMap::new();
         let mut policies = Vec::new();
         let mut limits = Vec::new();
+        let mut route_objects: Vec<Arc<Resource>> = Vec::new();
         // GRPCRoutes, in HTTPRoute terms: owned here, borrowed by the route sources.
         let grpc_routes: Vec<crate::resources::HttpRoute> = resources
             .iter()
-            .filter_map(|r| match r {
+            .filter_map(|r| match &**r {
                 Resource::GrpcRoute(g) => Some(g.to_http()),
                 _ => None,
             })
             .collect();
         let mut route_sources = RouteSources::default();
         route_sources.http_routes.extend(grpc_routes.iter());
-        for r in resources {
-            match r {
-                Resource::Service(s) => services.push(s),
+        for arc in resources {
+            match &**arc {
+                Resource::Service(s) => services.push((arc, s)),
                 Resource::EndpointSlice(s) => match s.service_name() {
                     Some(svc) => slices
                         .entry((s.metadata.namespace.as_str(), svc))
                         .or_default()
-                        .push(s),
+                        .push(arc),
                     None => tracing::warn!(
                         slice = %s.metadata.name,
                         "EndpointSlice has no kubernetes.io/service-name label; ignored"
                     ),
                 },
                 Resource::Pod(p) => {
-                    pods.insert((p.metadata.namespace.as_str(), p.metadata.name.as_str()), p);
+                    pods.insert(
+                        (p.metadata.namespace.as_str(), p.metadata.name.as_str()),
+                        arc,
+                    );
                 }
                 Resource::AuthorizationPolicy(p) => policies.push(p),
-                Resource::HttpRoute(r) => route_sources.http_routes.push(r),
-                Resource::ReferenceGrant(g) => route_sources.grants.push(g),
-                Resource::GrpcRoute(_) => {}
+                Resource::HttpRoute(r) => {
+                    route_sources.http_routes.push(r);
+                    route_objects.push(arc.clone());
+                }
+                Resource::ReferenceGrant(g) => {
+                    route_sources.grants.push(g);
+                    route_objects.push(arc.clone());
+                }
+                Resource::GrpcRoute(_) => route_objects.push(arc.clone()),
                 Resource::RateLimitPolicy(l) => limits.push(l),
                 Resource::HttpFault(f) => {
                     route_sources
                         .faults
                         .insert((f.metadata.namespace.clone(), f.metadata.name.clone()), f);
+                    route_objects.push(arc.clone());
                 }
-                Resource::TrafficSplit(t) => route_sources.splits.push(t),
+                Resource::TrafficSplit(t) => {
+                    route_sources.splits.push(t);
+                    route_objects.push(arc.clone());
+                }
                 Resource::HttpRouteGroup(g) => {
                     route_sources
                         .groups
                         .insert((g.metadata.namespace.clone(), g.metadata.name.clone()), g);
+                    route_objects.push(arc.clone());
                 }
                 Resource::Namespace(ns) => {
                     if let Some(v) = ns
@@ -157,34 +193,61 @@ impl MeshIndex {
             }
         }
         // Deterministic answers whatever the file order.
-        services.sort_by(|a, b| {
+        services.sort_by(|(_, a), (_, b)| {
             (&a.metadata.namespace, &a.metadata.name)
                 .cmp(&(&b.metadata.namespace, &b.metadata.name))
         });
+        let previous_index = previous;
+        let previous = previous
+            .map(|p| &p.cache)
+            .filter(|c| c.naming.as_ref() == Some(naming));
+        let routes_same = previous.is_some_and(|c| cache::same_objects(&c.routes, &route_objects));
+        let mut cache = Cache {
+            naming: Some(naming.clone()),
+            routes: route_objects,
+            endpoints: HashMap::with_capacity(services.len()),
+            answers: HashMap::with_capacity(services.len()),
+        };
+        let mut recomputed = 0;
 
         // Every service port's endpoints first: routes point at other services' endpoints.
-        let mut port_endpoints: HashMap<(String, String, u16), (String, Vec<Endpoint>)> =
-            HashMap::new();
-        for svc in &services {
+        let mut port_endpoints: PortMap = HashMap::new();
+        for (arc, svc) in &services {
             let ns = svc.metadata.namespace.as_str();
             let name = svc.metadata.name.as_str();
             let svc_slices = slices.get(&(ns, name)).map(Vec::as_slice).unwrap_or(&[]);
-            for port in &svc.spec.ports {
-                let authority = format!("{name}.{ns}.svc.{}:{}", naming.cluster_domain, port.port);
-                let endpoints = endpoints_for(svc, port, svc_slices, &pods, naming);
+            let key = (ns.to_string(), name.to_string());
+            let entry = match previous
+                .and_then(|c| c.endpoints.get(&key))
+                .filter(|e| e.computed_from(arc, svc_slices, &pods))
+            {
+                Some(entry) => entry.clone(),
+                None => Arc::new(service_endpoints(arc, svc, svc_slices, &pods, naming)),
+            };
+            for p in &entry.ports {
                 port_endpoints.insert(
-                    (ns.to_string(), name.to_string(), port.port),
-                    (authority, endpoints),
+                    (key.0.clone(), key.1.clone(), p.port),
+                    (p.authority.clone(), p.endpoints.clone()),
                 );
             }
+            cache.endpoints.insert(key, entry);
         }
         let resolve = |ns: &str, name: &str, port: u16| {
             port_endpoints
                 .get(&(ns.to_string(), name.to_string(), port))
-                .cloned()
+                .map(|(authority, endpoints)| (authority.clone(), (**endpoints).clone()))
         };
 
         let unmatched_policy_ports = unmatched_policy_ports(&policies, &port_endpoints, naming);
+        let service_names: std::collections::HashSet<(&str, &str)> = services
+            .iter()
+            .map(|(_, s)| (s.metadata.namespace.as_str(), s.metadata.name.as_str()))
+            .collect();
+        let route_statuses = crate::routes::route_statuses(
+            &route_sources,
+            &|ns, name| service_names.contains(&(ns, name)),
+            &resolve,
+        );
         let mut index = MeshIndex {
             answers: HashMap::new(),
             consumer_answers: HashMap::new(),
@@ -195,131 +258,58 @@ impl MeshIndex {
             namespace_defaults,
             default_inbound_policy: naming.default_inbound_policy,
             unmatched_policy_ports,
-            route_statuses: Vec::new(),
+            route_statuses,
+            cache: Cache::default(),
+            recomputed: 0,
         };
-        let service_names: std::collections::HashSet<(&str, &str)> = services
-            .iter()
-            .map(|s| (s.metadata.namespace.as_str(), s.metadata.name.as_str()))
-            .collect();
-        index.route_statuses = crate::routes::route_statuses(
-            &route_sources,
-            &|ns, name| service_names.contains(&(ns, name)),
-            &resolve,
-        );
-        for svc in services {
-            let ns = svc.metadata.namespace.as_str();
-            let name = svc.metadata.name.as_str();
-            let opaque = parse_port_list(
-                svc.metadata
-                    .annotations
-                    .get(annotations::OPAQUE_PORTS)
-                    .map(String::as_str)
-                    .unwrap_or(""),
-            );
-            for port in &svc.spec.ports {
-                let authority = format!("{name}.{ns}.svc.{}:{}", naming.cluster_domain, port.port);
-                let endpoints = resolve(ns, name, port.port)
-                    .map(|(_, e)| e)
-                    .unwrap_or_default();
-                let protocol = protocol_hint(port, opaque.contains(&port.port));
-                if protocol == ProtocolHint::Opaque {
-                    // The serving workloads' proxies skip detection on that port too.
-                    for ep in &endpoints {
-                        if let Ok(id) = ep.identity.parse::<strait_identity::SpiffeId>() {
-                            index
-                                .opaque_inbound
-                                .entry((
-                                    id.namespace().to_string(),
-                                    id.service_account().to_string(),
-                                ))
-                                .or_default()
-                                .insert(ep.port);
-                        }
-                    }
-                }
-                let view = |client_ns: Option<&str>| {
-                    let (routes, unmatched_to_service) = routes_for(
+        // A recomputed answer equal to the previous one is the previous `Arc`.
+        let reuse = Reuse(previous_index);
+        for (_, svc) in &services {
+            let key = (svc.metadata.namespace.clone(), svc.metadata.name.clone());
+            let endpoints = &cache.endpoints[&key];
+            let answers = match previous
+                .filter(|_| routes_same)
+                .and_then(|c| c.answers.get(&key))
+                .filter(|a| a.valid_for(endpoints, &port_endpoints))
+            {
+                Some(answers) => answers.clone(),
+                None => {
+                    recomputed += 1;
+                    Arc::new(service_answers(
+                        svc,
+                        endpoints,
                         &route_sources,
-                        ns,
-                        name,
-                        port.port,
-                        &naming.cluster_domain,
-                        &resolve,
-                        client_ns,
-                    );
-                    Arc::new(DestinationUpdate {
-                        update: Some(Update::Destination(Destination {
-                            service: authority.clone(),
-                            protocol: protocol as i32,
-                            endpoints: endpoints.clone(),
-                            routes,
-                            unmatched_to_service,
-                        })),
-                    })
-                };
-                // A direct call to one endpoint (a pod IP) still goes through the mesh, with
-                // no routes.
-                for ep in &endpoints {
-                    if let Ok(ip) = ep.ip.parse::<IpAddr>() {
-                        let key = SocketAddr::new(ip, ep.port as u16).to_string();
-                        index.answers.entry(key).or_insert_with(|| {
-                            Arc::new(DestinationUpdate {
-                                update: Some(Update::Destination(Destination {
-                                    service: authority.clone(),
-                                    protocol: protocol as i32,
-                                    endpoints: vec![ep.clone()],
-                                    routes: Vec::new(),
-                                    unmatched_to_service: true,
-                                })),
-                            })
-                        });
-                    }
+                        &port_endpoints,
+                        naming,
+                        &reuse,
+                    ))
                 }
-                let keys: Vec<String> = cluster_ips(svc)
-                    .into_iter()
-                    .map(|ip| SocketAddr::new(ip, port.port).to_string())
-                    .chain(
-                        [
-                            format!("{name}.{ns}.svc.{}", naming.cluster_domain),
-                            format!("{name}.{ns}.svc"),
-                            format!("{name}.{ns}"),
-                        ]
-                        .into_iter()
-                        .map(|host| format!("{host}:{}", port.port)),
-                    )
-                    .collect();
-                let answer = view(None);
-                for key in &keys {
-                    index.answers.insert(key.clone(), answer.clone());
-                }
-                for client_ns in route_sources.consumer_namespaces(ns, name, port.port) {
-                    let answer = view(Some(&client_ns));
-                    for key in &keys {
-                        index
-                            .consumer_answers
-                            .insert((client_ns.clone(), key.clone()), answer.clone());
-                    }
+            };
+            for k in &answers.answers {
+                if k.replaces {
+                    index.answers.insert(k.key.clone(), k.answer.clone());
+                } else {
+                    index
+                        .answers
+                        .entry(k.key.clone())
+                        .or_insert_with(|| k.answer.clone());
                 }
             }
+            for (k, answer) in &answers.consumer {
+                index.consumer_answers.insert(k.clone(), answer.clone());
+            }
+            for (workload, port) in &answers.opaque {
+                index
+                    .opaque_inbound
+                    .entry(workload.clone())
+                    .or_default()
+                    .insert(*port);
+            }
+            cache.answers.insert(key, answers);
         }
+        index.cache = cache;
+        index.recomputed = recomputed;
         index
-    }
-
-    /// Shares `previous`'s answers where this index's are equal, so that a stream whose answer
-    /// did not change sees the same `Arc` and skips it without comparing (one comparison per
-    /// destination per rebuild, instead of one per watching stream).
-    pub fn reuse_unchanged(&mut self, previous: &MeshIndex) {
-        let reuse = |new: &mut Arc<DestinationUpdate>, old: Option<&Arc<DestinationUpdate>>| {
-            if let Some(old) = old.filter(|o| ***o == **new) {
-                *new = old.clone();
-            }
-        };
-        for (key, answer) in self.answers.iter_mut() {
-            reuse(answer, previous.answers.get(key));
-        }
-        for (key, answer) in self.consumer_answers.iter_mut() {
-            reuse(answer, previous.consumer_answers.get(key));
-        }
     }
 
     /// The answer for `target` (`ip:port` or `host:port`) as a client in namespace
@@ -328,7 +318,7 @@ impl MeshIndex {
         match normalize_target(target) {
             Some(key) => match client_ns
                 .and_then(|ns| self.consumer_answers.get(&(ns.to_string(), key.clone())))
-                .or_else(|| self.answers.get(&key))
+                .or_else(|| self.answers.get(key.as_str()))
             {
                 Some(answer) => answer.clone(),
                 None => not_in_mesh(format!("{target} is not a mesh service or endpoint")),
@@ -378,6 +368,213 @@ impl MeshIndex {
     /// How many services the index holds.
     pub fn service_count(&self) -> usize {
         self.services
+    }
+
+    /// How many services' answers this version computed (the others were reused as they were).
+    pub fn recomputed_services(&self) -> usize {
+        self.recomputed
+    }
+}
+
+/// Gives back the previous index's answer for a key when a recomputed one equals it.
+struct Reuse<'a>(Option<&'a MeshIndex>);
+
+impl Reuse<'_> {
+    fn answer(&self, key: &str, fresh: Arc<DestinationUpdate>) -> Arc<DestinationUpdate> {
+        match self.0.and_then(|p| p.answers.get(key)) {
+            Some(old) if **old == *fresh => old.clone(),
+            _ => fresh,
+        }
+    }
+
+    fn consumer_answer(
+        &self,
+        key: &(String, String),
+        fresh: Arc<DestinationUpdate>,
+    ) -> Arc<DestinationUpdate> {
+        match self.0.and_then(|p| p.consumer_answers.get(key)) {
+            Some(old) if **old == *fresh => old.clone(),
+            _ => fresh,
+        }
+    }
+}
+
+/// The Pod an EndpointSlice endpoint names, if it names one: `(namespace, name)`.
+fn pod_ref<'a>(ep: &'a SliceEndpoint, ns: &'a str) -> Option<(&'a str, &'a str)> {
+    let r = ep.target_ref.as_ref()?;
+    if r.kind.as_deref().is_some_and(|k| k != "Pod") {
+        return None;
+    }
+    Some((r.namespace.as_deref().unwrap_or(ns), r.name.as_deref()?))
+}
+
+/// A service's endpoints, per port, and the objects they were computed from.
+fn service_endpoints(
+    arc: &Arc<Resource>,
+    svc: &Service,
+    slices: &[&Arc<Resource>],
+    pods: &HashMap<(&str, &str), &Arc<Resource>>,
+    naming: &Naming,
+) -> ServiceEndpoints {
+    let ns = svc.metadata.namespace.as_str();
+    let name = svc.metadata.name.as_str();
+    let slice_objects: Vec<&EndpointSlice> = slices
+        .iter()
+        .filter_map(|r| match &***r {
+            Resource::EndpointSlice(s) => Some(s),
+            _ => None,
+        })
+        .collect();
+    let pod_refs = slice_objects
+        .iter()
+        .flat_map(|s| s.endpoints.as_deref().unwrap_or(&[]))
+        .filter_map(|ep| pod_ref(ep, ns))
+        .map(|(pod_ns, pod)| {
+            (
+                (pod_ns.to_string(), pod.to_string()),
+                pods.get(&(pod_ns, pod)).map(|p| (*p).clone()),
+            )
+        })
+        .collect();
+    let ports = svc
+        .spec
+        .ports
+        .iter()
+        .map(|port| PortEndpoints {
+            port: port.port,
+            authority: format!("{name}.{ns}.svc.{}:{}", naming.cluster_domain, port.port),
+            endpoints: Arc::new(endpoints_for(svc, port, &slice_objects, pods, naming)),
+        })
+        .collect();
+    ServiceEndpoints {
+        service: arc.clone(),
+        slices: slices.iter().map(|s| (*s).clone()).collect(),
+        pods: pod_refs,
+        ports,
+    }
+}
+
+/// A service's answers: under its cluster IPs and DNS names, under each endpoint's address,
+/// and per namespace with consumer routes; with the backend endpoint lists its routes read.
+fn service_answers(
+    svc: &Service,
+    endpoints: &Arc<ServiceEndpoints>,
+    route_sources: &RouteSources<'_>,
+    port_endpoints: &PortMap,
+    naming: &Naming,
+    reuse: &Reuse<'_>,
+) -> ServiceAnswers {
+    let ns = svc.metadata.namespace.as_str();
+    let name = svc.metadata.name.as_str();
+    let deps = std::cell::RefCell::new(Vec::new());
+    let resolve = |ns: &str, name: &str, port: u16| {
+        let key = (ns.to_string(), name.to_string(), port);
+        let found = port_endpoints.get(&key);
+        deps.borrow_mut()
+            .push((key, found.map(|(_, endpoints)| endpoints.clone())));
+        found.map(|(authority, endpoints)| (authority.clone(), (**endpoints).clone()))
+    };
+    let opaque_ports = parse_port_list(
+        svc.metadata
+            .annotations
+            .get(annotations::OPAQUE_PORTS)
+            .map(String::as_str)
+            .unwrap_or(""),
+    );
+    let mut answers = Vec::new();
+    let mut consumer = Vec::new();
+    let mut opaque = Vec::new();
+    for (port, own) in svc.spec.ports.iter().zip(&endpoints.ports) {
+        let authority = &own.authority;
+        let endpoints = &own.endpoints;
+        let protocol = protocol_hint(port, opaque_ports.contains(&port.port));
+        if protocol == ProtocolHint::Opaque {
+            // The serving workloads' proxies skip detection on that port too.
+            for ep in endpoints.iter() {
+                if let Ok(id) = ep.identity.parse::<strait_identity::SpiffeId>() {
+                    opaque.push((
+                        (id.namespace().to_string(), id.service_account().to_string()),
+                        ep.port,
+                    ));
+                }
+            }
+        }
+        let view = |client_ns: Option<&str>| {
+            let (routes, unmatched_to_service) = routes_for(
+                route_sources,
+                ns,
+                name,
+                port.port,
+                &naming.cluster_domain,
+                &resolve,
+                client_ns,
+            );
+            Arc::new(DestinationUpdate {
+                update: Some(Update::Destination(Destination {
+                    service: authority.clone(),
+                    protocol: protocol as i32,
+                    endpoints: (**endpoints).clone(),
+                    routes,
+                    unmatched_to_service,
+                })),
+            })
+        };
+        // A direct call to one endpoint (a pod IP) still goes through the mesh, with no
+        // routes.
+        for ep in endpoints.iter() {
+            if let Ok(ip) = ep.ip.parse::<IpAddr>() {
+                let key = SocketAddr::new(ip, ep.port as u16).to_string();
+                let answer = Arc::new(DestinationUpdate {
+                    update: Some(Update::Destination(Destination {
+                        service: authority.clone(),
+                        protocol: protocol as i32,
+                        endpoints: vec![ep.clone()],
+                        routes: Vec::new(),
+                        unmatched_to_service: true,
+                    })),
+                });
+                answers.push(Keyed {
+                    answer: reuse.answer(&key, answer),
+                    key: key.into(),
+                    replaces: false,
+                });
+            }
+        }
+        let keys: Vec<String> = cluster_ips(svc)
+            .into_iter()
+            .map(|ip| SocketAddr::new(ip, port.port).to_string())
+            .chain(
+                [
+                    format!("{name}.{ns}.svc.{}", naming.cluster_domain),
+                    format!("{name}.{ns}.svc"),
+                    format!("{name}.{ns}"),
+                ]
+                .into_iter()
+                .map(|host| format!("{host}:{}", port.port)),
+            )
+            .collect();
+        let answer = view(None);
+        for key in keys.iter() {
+            answers.push(Keyed {
+                answer: reuse.answer(key, answer.clone()),
+                key: key.as_str().into(),
+                replaces: true,
+            });
+        }
+        for client_ns in route_sources.consumer_namespaces(ns, name, port.port) {
+            let answer = view(Some(&client_ns));
+            for key in &keys {
+                let key = (client_ns.clone(), key.clone());
+                consumer.push((key.clone(), reuse.consumer_answer(&key, answer.clone())));
+            }
+        }
+    }
+    ServiceAnswers {
+        endpoints: endpoints.clone(),
+        deps: deps.into_inner(),
+        answers,
+        consumer,
+        opaque,
     }
 }
 
@@ -500,7 +697,7 @@ pub use strait_api::default_policy::parse as parse_default_policy;
 /// where the container port was meant. Logged, and counted for the admin metrics.
 fn unmatched_policy_ports(
     policies: &[&AuthorizationPolicy],
-    port_endpoints: &HashMap<(String, String, u16), (String, Vec<Endpoint>)>,
+    port_endpoints: &PortMap,
     naming: &Naming,
 ) -> usize {
     let mut unmatched = 0;
@@ -588,7 +785,7 @@ fn endpoints_for(
     svc: &Service,
     port: &ServicePort,
     slices: &[&EndpointSlice],
-    pods: &HashMap<(&str, &str), &Pod>,
+    pods: &HashMap<(&str, &str), &Arc<Resource>>,
     naming: &Naming,
 ) -> Vec<Endpoint> {
     let ns = svc.metadata.namespace.as_str();
@@ -614,16 +811,12 @@ fn endpoints_for(
             if !ep.conditions.is_ready() {
                 continue;
             }
-            let pod = ep.target_ref.as_ref().and_then(|r| {
-                let kind_ok = r.kind.as_deref().is_none_or(|k| k == "Pod");
-                let name = r.name.as_deref()?;
-                let pod_ns = r.namespace.as_deref().unwrap_or(ns);
-                if kind_ok {
-                    pods.get(&(pod_ns, name)).copied()
-                } else {
-                    None
-                }
-            });
+            let pod = pod_ref(ep, ns)
+                .and_then(|key| pods.get(&key))
+                .and_then(|r| match &***r {
+                    Resource::Pod(p) => Some(p),
+                    _ => None,
+                });
             let sa = pod
                 .and_then(|p| p.spec.service_account_name.as_deref())
                 .or(slice_sa.map(String::as_str))
@@ -764,14 +957,281 @@ spec: {serviceAccountName: other}
     }
 
     #[test]
-    fn an_unchanged_answer_is_the_same_arc_after_a_rebuild() {
+    fn an_equal_answer_recomputed_from_scratch_is_the_previous_arc() {
         let previous = index();
-        let mut next = index();
-        next.reuse_unchanged(&previous);
+        let resources: Vec<Arc<Resource>> = parse_documents(MESH)
+            .expect("valid")
+            .into_iter()
+            .map(Arc::new)
+            .collect();
+        // New objects (other `Arc`s), equal content: recomputed, and still the same answers.
+        let next = MeshIndex::update(&resources, &Naming::default(), Some(&previous));
+        assert_eq!(next.recomputed_services(), 1);
         assert!(Arc::ptr_eq(
             &next.lookup("10.96.0.10:80", None),
             &previous.lookup("10.96.0.10:80", None)
         ));
+        assert!(Arc::ptr_eq(
+            &next.lookup("10.0.0.2:8080", None),
+            &previous.lookup("10.0.0.2:8080", None)
+        ));
+    }
+
+    /// Services a, b (3 endpoints each, pods named), c with a route to b, d with a consumer
+    /// route from namespace other, and a policy on b's workload.
+    const INCREMENTAL: &str = r#"
+kind: Service
+metadata: {name: a, namespace: shop}
+spec: {clusterIP: 10.96.1.1, ports: [{name: http, port: 80}]}
+---
+kind: EndpointSlice
+metadata: {name: a-1, namespace: shop, labels: {kubernetes.io/service-name: a}}
+endpoints:
+- {addresses: [10.1.0.1], targetRef: {kind: Pod, name: a-1}}
+- {addresses: [10.1.0.2], targetRef: {kind: Pod, name: a-2}}
+- {addresses: [10.1.0.3], targetRef: {kind: Pod, name: a-3}}
+ports: [{name: http, port: 8080}]
+---
+kind: Pod
+metadata: {name: a-1, namespace: shop}
+spec: {serviceAccountName: a}
+---
+kind: Service
+metadata: {name: b, namespace: shop, annotations: {strait.io/opaque-ports: "6379"}}
+spec: {clusterIP: 10.96.1.2, ports: [{name: http, port: 80}, {name: redis, port: 6379}]}
+---
+kind: EndpointSlice
+metadata: {name: b-1, namespace: shop, labels: {kubernetes.io/service-name: b}, annotations: {strait.io/service-account: b}}
+endpoints:
+- {addresses: [10.2.0.1]}
+- {addresses: [10.2.0.2]}
+ports: [{name: http, port: 8080}, {name: redis, port: 6379}]
+---
+kind: Service
+metadata: {name: c, namespace: shop}
+spec: {clusterIP: 10.96.1.3, ports: [{name: http, port: 80}]}
+---
+kind: HTTPRoute
+metadata: {name: c-to-b, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: c, port: 80}]
+  rules: [{backendRefs: [{name: b, port: 80}]}]
+---
+kind: Service
+metadata: {name: d, namespace: shop}
+spec: {clusterIP: 10.96.1.4, ports: [{name: http, port: 80}]}
+---
+kind: HTTPRoute
+metadata: {name: d-for-other, namespace: other}
+spec:
+  parentRefs: [{group: "", kind: Service, name: d, namespace: shop, port: 80}]
+  rules: [{backendRefs: [{name: e, port: 80}]}]
+---
+kind: Service
+metadata: {name: e, namespace: other}
+spec: {clusterIP: 10.96.1.5, ports: [{name: http, port: 80}]}
+---
+kind: EndpointSlice
+metadata: {name: e-1, namespace: other, labels: {kubernetes.io/service-name: e}}
+endpoints: [{addresses: [10.5.0.1]}]
+ports: [{name: http, port: 8080}]
+"#;
+
+    fn objects(text: &str) -> Vec<Arc<Resource>> {
+        parse_documents(text)
+            .expect("valid")
+            .into_iter()
+            .map(Arc::new)
+            .collect()
+    }
+
+    /// Replaces the object named `name` (its first document) with `text`'s.
+    fn replace(objects: &mut [Arc<Resource>], name: &str, text: &str) {
+        let fresh = parse_documents(text).expect("valid").remove(0);
+        let at = objects
+            .iter()
+            .position(|r| format!("{r:?}").contains(&format!("name: \"{name}\"")))
+            .unwrap_or_else(|| panic!("no object {name}"));
+        objects[at] = Arc::new(fresh);
+    }
+
+    /// Everything a proxy can be told, by value, for comparing with a fresh build.
+    fn everything(index: &MeshIndex) -> String {
+        let answers: BTreeMap<&str, &DestinationUpdate> =
+            index.answers.iter().map(|(k, v)| (&**k, &**v)).collect();
+        let consumer: BTreeMap<_, _> = index.consumer_answers.iter().collect();
+        let opaque: BTreeMap<_, _> = index.opaque_inbound.iter().collect();
+        format!(
+            "{answers:?}\n{consumer:?}\n{opaque:?}\n{}",
+            index.unmatched_policy_ports
+        )
+    }
+
+    fn endpoints_of(index: &MeshIndex, target: &str) -> Vec<String> {
+        destination(&index.lookup(target, None))
+            .endpoints
+            .iter()
+            .map(|e| e.ip.clone())
+            .collect()
+    }
+
+    #[test]
+    fn an_update_recomputes_only_the_changed_service_and_those_whose_routes_read_it() {
+        let naming = Naming::default();
+        let mut objects = objects(INCREMENTAL);
+        let first = MeshIndex::update(&objects, &naming, None);
+        assert_eq!(first.recomputed_services(), 5);
+
+        // Nothing changed: nothing recomputed, every answer the same `Arc`.
+        let same = MeshIndex::update(&objects, &naming, Some(&first));
+        assert_eq!(same.recomputed_services(), 0);
+        for target in ["10.96.1.1:80", "a.shop:80", "10.1.0.2:8080", "10.96.1.3:80"] {
+            assert!(Arc::ptr_eq(
+                &same.lookup(target, None),
+                &first.lookup(target, None)
+            ));
+        }
+
+        // One endpoint of a goes: a alone is recomputed; b, c, d, e are not.
+        replace(
+            &mut objects,
+            "a-1",
+            "kind: EndpointSlice\nmetadata: {name: a-1, namespace: shop, labels: {kubernetes.io/service-name: a}}\nendpoints:\n- {addresses: [10.1.0.1], targetRef: {kind: Pod, name: a-1}}\n- {addresses: [10.1.0.2], targetRef: {kind: Pod, name: a-2}}\nports: [{name: http, port: 8080}]",
+        );
+        let second = MeshIndex::update(&objects, &naming, Some(&same));
+        assert_eq!(second.recomputed_services(), 1);
+        assert_eq!(endpoints_of(&second, "a.shop:80"), ["10.1.0.1", "10.1.0.2"]);
+        assert!(Arc::ptr_eq(
+            &second.lookup("10.96.1.2:80", None),
+            &same.lookup("10.96.1.2:80", None)
+        ));
+        // The endpoint that stayed keeps its answer; the one that went is no longer served.
+        assert!(Arc::ptr_eq(
+            &second.lookup("10.1.0.1:8080", None),
+            &same.lookup("10.1.0.1:8080", None)
+        ));
+        assert!(matches!(
+            second.lookup("10.1.0.3:8080", None).update,
+            Some(Update::NotInMesh(_))
+        ));
+
+        // b's endpoints change: b, and c (its route's backend is b), are recomputed.
+        replace(
+            &mut objects,
+            "b-1",
+            "kind: EndpointSlice\nmetadata: {name: b-1, namespace: shop, labels: {kubernetes.io/service-name: b}, annotations: {strait.io/service-account: b}}\nendpoints: [{addresses: [10.2.0.9]}]\nports: [{name: http, port: 8080}, {name: redis, port: 6379}]",
+        );
+        let third = MeshIndex::update(&objects, &naming, Some(&second));
+        assert_eq!(third.recomputed_services(), 2);
+        let c = third.lookup("10.96.1.3:80", None);
+        let backend = &destination(&c).routes[0].backends[0];
+        assert_eq!(backend.endpoints[0].ip, "10.2.0.9");
+
+        // The Pod a-1 opts out of the mesh: a's endpoint 10.1.0.1 is announced without mTLS.
+        objects.push(Arc::new(
+            parse_documents("kind: Pod\nmetadata: {name: a-2, namespace: shop, annotations: {strait.io/meshed: \"false\"}}\nspec: {}")
+                .expect("valid")
+                .remove(0),
+        ));
+        let fourth = MeshIndex::update(&objects, &naming, Some(&third));
+        assert_eq!(fourth.recomputed_services(), 1);
+        let a = fourth.lookup("a.shop:80", None);
+        let meshed: Vec<bool> = destination(&a).endpoints.iter().map(|e| e.meshed).collect();
+        assert_eq!(meshed, [true, false]);
+
+        // A route changes: everything is recomputed (routes are few and rarely change).
+        replace(
+            &mut objects,
+            "d-for-other",
+            "kind: HTTPRoute\nmetadata: {name: d-for-other, namespace: other}\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: d, namespace: shop, port: 80}]\n  rules: [{backendRefs: [{name: e, port: 80, weight: 3}]}]",
+        );
+        let fifth = MeshIndex::update(&objects, &naming, Some(&fourth));
+        assert_eq!(fifth.recomputed_services(), 5);
+
+        // b goes: c's route now sends b's share to a backend that does not exist.
+        objects.retain(|r| !matches!(&**r, Resource::Service(s) if s.metadata.name == "b"));
+        let sixth = MeshIndex::update(&objects, &naming, Some(&fifth));
+        assert_eq!(sixth.recomputed_services(), 1, "c only");
+        assert!(!destination(&sixth.lookup("10.96.1.3:80", None)).routes[0].backends[0].exists);
+        assert!(matches!(
+            sixth.lookup("b.shop:80", None).update,
+            Some(Update::NotInMesh(_))
+        ));
+
+        // The same as an index built from nothing.
+        assert_eq!(
+            everything(&sixth),
+            everything(&MeshIndex::update(&objects, &naming, None))
+        );
+    }
+
+    #[test]
+    fn any_sequence_of_edits_ends_where_a_fresh_build_does() {
+        // Random edits of INCREMENTAL's objects (endpoints added and dropped, pods opting out,
+        // services removed and added back), each compared with a build from nothing.
+        let naming = Naming::default();
+        let base = objects(INCREMENTAL);
+        let mut rng = fastrand::Rng::with_seed(7);
+        let mut objects = base.clone();
+        let mut index = MeshIndex::update(&objects, &naming, None);
+        for step in 0..200 {
+            let i = rng.usize(..base.len());
+            match rng.u8(..4) {
+                // Put an original object back (an `Arc` the cache may have seen).
+                0 => {
+                    let key =
+                        |r: &Resource| format!("{r:?}").split(',').take(2).collect::<String>();
+                    match objects.iter().position(|o| key(o) == key(&base[i])) {
+                        Some(at) => objects[at] = base[i].clone(),
+                        None => objects.push(base[i].clone()),
+                    }
+                }
+                // Drop an object.
+                1 if objects.len() > 1 => {
+                    let at = rng.usize(..objects.len());
+                    objects.remove(at);
+                }
+                // A slice with other endpoints, or a pod opting out.
+                _ => {
+                    let n = rng.u8(1..4);
+                    let ips: Vec<String> = (0..n).map(|k| format!("10.9.{step}.{k}")).collect();
+                    let service = ["a", "b", "e"][rng.usize(..3)];
+                    let ns = if service == "e" { "other" } else { "shop" };
+                    let text = format!(
+                        "kind: EndpointSlice\nmetadata: {{name: {service}-1, namespace: {ns}, labels: {{kubernetes.io/service-name: {service}}}}}\nendpoints: [{}]\nports: [{{name: http, port: 8080}}]\n---\nkind: Pod\nmetadata: {{name: a-1, namespace: shop, annotations: {{strait.io/meshed: \"{}\"}}}}\nspec: {{serviceAccountName: a}}",
+                        ips.iter()
+                            .map(|ip| format!("{{addresses: [{ip}], targetRef: {{kind: Pod, name: a-1}}}}"))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        rng.bool()
+                    );
+                    for fresh in parse_documents(&text).expect("valid") {
+                        let name = match &fresh {
+                            Resource::EndpointSlice(s) => s.metadata.name.clone(),
+                            Resource::Pod(p) => p.metadata.name.clone(),
+                            _ => unreachable!(),
+                        };
+                        let same_kind_and_name = |o: &Arc<Resource>| match (&**o, &fresh) {
+                            (Resource::EndpointSlice(a), Resource::EndpointSlice(_)) => {
+                                a.metadata.name == name
+                            }
+                            (Resource::Pod(a), Resource::Pod(_)) => a.metadata.name == name,
+                            _ => false,
+                        };
+                        match objects.iter().position(same_kind_and_name) {
+                            Some(at) => objects[at] = Arc::new(fresh),
+                            None => objects.push(Arc::new(fresh)),
+                        }
+                    }
+                }
+            }
+            index = MeshIndex::update(&objects, &naming, Some(&index));
+            assert_eq!(
+                everything(&index),
+                everything(&MeshIndex::update(&objects, &naming, None)),
+                "step {step}"
+            );
+        }
     }
 
     #[test]

@@ -177,7 +177,7 @@ enum Change {
 /// The objects of every kind, and the relist in progress of each.
 #[derive(Debug, Default)]
 pub struct Store {
-    current: Vec<BTreeMap<Key, Vec<Resource>>>,
+    current: Vec<BTreeMap<Key, Vec<Arc<Resource>>>>,
     relisting: HashMap<usize, BTreeMap<Key, Vec<Resource>>>,
     listed: Vec<bool>,
 }
@@ -203,7 +203,15 @@ impl Store {
                     buffer.insert(key, resources);
                     return false;
                 }
-                self.current[k].insert(key, resources.clone()) != Some(resources)
+                let old = self.current[k].get(&key).map(Vec::as_slice).unwrap_or(&[]);
+                if old.len() == resources.len()
+                    && old.iter().zip(&resources).all(|(a, b)| **a == *b)
+                {
+                    return false;
+                }
+                let shared = crate::resources::share(old, resources);
+                self.current[k].insert(key, shared);
+                true
             }
             Change::Delete(k, key) => {
                 if let Some(buffer) = self.relisting.get_mut(&k) {
@@ -215,8 +223,23 @@ impl Store {
             Change::Listed(k) => {
                 let fresh = self.relisting.remove(&k).unwrap_or_default();
                 self.listed[k] = true;
-                let changed = self.current[k] != fresh;
-                self.current[k] = fresh;
+                let current = &self.current[k];
+                let changed = current.len() != fresh.len()
+                    || fresh.iter().any(|(key, objects)| {
+                        current.get(key).is_none_or(|old| {
+                            old.len() != objects.len()
+                                || old.iter().zip(objects).any(|(a, b)| **a != *b)
+                        })
+                    });
+                let shared = fresh
+                    .into_iter()
+                    .map(|(key, objects)| {
+                        let old = current.get(&key).map(Vec::as_slice).unwrap_or(&[]);
+                        let shared = crate::resources::share(old, objects);
+                        (key, shared)
+                    })
+                    .collect();
+                self.current[k] = shared;
                 changed
             }
         }
@@ -230,7 +253,7 @@ impl Store {
             .all(|(i, k)| !k.required || self.listed[i])
     }
 
-    pub fn resources(&self) -> Vec<Resource> {
+    pub fn resources(&self) -> Vec<Arc<Resource>> {
         self.current
             .iter()
             .flat_map(|objects| objects.values().flatten().cloned())
@@ -414,8 +437,7 @@ pub async fn run(
         if store.synced() {
             if changed || !*ready.borrow() {
                 let _span = tracing::info_span!("watch batch").entered();
-                let mut index = MeshIndex::build(&store.resources(), &naming);
-                index.reuse_unchanged(&tx.borrow());
+                let index = MeshIndex::update(&store.resources(), &naming, Some(&tx.borrow()));
                 tracing::info!(services = index.service_count(), "mesh state updated");
                 let previous = tx.borrow().route_statuses().to_vec();
                 crate::routes::log_status_changes(&previous, index.route_statuses());
@@ -543,7 +565,7 @@ mod tests {
         let names: Vec<_> = store
             .resources()
             .iter()
-            .map(|r| match r {
+            .map(|r| match &**r {
                 Resource::EndpointSlice(s) => s.metadata.name.clone(),
                 _ => String::new(),
             })

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use strait_api::shared::DiscoveryServer;
 use strait_api::identity::identity_server::IdentityServer;
+use strait_api::shared::DiscoveryServer;
 use strait_control_plane::admin::Metrics;
 use strait_control_plane::control_tls::{AnchorSource, MtlsIo};
 use strait_control_plane::discovery::DiscoveryService;

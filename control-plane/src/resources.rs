@@ -5,6 +5,7 @@
 //! everything else in a document is ignored, as `kubectl apply` users expect.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::Deserialize;
 
@@ -907,5 +908,42 @@ impl GrpcRoute {
             },
             grpc: true,
         }
+    }
+}
+
+/// `fresh` as shared objects, keeping `old`'s `Arc` wherever the object at the same place is
+/// unchanged, so that the index sees an unchanged object as the same one (it compares by
+/// identity: see `index::cache`).
+pub fn share(old: &[Arc<Resource>], fresh: Vec<Resource>) -> Vec<Arc<Resource>> {
+    fresh
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| match old.get(i) {
+            Some(o) if **o == r => o.clone(),
+            _ => Arc::new(r),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod share_tests {
+    use super::*;
+
+    #[test]
+    fn unchanged_objects_keep_their_arc_and_changed_ones_get_a_new_one() {
+        let ns = |name: &str| {
+            Resource::Namespace(Namespace {
+                metadata: ObjectMeta {
+                    name: name.into(),
+                    ..Default::default()
+                },
+            })
+        };
+        let old = share(&[], vec![ns("a"), ns("b")]);
+        let new = share(&old, vec![ns("a"), ns("c"), ns("d")]);
+        assert!(Arc::ptr_eq(&old[0], &new[0]));
+        assert!(!Arc::ptr_eq(&old[1], &new[1]));
+        assert_eq!(*new[1], ns("c"));
+        assert_eq!(new.len(), 3);
     }
 }

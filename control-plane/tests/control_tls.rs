@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use strait_api::discovery::discovery_client::DiscoveryClient;
-use strait_api::shared::DiscoveryServer;
 use strait_api::discovery::{InboundRequest, WatchRequest};
+use strait_api::shared::DiscoveryServer;
 use strait_control_plane::admin::Metrics;
 use strait_control_plane::control_tls::MtlsIo;
 use strait_control_plane::discovery::DiscoveryService;

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use strait_api::discovery::destination_update::Update;
 use strait_api::discovery::discovery_client::DiscoveryClient;
-use strait_api::shared::DiscoveryServer;
 use strait_api::discovery::{DestinationUpdate, InboundRequest, WatchRequest};
+use strait_api::shared::DiscoveryServer;
 use strait_control_plane::admin::Metrics;
 use strait_control_plane::discovery::DiscoveryService;
 use strait_control_plane::index::{MeshIndex, Naming};

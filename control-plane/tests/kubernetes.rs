@@ -310,7 +310,7 @@ fn local_index(final_slice: &Value) -> MeshIndex {
     let mut source = LocalSource::new(&dir);
     source.scan().expect("scan");
     assert!(source.errors().is_empty(), "{:?}", source.errors());
-    let index = MeshIndex::build(&source.resources(), &Naming::default());
+    let index = MeshIndex::update(&source.resources(), &Naming::default(), None);
     std::fs::remove_dir_all(&dir).ok();
     index
 }

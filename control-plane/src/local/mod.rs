@@ -38,7 +38,7 @@ struct FileState {
     /// The last scan that listed the file.
     seen: u64,
     /// The last content that parsed; kept while the file is broken.
-    resources: Vec<Resource>,
+    resources: Vec<Arc<Resource>>,
     error: Option<String>,
 }
 
@@ -138,8 +138,14 @@ impl LocalSource {
                     if entry.error.take().is_some() {
                         tracing::info!(path = %path.display(), "config file parses again");
                     }
-                    if entry.resources != resources {
-                        entry.resources = resources;
+                    let same = entry.resources.len() == resources.len()
+                        && entry
+                            .resources
+                            .iter()
+                            .zip(&resources)
+                            .all(|(a, b)| **a == *b);
+                    if !same {
+                        entry.resources = crate::resources::share(&entry.resources, resources);
                         changed = true;
                     }
                 }
@@ -171,7 +177,7 @@ impl LocalSource {
     }
 
     /// The resources of every file, in path order.
-    pub fn resources(&self) -> Vec<Resource> {
+    pub fn resources(&self) -> Vec<Arc<Resource>> {
         self.in_order()
             .into_iter()
             .flat_map(|(_, f)| f.resources.iter().cloned())
@@ -213,17 +219,20 @@ fn publish(source: &LocalSource, naming: &Naming, tx: &watch::Sender<Arc<MeshInd
     if let Some(tokens) = &source.tokens {
         let pods: Vec<&crate::resources::Pod> = resources
             .iter()
-            .filter_map(|r| match r {
+            .filter_map(|r| match &**r {
                 Resource::Pod(p) => Some(p),
                 _ => None,
             })
             .collect();
         let minted = tokens.sync(&pods);
-        resources.extend(minted);
+        resources.extend(minted.into_iter().map(Arc::new));
     }
-    let mut index = MeshIndex::build(&resources, naming);
-    index.reuse_unchanged(&tx.borrow());
-    tracing::info!(services = index.service_count(), "mesh state updated");
+    let index = MeshIndex::update(&resources, naming, Some(&tx.borrow()));
+    tracing::info!(
+        services = index.service_count(),
+        recomputed = index.recomputed_services(),
+        "mesh state updated"
+    );
     crate::routes::log_status_changes(tx.borrow().route_statuses(), index.route_statuses());
     tx.send_replace(Arc::new(index));
 }
