@@ -52,13 +52,13 @@ fuzz_target!(|data: &[u8]| {
         window: Duration::from_secs(10),
     }));
     let http_metrics = Arc::new(metrics.http(Direction::Outbound, "web", None));
-    let previous = HashMap::new();
+    let shared = strait_proxy::stack::backends::SharedBalancers::default();
     let mut build = Build {
         egress: &egress,
         budget: &budget,
         metrics: &http_metrics,
         own: Some((d.service.as_str(), &balancer)),
-        previous: &previous,
+        shared: &shared,
         used: HashMap::new(),
         new_balancer: &|| Balancer::new(Duration::from_secs(1), None),
         to_specs: &endpoint_specs,

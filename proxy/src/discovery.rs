@@ -28,6 +28,7 @@ use tonic::transport::{Channel, Endpoint as GrpcEndpoint};
 use crate::balance::{Balancer, EndpointSpec};
 use crate::metrics::{Direction, HttpMetrics, Metrics};
 use crate::router::Router;
+use crate::stack::backends::SharedBalancers;
 use arc_swap::ArcSwap;
 
 /// The discovery state of one destination.
@@ -121,6 +122,8 @@ pub struct Discovery {
     retry_budget: crate::retry::BudgetSettings,
     eject_after: u32,
     egress: Arc<crate::stack::Egress>,
+    /// Route backends' balancers, one per service for every destination.
+    backends: Arc<SharedBalancers>,
 }
 
 #[derive(Debug, Default)]
@@ -261,6 +264,7 @@ impl Discovery {
             retry_budget,
             eject_after,
             egress,
+            backends: Arc::default(),
         })
     }
 
@@ -332,6 +336,7 @@ impl Discovery {
                 balancer,
                 router,
                 backends: HashMap::new(),
+                shared: self.backends.clone(),
                 connect_timeout: self.connect_timeout,
                 identity: self.identity.clone(),
                 eject_after: self.eject_after,
@@ -416,8 +421,10 @@ async fn watch_destination(
 struct Targets {
     balancer: Arc<Balancer>,
     router: Arc<ArcSwap<Router>>,
-    /// Balancers of route backends, by service, kept across updates.
+    /// Balancers of this destination's route backends, by service, held until the next update.
     backends: HashMap<Arc<str>, Arc<Balancer>>,
+    /// Every destination's route backends (one balancer per service).
+    shared: Arc<SharedBalancers>,
     connect_timeout: Duration,
     identity: Option<Arc<crate::identity::Identity>>,
     eject_after: u32,
@@ -470,7 +477,7 @@ fn apply(
                 budget: &targets.budget,
                 metrics: &http,
                 own: Some((d.service.as_str(), balancer)),
-                previous: &targets.backends,
+                shared: &targets.shared,
                 used: HashMap::new(),
                 new_balancer: &|| {
                     Balancer::new(timeout, identity.clone()).with_ejection(eject_after)
@@ -577,6 +584,7 @@ mod tests {
             balancer: Arc::new(Balancer::new(Duration::from_secs(1), None)),
             router: Arc::new(ArcSwap::from_pointee(Router::default())),
             backends: HashMap::new(),
+            shared: Arc::default(),
             connect_timeout: Duration::from_secs(1),
             identity: None,
             eject_after: 7,
@@ -664,6 +672,7 @@ mod tests {
             balancer: resolution.balancer.clone(),
             router: resolution.router.clone(),
             backends: HashMap::new(),
+            shared: Arc::default(),
             connect_timeout: Duration::from_secs(1),
             identity: None,
             eject_after: 7,

@@ -266,13 +266,13 @@ mod tests {
 
     fn compile(routes: &[Route]) -> Router {
         let (egress, budget, metrics) = shared();
-        let previous = HashMap::new();
+        let shared_balancers = crate::stack::backends::SharedBalancers::default();
         let mut build = Build {
             egress: &egress,
             budget: &budget,
             metrics: &metrics,
             own: None,
-            previous: &previous,
+            shared: &shared_balancers,
             used: HashMap::new(),
             new_balancer: &|| Balancer::new(Duration::from_secs(1), None),
             to_specs: &|_| Vec::new(),
@@ -313,7 +313,7 @@ mod tests {
         let own = Arc::new(Balancer::new(Duration::from_secs(1), None));
         let made = std::sync::atomic::AtomicUsize::new(0);
         let (egress, budget, metrics) = shared();
-        let previous = HashMap::new();
+        let shared_balancers = crate::stack::backends::SharedBalancers::default();
         let new_balancer = || {
             made.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Balancer::new(Duration::from_secs(1), None)
@@ -323,7 +323,7 @@ mod tests {
             budget: &budget,
             metrics: &metrics,
             own: Some(("b0", &own)),
-            previous: &previous,
+            shared: &shared_balancers,
             used: HashMap::new(),
             new_balancer: &new_balancer,
             to_specs: &|_| Vec::new(),
@@ -340,13 +340,29 @@ mod tests {
             budget: &budget,
             metrics: &metrics,
             own: Some(("b0", &own)),
-            previous: &used,
+            shared: &shared_balancers,
             used: HashMap::new(),
             new_balancer: &|| panic!("no new balancer"),
             to_specs: &|_| Vec::new(),
         };
         Router::compile(&routes, false, &mut build);
         assert!(Arc::ptr_eq(&build.used["b1"], &kept));
+        // Another destination whose route sends to b1 shares that balancer too.
+        let other_own = Arc::new(Balancer::new(Duration::from_secs(1), None));
+        let mut other = Build {
+            egress: &egress,
+            budget: &budget,
+            metrics: &metrics,
+            own: Some(("c0", &other_own)),
+            shared: &shared_balancers,
+            used: HashMap::new(),
+            // b0 is not this destination: it gets a balancer of its own (once).
+            new_balancer: &|| Balancer::new(Duration::from_secs(1), None),
+            to_specs: &|_| Vec::new(),
+        };
+        Router::compile(&routes[1..], false, &mut other);
+        assert!(Arc::ptr_eq(&other.used["b1"], &kept));
+        assert_eq!(other.used.len(), 2);
     }
 
     #[test]

@@ -25,6 +25,7 @@
 //! says. Layers that a route does not use are not in its stack. A destination without routes
 //! needs none of this: its requests go to [`balance::send_to`] directly.
 
+pub mod backends;
 pub mod balance;
 pub mod fault;
 pub mod headers;
@@ -98,9 +99,10 @@ pub struct Build<'a> {
     /// The destination itself (its service and balancer, kept up to date by the caller): a
     /// backend that is the destination uses its balancer.
     pub own: Option<(&'a str, &'a Arc<Balancer>)>,
-    /// Backend balancers of the previous update, reused (their load and connections survive).
-    pub previous: &'a HashMap<Arc<str>, Arc<Balancer>>,
-    /// Backend balancers of this update: one per backend service, shared by every route.
+    /// Backend balancers of the whole proxy: one per backend service, shared by every route
+    /// of every destination (their load and connections survive updates).
+    pub shared: &'a backends::SharedBalancers,
+    /// Backend balancers this update's routes use (held by the destination until the next).
     pub used: HashMap<Arc<str>, Arc<Balancer>>,
     pub new_balancer: &'a dyn Fn() -> Balancer,
     pub to_specs: &'a dyn Fn(&[strait_api::discovery::Endpoint]) -> Vec<EndpointSpec>,
@@ -118,12 +120,9 @@ impl Build<'_> {
         if let Some(shared) = self.used.get(b.service.as_str()) {
             return Some(shared.clone());
         }
-        let service: Arc<str> = b.service.as_str().into();
-        let balancer = self
-            .previous
-            .get(&service)
-            .cloned()
-            .unwrap_or_else(|| Arc::new((self.new_balancer)()));
+        let (service, balancer) = self
+            .shared
+            .get_or_make(b.service.as_str(), self.new_balancer);
         balancer.update((self.to_specs)(&b.endpoints));
         self.used.insert(service, balancer.clone());
         Some(balancer)
