@@ -197,6 +197,17 @@ impl MeshIndex {
             (&a.metadata.namespace, &a.metadata.name)
                 .cmp(&(&b.metadata.namespace, &b.metadata.name))
         });
+        // One Service per name: the last one read (in file order) wins.
+        services.reverse();
+        services.dedup_by(|(_, later), (_, earlier)| {
+            let same = later.metadata.namespace == earlier.metadata.namespace
+                && later.metadata.name == earlier.metadata.name;
+            if same {
+                tracing::warn!(service = %format!("{}/{}", later.metadata.namespace, later.metadata.name), "the Service is defined twice; the later definition is used");
+            }
+            same
+        });
+        services.reverse();
         let previous_index = previous;
         let previous = previous
             .map(|p| &p.cache)
@@ -1163,6 +1174,25 @@ ports: [{name: http, port: 8080}]
             everything(&sixth),
             everything(&MeshIndex::update(&objects, &naming, None))
         );
+    }
+
+    #[test]
+    fn a_service_defined_twice_is_served_as_its_last_definition() {
+        let twice = format!(
+            "{}\n---\n{}",
+            "kind: Service\nmetadata: {name: web, namespace: shop}\nspec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}",
+            "kind: Service\nmetadata: {name: web, namespace: shop}\nspec: {clusterIP: 10.96.0.11, ports: [{name: grpc, port: 9000}]}",
+        );
+        let index = MeshIndex::build(&parse_documents(&twice).expect("valid"), &Naming::default());
+        assert_eq!(index.service_count(), 1);
+        assert!(matches!(
+            index.lookup("web.shop:9000", None).update,
+            Some(Update::Destination(_))
+        ));
+        assert!(matches!(
+            index.lookup("web.shop:80", None).update,
+            Some(Update::NotInMesh(_))
+        ));
     }
 
     #[test]
