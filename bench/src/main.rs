@@ -17,6 +17,7 @@ mod detection;
 mod fixed_rate;
 mod scale;
 mod soak;
+mod tcp_rr;
 
 use std::time::Duration;
 
@@ -71,6 +72,17 @@ enum Cmd {
         #[arg(long, default_value_t = 10_000)]
         connections: u32,
     },
+    /// Internal: opaque TCP request/response load, run inside a client pod.
+    TcpRr {
+        #[arg(long)]
+        addr: std::net::SocketAddr,
+        #[arg(long, default_value_t = 16)]
+        conns: u32,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Duration,
+    },
     /// What protocol detection costs a new connection: server-speaks-first on an undeclared
     /// port (first and later connections), on an opaque port from an unmeshed client, and a
     /// client-first HTTP request; each against a direct connection.
@@ -121,6 +133,25 @@ fn main() -> Result<()> {
             })
         }
         _ => {}
+    }
+    if let Some(Cmd::TcpRr {
+        addr,
+        conns,
+        size,
+        duration,
+    }) = cli.command
+    {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let o = rt.block_on(tcp_rr::run(
+            addr,
+            conns.clamp(1, 1024),
+            size.clamp(1, 1 << 20),
+            duration.min(Duration::from_secs(600)),
+        ))?;
+        println!("requests={} errors={}", o.requests, o.errors);
+        return Ok(());
     }
     if let Some(Cmd::FixedRate {
         url,
@@ -282,6 +313,31 @@ fn fixed(
     ))
 }
 
+/// Opaque TCP request/response per second (16 connections, 64-byte messages).
+fn tcp_rr(net: &Net, pod: &Pod, addr: &str, d: Duration) -> Result<f64> {
+    let bin = std::env::current_exe()?;
+    let out = net.exec(
+        pod,
+        &[
+            &bin.to_string_lossy(),
+            "tcp-rr",
+            "--addr",
+            addr,
+            "--duration",
+            &format!("{}s", d.as_secs()),
+        ],
+    )?;
+    let field = |name: &str| -> Option<f64> {
+        out.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+            .and_then(|v| v.parse().ok())
+    };
+    if field("errors").unwrap_or(1.0) > 0.0 {
+        bail!("tcp-rr to {addr} failed: {out}");
+    }
+    Ok(field("requests").unwrap_or(0.0) / d.as_secs_f64())
+}
+
 fn wrk_close(net: &Net, pod: &Pod, url: &str, d: Duration) -> Result<f64> {
     // Every request on a new client connection: the server side closes after each response.
     let out = net.exec(
@@ -308,6 +364,8 @@ struct Path {
     client: Pod,
     h1: String,
     h2: String,
+    /// An echo server's address, opaque TCP.
+    tcp: String,
     proxies: Vec<Proc>,
 }
 
@@ -316,6 +374,7 @@ struct Figures {
     h1: f64,
     h2: f64,
     conns: f64,
+    tcp: f64,
     p50: f64,
     p99: f64,
     cpu_max: Vec<f64>,
@@ -354,6 +413,8 @@ fn measure(net: &Net, path: &Path, cli: &Cli) -> Result<Figures> {
     f.h2 = h2;
     eprintln!("[{}] new client connection per request...", path.name);
     f.conns = wrk_close(net, &path.client, &path.h1, d)?;
+    eprintln!("[{}] opaque TCP request/response...", path.name);
+    f.tcp = tcp_rr(net, &path.client, &path.tcp, d)?;
     eprintln!("[{}] latency at {} req/s...", path.name, cli.rate);
     let before = cpu(&path.proxies)?;
     let (p50, p99, requests, raw) = fixed(net, &path.client, &path.h1, cli.rate, d)?;
@@ -472,6 +533,32 @@ fn bench(cli: &Cli) -> Result<()> {
         8081,
         &[&pserver],
     ))?;
+    // Opaque TCP: an echo server behind each, declared opaque (no detection).
+    let testapp = strait_testbed::bin("strait-testapp")?;
+    let mut echoes = Vec::new();
+    for pod in [&dserver, &pserver, &mserver] {
+        let echo = net.spawn(
+            pod,
+            "echo",
+            &[
+                &testapp.to_string_lossy(),
+                "echo",
+                "--listen",
+                "0.0.0.0:7000",
+            ],
+        )?;
+        net.wait_log(&echo, "listening on", Duration::from_secs(10))?;
+        echoes.push(echo);
+    }
+    for (name, ip, pod) in [
+        ("plain-tcp", "10.96.0.12", &pserver),
+        ("mtls-tcp", "10.96.0.22", &mserver),
+    ] {
+        config.service(&ServiceDef {
+            opaque: true,
+            ..ServiceDef::new(name, ip, 7000, 7000, &[pod])
+        })?;
+    }
     config.service(&ServiceDef::new(
         "mtls",
         "10.96.0.20",
@@ -497,6 +584,7 @@ fn bench(cli: &Cli) -> Result<()> {
             client: dclient,
             h1: format!("http://{}:8080/index.html", dserver.ip),
             h2: format!("http://{}:8081/index.html", dserver.ip),
+            tcp: format!("{}:7000", dserver.ip),
             proxies: Vec::new(),
         },
         Path {
@@ -504,6 +592,7 @@ fn bench(cli: &Cli) -> Result<()> {
             client: pclient,
             h1: "http://10.96.0.10/index.html".into(),
             h2: "http://10.96.0.11/index.html".into(),
+            tcp: "10.96.0.12:7000".into(),
             proxies: pproxies,
         },
         Path {
@@ -511,6 +600,7 @@ fn bench(cli: &Cli) -> Result<()> {
             client: mclient,
             h1: "http://10.96.0.20/index.html".into(),
             h2: "http://10.96.0.21/index.html".into(),
+            tcp: "10.96.0.22:7000".into(),
             proxies: mproxies,
         },
     ];
@@ -560,6 +650,7 @@ fn bench(cli: &Cli) -> Result<()> {
         "new client connections/s (wrk -c16, Connection: close)",
         &|f| f.conns,
     );
+    row("opaque TCP request/response/s (16 conns, 64 B)", &|f| f.tcp);
     let lat = |name: &str, get: &dyn Fn(&Figures) -> f64| {
         let (a, b, c) = (get(d), get(&figures[1]), get(&figures[2]));
         println!(
@@ -585,6 +676,10 @@ fn bench(cli: &Cli) -> Result<()> {
     for (f, path) in figures.iter().zip(&paths) {
         println!("raw {}: {}", path.name, f.errors);
     }
+    println!();
+    println!("tcp_rr_direct {:.0}", d.tcp);
+    println!("tcp_rr_mtls_vs_direct {:.3}", figures[2].tcp / d.tcp);
+    println!("tcp_rr_plaintext_vs_direct {:.3}", figures[1].tcp / d.tcp);
     if cli.trace_sample_ratio.is_some() {
         // Whether export kept up: spans sent and dropped by each proxy of the mTLS path.
         for (pod, name) in [(&paths[2].client, "client"), (&mserver, "server")] {
