@@ -369,6 +369,14 @@ mod tests {
         }
     }
 
+    async fn next_answer(stream: &mut tonic::Streaming<DestinationUpdate>) -> DestinationUpdate {
+        stream
+            .message()
+            .await
+            .expect("not an error")
+            .expect("an answer")
+    }
+
     #[tokio::test]
     async fn the_generated_client_reads_shared_answers_and_statuses() {
         let addr = serve().await;
@@ -379,22 +387,8 @@ mod tests {
             .await
             .expect("a stream")
             .into_inner();
-        assert_eq!(
-            stream
-                .next()
-                .await
-                .expect("an answer")
-                .expect("not an error"),
-            answer(1)
-        );
-        assert_eq!(
-            stream
-                .next()
-                .await
-                .expect("an answer")
-                .expect("not an error"),
-            answer(2)
-        );
+        assert_eq!(next_answer(&mut stream).await, answer(1));
+        assert_eq!(next_answer(&mut stream).await, answer(2));
         assert!(stream.next().await.is_none(), "the stream ends with OK");
 
         let mut stream = client
@@ -402,22 +396,8 @@ mod tests {
             .await
             .expect("a stream")
             .into_inner();
-        assert_eq!(
-            stream
-                .next()
-                .await
-                .expect("an answer")
-                .expect("not an error"),
-            answer(1)
-        );
-        assert_eq!(
-            stream
-                .next()
-                .await
-                .expect("an answer")
-                .expect("not an error"),
-            answer(2)
-        );
+        assert_eq!(next_answer(&mut stream).await, answer(1));
+        assert_eq!(next_answer(&mut stream).await, answer(2));
         let status = stream
             .next()
             .await

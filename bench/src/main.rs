@@ -141,9 +141,7 @@ fn main() -> Result<()> {
         duration,
     }) = cli.command
     {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
+        let rt = current_thread()?;
         let o = rt.block_on(tcp_rr::run(
             addr,
             conns.clamp(1, 1024),
@@ -160,9 +158,7 @@ fn main() -> Result<()> {
         duration,
     }) = cli.command
     {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
+        let rt = current_thread()?;
         let r = rt.block_on(fixed_rate::run(&url, rate, conns, duration))?;
         println!(
             "requests={} errors={} p50_us={} p99_us={} p999_us={} max_us={}",
@@ -299,18 +295,27 @@ fn fixed(
             &format!("{}s", d.as_secs()),
         ],
     )?;
-    let field = |name: &str| -> Option<f64> {
-        out.split_whitespace()
-            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
-            .and_then(|v| v.parse().ok())
-    };
-    let requests = field("requests").unwrap_or(0.0) as u64;
+    let requests = field(&out, "requests").unwrap_or(0.0) as u64;
     Ok((
-        field("p50_us").unwrap_or(0.0) / 1000.0,
-        field("p99_us").unwrap_or(0.0) / 1000.0,
+        field(&out, "p50_us").unwrap_or(0.0) / 1000.0,
+        field(&out, "p99_us").unwrap_or(0.0) / 1000.0,
         requests,
         out.trim().to_string(),
     ))
+}
+
+/// The runtime a load command runs on (one thread, as the client of a benchmark).
+fn current_thread() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// The value of `name=<number>` in a load command's output.
+fn field(out: &str, name: &str) -> Option<f64> {
+    out.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
 }
 
 /// Opaque TCP request/response per second (16 connections, 64-byte messages).
@@ -327,15 +332,10 @@ fn tcp_rr(net: &Net, pod: &Pod, addr: &str, d: Duration) -> Result<f64> {
             &format!("{}s", d.as_secs()),
         ],
     )?;
-    let field = |name: &str| -> Option<f64> {
-        out.split_whitespace()
-            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
-            .and_then(|v| v.parse().ok())
-    };
-    if field("errors").unwrap_or(1.0) > 0.0 {
+    if field(&out, "errors").unwrap_or(1.0) > 0.0 {
         bail!("tcp-rr to {addr} failed: {out}");
     }
-    Ok(field("requests").unwrap_or(0.0) / d.as_secs_f64())
+    Ok(field(&out, "requests").unwrap_or(0.0) / d.as_secs_f64())
 }
 
 fn wrk_close(net: &Net, pod: &Pod, url: &str, d: Duration) -> Result<f64> {

@@ -553,33 +553,31 @@ pub fn control_plane(args: Args) -> Result<()> {
 
 /// One line of the table.
 fn print_row(label: &str, run: &Run) {
-    {
-        println!(
-            "| {label} | {} | {:.0} | {:.0} / {:.0} / {:.0} | {:.0} / {:.0} / {:.0} | {:.0}{} | {:.3} | {:.1} | {:.1} | {:.0} | {:.0} | {:.1} |",
-            run.streams,
-            run.first_answer_ms,
-            run.small_p50,
-            run.small_p99,
-            run.small_max,
-            run.big_p50,
-            run.big_p99,
-            run.big_max,
-            run.burst_converged_ms,
-            if run.burst_missing > 0 {
-                format!(" ({} streams not converged)", run.burst_missing)
-            } else {
-                String::new()
-            },
-            run.cpu_steady_cores,
-            run.cpu_per_change_ms,
-            run.cpu_big_change_ms,
-            run.bytes_per_change,
-            run.bytes_big_change,
-            run.rss_mb,
-        );
-        if run.errors > 0 {
-            println!("({} streams were refused)", run.errors);
-        }
+    println!(
+        "| {label} | {} | {:.0} | {:.0} / {:.0} / {:.0} | {:.0} / {:.0} / {:.0} | {:.0}{} | {:.3} | {:.1} | {:.1} | {:.0} | {:.0} | {:.1} |",
+        run.streams,
+        run.first_answer_ms,
+        run.small_p50,
+        run.small_p99,
+        run.small_max,
+        run.big_p50,
+        run.big_p99,
+        run.big_max,
+        run.burst_converged_ms,
+        if run.burst_missing > 0 {
+            format!(" ({} streams not converged)", run.burst_missing)
+        } else {
+            String::new()
+        },
+        run.cpu_steady_cores,
+        run.cpu_per_change_ms,
+        run.cpu_big_change_ms,
+        run.bytes_per_change,
+        run.bytes_big_change,
+        run.rss_mb,
+    );
+    if run.errors > 0 {
+        println!("({} streams were refused)", run.errors);
     }
 }
 

@@ -204,14 +204,11 @@ impl Store {
                     return false;
                 }
                 let old = self.current[k].get(&key).map(Vec::as_slice).unwrap_or(&[]);
-                if old.len() == resources.len()
-                    && old.iter().zip(&resources).all(|(a, b)| **a == *b)
-                {
-                    return false;
+                let (shared, changed) = crate::resources::share(old, resources);
+                if changed {
+                    self.current[k].insert(key, shared);
                 }
-                let shared = crate::resources::share(old, resources);
-                self.current[k].insert(key, shared);
-                true
+                changed
             }
             Change::Delete(k, key) => {
                 if let Some(buffer) = self.relisting.get_mut(&k) {
@@ -224,18 +221,16 @@ impl Store {
                 let fresh = self.relisting.remove(&k).unwrap_or_default();
                 self.listed[k] = true;
                 let current = &self.current[k];
-                let changed = current.len() != fresh.len()
-                    || fresh.iter().any(|(key, objects)| {
-                        current.get(key).is_none_or(|old| {
-                            old.len() != objects.len()
-                                || old.iter().zip(objects).any(|(a, b)| **a != *b)
-                        })
-                    });
+                // Another set of keys, or any key whose objects differ.
+                let mut changed = current.len() != fresh.len();
                 let shared = fresh
                     .into_iter()
                     .map(|(key, objects)| {
-                        let old = current.get(&key).map(Vec::as_slice).unwrap_or(&[]);
-                        let shared = crate::resources::share(old, objects);
+                        let old = current.get(&key);
+                        changed |= old.is_none();
+                        let (shared, differs) =
+                            crate::resources::share(old.map_or(&[][..], Vec::as_slice), objects);
+                        changed |= differs;
                         (key, shared)
                     })
                     .collect();

@@ -913,16 +913,21 @@ impl GrpcRoute {
 
 /// `fresh` as shared objects, keeping `old`'s `Arc` wherever the object at the same place is
 /// unchanged, so that the index sees an unchanged object as the same one (it compares by
-/// identity: see `index::cache`).
-pub fn share(old: &[Arc<Resource>], fresh: Vec<Resource>) -> Vec<Arc<Resource>> {
-    fresh
+/// identity: see `index::cache`); and whether anything differs from `old`.
+pub fn share(old: &[Arc<Resource>], fresh: Vec<Resource>) -> (Vec<Arc<Resource>>, bool) {
+    let mut changed = old.len() != fresh.len();
+    let shared = fresh
         .into_iter()
         .enumerate()
         .map(|(i, r)| match old.get(i) {
             Some(o) if **o == r => o.clone(),
-            _ => Arc::new(r),
+            _ => {
+                changed = true;
+                Arc::new(r)
+            }
         })
-        .collect()
+        .collect();
+    (shared, changed)
 }
 
 #[cfg(test)]
@@ -939,8 +944,13 @@ mod share_tests {
                 },
             })
         };
-        let old = share(&[], vec![ns("a"), ns("b")]);
-        let new = share(&old, vec![ns("a"), ns("c"), ns("d")]);
+        let (old, changed) = share(&[], vec![ns("a"), ns("b")]);
+        assert!(changed);
+        let (same, changed) = share(&old, vec![ns("a"), ns("b")]);
+        assert!(!changed);
+        assert!(Arc::ptr_eq(&old[1], &same[1]));
+        let (new, changed) = share(&old, vec![ns("a"), ns("c"), ns("d")]);
+        assert!(changed);
         assert!(Arc::ptr_eq(&old[0], &new[0]));
         assert!(!Arc::ptr_eq(&old[1], &new[1]));
         assert_eq!(*new[1], ns("c"));

@@ -10,7 +10,7 @@ use strait_api::discovery::{
 
 use super::cache::PortMap;
 use super::Naming;
-use crate::resources::AuthorizationPolicy;
+use crate::resources::{AuthorizationPolicy, ObjectMeta};
 
 /// Groups policies by workload. Rules that cannot be used (a bad SPIFFE ID) are skipped with a
 /// warning: a policy is never widened by an error.
@@ -20,11 +20,7 @@ pub(super) fn inbound_policies(
     naming: &Naming,
 ) -> HashMap<(String, String), Arc<InboundPolicy>> {
     let mut out: HashMap<(String, String), InboundPolicy> = HashMap::new();
-    let mut sorted: Vec<_> = policies.iter().collect();
-    sorted.sort_by(|a, b| {
-        (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
-    });
-    for p in sorted {
+    for p in by_name(policies, |p| &p.metadata) {
         let name = format!("{}/{}", p.metadata.namespace, p.metadata.name);
         if p.spec.target_ref.kind != "ServiceAccount" {
             tracing::warn!(policy = %name, kind = %p.spec.target_ref.kind, "targetRef.kind must be ServiceAccount; policy ignored");
@@ -66,11 +62,7 @@ pub(super) fn inbound_policies(
                     .collect(),
             });
     }
-    let mut sorted: Vec<_> = limits.iter().collect();
-    sorted.sort_by(|a, b| {
-        (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
-    });
-    for l in sorted {
+    for l in by_name(limits, |l| &l.metadata) {
         let name = format!("{}/{}", l.metadata.namespace, l.metadata.name);
         if l.spec.target_ref.kind != "ServiceAccount" {
             tracing::warn!(policy = %name, kind = %l.spec.target_ref.kind, "targetRef.kind must be ServiceAccount; rate limit ignored");
@@ -126,6 +118,16 @@ pub(super) fn inbound_policies(
 /// Policies whose `port` (the container port the proxy sees) no meshed endpoint of their
 /// workload serves, while the workload does serve others: almost always a Service port written
 /// where the container port was meant. Logged, and counted for the admin metrics.
+/// `items` in namespace/name order: answers do not depend on the order files are read in.
+fn by_name<'a, T>(items: &[&'a T], meta: impl Fn(&T) -> &ObjectMeta) -> Vec<&'a T> {
+    let mut sorted = items.to_vec();
+    sorted.sort_by(|a, b| {
+        let (a, b) = (meta(a), meta(b));
+        (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name))
+    });
+    sorted
+}
+
 pub(super) fn unmatched_policy_ports(
     policies: &[&AuthorizationPolicy],
     port_endpoints: &PortMap,

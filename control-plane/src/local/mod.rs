@@ -138,14 +138,9 @@ impl LocalSource {
                     if entry.error.take().is_some() {
                         tracing::info!(path = %path.display(), "config file parses again");
                     }
-                    let same = entry.resources.len() == resources.len()
-                        && entry
-                            .resources
-                            .iter()
-                            .zip(&resources)
-                            .all(|(a, b)| **a == *b);
-                    if !same {
-                        entry.resources = crate::resources::share(&entry.resources, resources);
+                    let (shared, differs) = crate::resources::share(&entry.resources, resources);
+                    if differs {
+                        entry.resources = shared;
                         changed = true;
                     }
                 }
