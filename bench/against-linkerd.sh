@@ -13,7 +13,9 @@
 # thread each (LINKERD2_PROXY_CORES=1, STRAIT_THREADS=1), iptables REDIRECT by uid, the
 # linkerd2-proxy binary and its stand-in control plane from ../shared/anchors/linkerd2-proxy.
 # Phases: h1 (wrk -t1 -c16 and -c64), h2 (h2load -c4 -m10), rate (open-loop fixed rate, 8
-# connections, 500 and 2000 req/s: added latency), close (wrk -c16, Connection: close).
+# connections, 500 and 2000 req/s: added latency), close (wrk -c16, Connection: close), and,
+# only when asked, syscalls (strace -c of each proxy over 20,000 HTTP/1.1 requests, -c16) and
+# profile (perf record of each proxy during wrk -c16; reports left in the work directory).
 # Prints a table (medians with min-max) and `<key> <value>` lines. Everything it starts is
 # stopped by PID and the namespace deleted on exit. Needs release binaries (bench/run.sh
 # builds them) and wrk, h2load, nginx, openssl (scripts/setup.sh --bench).
@@ -264,6 +266,34 @@ run() { # tag mode command...: the command's output to $W/<tag>.out; CPU ticks o
   sleep 1
 }
 TO=$((D + 20))
+profile() { # mode rep: where each proxy of the pair spends its time at max HTTP/1.1 (perf record)
+  local mode=$1 r=$2 p perfs=()
+  for p in $(pair "$mode"); do
+    perf record -q -F "${PERF_FREQ:-1999}" ${PERF_CALLGRAPH:+--call-graph "$PERF_CALLGRAPH"} -p "$p" -o "$W/perf_${mode}_${r}_$p.data" -- sleep "$D" 2>/dev/null & perfs+=($!)
+  done
+  $N timeout $TO wrk -t1 -c16 -d${D}s http://10.0.0.2:$(port "$mode" 8080)/ > "$W/perf_${mode}_$r.out" 2>&1 || true
+  wait "${perfs[@]}" 2>/dev/null || true
+  for p in $(pair "$mode"); do
+    perf report -q -i "$W/perf_${mode}_${r}_$p.data" --no-children --sort dso,sym ${PERF_CALLGRAPH:+-G} 2>/dev/null \
+      | head -${PERF_LINES:-40} > "$W/perf_${mode}_${r}_$p.txt" || true
+    echo "profile $mode/$p: $W/perf_${mode}_${r}_$p.txt" >&2
+  done
+}
+syscalls() { # mode rep: system calls per HTTP/1.1 request of each proxy of the pair (strace -c)
+  local mode=$1 r=$2 p t args straces=()
+  for p in $(pair "$mode"); do
+    args=(); for t in /proc/"$p"/task/*; do args+=(-p "${t##*/}"); done
+    strace -c -f -o "$W/sys_${mode}_${r}_$p" "${args[@]}" 2>/dev/null & straces+=($!)
+  done
+  sleep 1
+  $N timeout $TO h2load --h1 -n 20000 -c16 http://10.0.0.2:$(port "$mode" 8080)/ > "$W/sys_${mode}_$r.out" 2>&1 || true
+  kill -INT "${straces[@]}"; wait "${straces[@]}" 2>/dev/null || true
+  for p in $(pair "$mode"); do
+    awk -v who="$mode/$p" '$NF ~ /^[a-z_0-9]+$/ && $NF != "total" && $4 ~ /^[0-9]+$/ {c[$NF]=$4; n+=$4}
+      END {printf "syscalls %s: %.2f per request:", who, n/20000; for (k in c) if (c[k] >= 2000) printf " %s %.2f", k, c[k]/20000; print ""}' \
+      "$W/sys_${mode}_${r}_$p" | tee -a "$W/syscalls" >&2
+  done
+}
 for r in $(seq 1 "$REPS"); do
   for ph in $PHASES; do
     for m in direct linkerd strait; do
@@ -277,6 +307,8 @@ for r in $(seq 1 "$REPS"); do
               run "rate${q}_${m}_$r" $m $N timeout $TO "$BIN/strait-bench" fixed-rate --url http://10.0.0.2:$(port $m 8080)/ --rate $q --conns 8 --duration ${D}s
             done;;
         close) run "close_${m}_$r" $m $N timeout $TO wrk -t1 -c16 -d${D}s -H 'Connection: close' http://10.0.0.2:$(port $m 8080)/;;
+        syscalls) [ $m = direct ] || syscalls "$m" "$r";;
+        profile) [ $m = direct ] || profile "$m" "$r";;
       esac
     done
   done
@@ -284,6 +316,11 @@ done
 for p in "$SC" "$SS" "$LC" "$LS"; do
   awk '/VmRSS/{printf "%s ", $2}' "/proc/$p/status"
 done > "$W/rss_kb"
+# The private part (heap, stacks): RSS less the executable's pages, which the page cache shares
+# between every process of the same binary.
+for p in "$SC" "$SS" "$LC" "$LS"; do
+  awk '/RssAnon/{printf "%s ", $2}' "/proc/$p/status"
+done > "$W/anon_kb"
 
 python3 - "$W" "$(getconf CLK_TCK)" <<'EOF'
 import re, statistics, sys, os
@@ -368,10 +405,15 @@ for name, d, l, s, ratio in rows:
     print("| %s | %s | %s | %s | %.2f |" % (name, cell(d), cell(l), cell(s), ratio))
 print("| RSS after load, client / server proxy (MB) | - | %.1f / %.1f | %.1f / %.1f | %.2f |"
       % (rss[2], rss[3], rss[0], rss[1], max(rss[0], rss[1]) / max(rss[2], rss[3])))
+anon = [int(x) / 1024 for x in open(os.path.join(W, "anon_kb")).read().split()]
+print("| private memory (RssAnon) after load, client / server proxy (MB) | - | %.1f / %.1f | %.1f / %.1f | %.2f |"
+      % (anon[2], anon[3], anon[0], anon[1], max(anon[0], anon[1]) / max(anon[2], anon[3])))
 print("(medians of %d runs, (min-max); CPU: user+system of both proxies of the pair / 2 / requests)" % len(series("h1c16", "strait", rps) or [0]))
 print()
 for k, v in keys.items():
     print("%s %.3f" % (k, v))
 print("strait_rss_mb %.1f" % max(rss[0], rss[1]))
 print("linkerd_rss_mb %.1f" % max(rss[2], rss[3]))
+print("strait_anon_mb %.1f" % max(anon[0], anon[1]))
+print("linkerd_anon_mb %.1f" % max(anon[2], anon[3]))
 EOF

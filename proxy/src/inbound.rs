@@ -215,7 +215,9 @@ async fn serve_mesh_tls<I>(
     let (client, end) = mesh_client(&identity, tls.get_ref().1, orig_dst);
     match alpn.as_deref() {
         Some(strait_identity::tls::ALPN_H2) => {
-            serve_http(&ctx, tls, Protocol::Http2, orig_dst, peer, client, end).await
+            // The peer's requests are multiplexed: responses ready together leave together.
+            let io = crate::coalesce::Coalesce::new(tls);
+            serve_http(&ctx, io, Protocol::Http2, orig_dst, peer, client, end).await
         }
         Some(strait_identity::tls::ALPN_HTTP1) => {
             serve_http(&ctx, tls, Protocol::Http1, orig_dst, peer, client, end).await
@@ -378,7 +380,7 @@ async fn serve_http<I, E>(
     serve(io, protocol, stop, handler, ctx.cfg.serve_settings()).await;
 }
 
-struct InboundHttp {
+pub(crate) struct InboundHttp {
     ctx: Arc<Context>,
     app: SocketAddr,
     app_h2: Arc<H2Conn>,

@@ -9,6 +9,7 @@ pub mod admin;
 pub mod app_probe;
 pub mod await_ready;
 pub mod balance;
+pub mod coalesce;
 pub mod config;
 pub mod detect;
 pub mod discovery;

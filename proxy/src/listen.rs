@@ -80,7 +80,9 @@ pub async fn accept_loop<F, Fut>(
             strait_admin::log_limited!(tracing::Level::WARN, "loop", name, %peer, "connection addressed to the proxy itself; closing to avoid a loop");
             continue;
         }
-        tracker.spawn(handle(stream, orig_dst));
+        // Boxed before the spawn: a connection's future is ~10 KB (its protocols' states side
+        // by side), which the spawn would otherwise move several times; a pointer moves free.
+        tracker.spawn(Box::pin(handle(stream, orig_dst)));
     }
     tracing::info!(listener = name, "stopped accepting");
 }

@@ -197,7 +197,7 @@ fn tcp_route(
 
 /// The requests of one outbound HTTP connection. Each request goes by its destination's
 /// discovery state when it arrives, not by the state when the connection was accepted.
-struct OutboundHttp {
+pub(crate) struct OutboundHttp {
     ctx: Arc<Context>,
     /// None when the proxy runs without discovery.
     resolution: Option<Arc<Resolution>>,
@@ -209,7 +209,7 @@ struct OutboundHttp {
 }
 
 /// Where one outbound request goes, decided when it arrives.
-enum Target {
+pub(crate) enum Target {
     /// To its original destination, outside the mesh.
     Passthrough,
     /// Nowhere: discovery has not answered for a destination inside the cluster networks.

@@ -118,6 +118,13 @@ impl H2Conn {
                 return Ok(p.sender.clone());
             }
         }
+        // Boxed: the connect and handshake futures are kilobytes, and every request's future
+        // would carry them (and move them at each spawn) though few requests connect.
+        Box::pin(self.open()).await
+    }
+
+    /// Opens the connection (one attempt at a time) unless another request just did.
+    async fn open(&self) -> Result<http2::SendRequest<ReqBody>, ProxyError> {
         let _one_at_a_time = self.connecting.lock().await;
         if let Some(p) = self.current.load().as_ref() {
             if self.usable(p) {
@@ -144,6 +151,8 @@ impl H2Conn {
         let sender = match &self.tls {
             Some(target) => {
                 let stream = connect_tls(self.addr, self.connect_timeout, target).await?;
+                // Requests sent together leave in one TLS write (see `coalesce`).
+                let stream = crate::coalesce::Coalesce::new(stream);
                 spawn_h2(self.addr, builder, stream).await.map_err(failed)?
             }
             None => {
@@ -335,6 +344,17 @@ pub async fn send_h1(
 /// Forwards an upgrade (WebSocket, CONNECT) on a dedicated HTTP/1 connection, then splices the
 /// two upgraded streams together.
 pub async fn send_upgrade(
+    addr: SocketAddr,
+    connect_timeout: Duration,
+    tls: Option<&TlsTarget>,
+    req: Request<ReqBody>,
+) -> Result<Response<Incoming>, ProxyError> {
+    // Boxed, as the connect in `H2Conn::sender`: callers' futures stay small for the requests
+    // that are not upgrades.
+    Box::pin(upgrade(addr, connect_timeout, tls, req)).await
+}
+
+async fn upgrade(
     addr: SocketAddr,
     connect_timeout: Duration,
     tls: Option<&TlsTarget>,
