@@ -215,9 +215,7 @@ async fn serve_mesh_tls<I>(
     let (client, end) = mesh_client(&identity, tls.get_ref().1, orig_dst);
     match alpn.as_deref() {
         Some(strait_identity::tls::ALPN_H2) => {
-            // The peer's requests are multiplexed: responses ready together leave together.
-            let io = crate::coalesce::Coalesce::new(tls);
-            serve_http(&ctx, io, Protocol::Http2, orig_dst, peer, client, end).await
+            serve_http(&ctx, tls, Protocol::Http2, orig_dst, peer, client, end).await
         }
         Some(strait_identity::tls::ALPN_HTTP1) => {
             serve_http(&ctx, tls, Protocol::Http1, orig_dst, peer, client, end).await

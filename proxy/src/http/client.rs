@@ -151,8 +151,6 @@ impl H2Conn {
         let sender = match &self.tls {
             Some(target) => {
                 let stream = connect_tls(self.addr, self.connect_timeout, target).await?;
-                // Requests sent together leave in one TLS write (see `coalesce`).
-                let stream = crate::coalesce::Coalesce::new(stream);
                 spawn_h2(self.addr, builder, stream).await.map_err(failed)?
             }
             None => {
@@ -202,6 +200,8 @@ async fn spawn_h2<I>(
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    // Requests sent together leave in one write (see `coalesce`).
+    let io = crate::coalesce::Coalesce::new(io);
     let (sender, conn) = builder.handshake(TokioIo::new(io)).await?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {

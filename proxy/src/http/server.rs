@@ -157,9 +157,9 @@ pub async fn serve<I, H, S>(
         // a pointer moves for free, the future itself is kilobytes.
         Box::pin(async move { Ok::<_, Infallible>(handle(&*handler, req, &limits).await) })
     });
-    let io = TokioIo::new(io);
     let result = match protocol {
         Protocol::Http1 => {
+            let io = TokioIo::new(io);
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 // The response is the upstream's: no Date of the proxy's own.
@@ -184,6 +184,8 @@ pub async fn serve<I, H, S>(
             }
         }
         Protocol::Http2 => {
+            // Streams are multiplexed: responses ready together leave in one write.
+            let io = TokioIo::new(crate::coalesce::Coalesce::new(io));
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .auto_date_header(false)
