@@ -72,37 +72,27 @@ impl<T: AsyncRead + Unpin> AsyncRead for Coalesce<T> {
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = &mut *self;
-        if this.buf.len() + data.len() > HIGH_WATER && !this.buf.is_empty() {
-            std::task::ready!(this.poll_drain(cx))?;
-        }
-        if data.len() >= HIGH_WATER {
-            return Pin::new(&mut this.inner).poll_write(cx, data);
-        }
-        this.buf.extend_from_slice(data);
-        Poll::Ready(Ok(data.len()))
+        self.poll_write_vectored(cx, &[io::IoSlice::new(data)])
     }
 
+    /// Buffers `bufs` whole; what would take the buffer above [`HIGH_WATER`] first drains it,
+    /// and a write that large by itself goes straight through (after the buffer, in order).
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let total: usize = bufs.iter().map(|b| b.len()).sum();
-        if total >= HIGH_WATER {
-            let first = bufs
-                .iter()
-                .find(|b| !b.is_empty())
-                .map_or(&[][..], |b| &b[..]);
-            return self.poll_write(cx, first);
-        }
         let this = &mut *self;
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
         if this.buf.len() + total > HIGH_WATER && !this.buf.is_empty() {
             std::task::ready!(this.poll_drain(cx))?;
+        }
+        if total >= HIGH_WATER {
+            return Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         }
         for b in bufs {
             this.buf.extend_from_slice(b);
@@ -124,8 +114,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
             cx.waker().wake_by_ref();
             return Poll::Pending;
         }
-        this.waited = false;
+        // The turn is over once the buffer is out (a drain that waits for the socket does not
+        // wait another turn when it resumes).
         std::task::ready!(this.poll_drain(cx))?;
+        this.waited = false;
         Pin::new(&mut this.inner).poll_flush(cx)
     }
 
