@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
 # Strait and linkerd2-proxy side by side, in one run, on one harness.
 #
-#   bash bench/against-linkerd.sh [--duration 15] [--reps 3] [--phases "h1 h2 rate close"]
+#   bash bench/against-linkerd.sh [--duration 15] [--reps 3] [--phases "h1 h2 rate close tcp"]
 #
 # One network namespace (`svl-<pid>`, addresses 10.0.0.1/10.0.0.2 on its loopback), one nginx
-# (1 worker, a 1 KiB body) and three ways to it, measured alternately (direct, linkerd2-proxy,
-# Strait) in every repetition:
-#   direct          ports 9080 (HTTP/1.1) / 9081 (h2c), never redirected
-#   linkerd2-proxy  ports 8080 / 8081: client proxy (uid 2103) -> server proxy (uid 2102)
-#   Strait          ports 8090 / 8091: client proxy (uid 2105) -> server proxy (uid 2104)
+# (1 worker, a 1 KiB body), one TCP echo server (`strait-testapp echo`), and three ways to them,
+# measured alternately (direct, linkerd2-proxy, Strait) in every repetition:
+#   direct          ports 9080 (HTTP/1.1) / 9081 (h2c) / 9082 (TCP echo), never redirected
+#   linkerd2-proxy  ports 8080 / 8081 / 8082: client proxy (uid 2103) -> server proxy (uid 2102)
+#   Strait          ports 8090 / 8091 / 8092: client proxy (uid 2105) -> server proxy (uid 2104)
 # Both pairs: mTLS between the proxies (checked in their metrics before measuring), one runtime
 # thread each (LINKERD2_PROXY_CORES=1, STRAIT_THREADS=1), iptables REDIRECT by uid, the
 # linkerd2-proxy binary and its stand-in control plane from ../shared/anchors/linkerd2-proxy.
 # Phases: h1 (wrk -t1 -c16 and -c64), h2 (h2load -c4 -m10), rate (open-loop fixed rate, 8
-# connections, 500 and 2000 req/s: added latency), close (wrk -c16, Connection: close), and,
+# connections, 500 and 2000 req/s: added latency), close (wrk -c16, Connection: close), tcp
+# (opaque TCP request/response: `strait-bench tcp-rr`, 16 connections each sending 64 bytes and
+# waiting for their echo; both proxies find it is not HTTP by their protocol detection), and,
 # only when asked, syscalls (strace -c of each proxy over 20,000 HTTP/1.1 requests, -c16) and
 # profile (perf record of each proxy during wrk -c16; reports left in the work directory).
 # Prints a table (medians with min-max) and `<key> <value>` lines. Everything it starts is
@@ -23,7 +25,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BIN=${STRAIT_BIN_DIR:-$ROOT/target/release}
 ANCHOR=${ANCHOR:-$ROOT/../shared/anchors/linkerd2-proxy}
-D=15; REPS=3; PHASES="h1 h2 rate close"
+D=15; REPS=3; PHASES="h1 h2 rate close tcp"
 while [ $# -gt 0 ]; do
   case $1 in
     --duration) D=${2%s}; shift 2;;
@@ -34,7 +36,7 @@ while [ $# -gt 0 ]; do
 done
 [ "$D" -ge 1 ] && [ "$D" -le 120 ] || { echo "--duration must be 1..120 s" >&2; exit 2; }
 [ "$REPS" -ge 1 ] && [ "$REPS" -le 15 ] || { echo "--reps must be 1..15" >&2; exit 2; }
-for b in strait strait-proxy strait-control-plane strait-bench; do
+for b in strait strait-proxy strait-control-plane strait-bench strait-testapp; do
   [ -x "$BIN/$b" ] || { echo "no $BIN/$b: cargo build --release --workspace --bins" >&2; exit 1; }
 done
 for t in wrk h2load nginx openssl setpriv python3; do
@@ -70,14 +72,17 @@ $N sysctl -qw net.ipv4.ip_local_port_range="10000 65000" net.ipv4.tcp_tw_reuse=1
 X="$N iptables -t nat"
 $X -N SVL_OUT
 $X -A OUTPUT -p tcp -j SVL_OUT
-$X -A SVL_OUT -m owner --uid-owner 2103 -p tcp -d 10.0.0.2 -m multiport --dports 8080,8081 -j REDIRECT --to-ports 4143
+$X -A SVL_OUT -m owner --uid-owner 2103 -p tcp -d 10.0.0.2 -m multiport --dports 8080,8081,8082 -j REDIRECT --to-ports 4143
 $X -A SVL_OUT -m owner --uid-owner 2102 -j RETURN
 $X -A SVL_OUT -m owner --uid-owner 2103 -j RETURN
-$X -A SVL_OUT -p tcp -d 10.0.0.2 -m multiport --dports 8080,8081 -j REDIRECT --to-ports 4140
-$X -A SVL_OUT -m owner --uid-owner 2105 -p tcp -d 10.0.0.2 -m multiport --dports 8090,8091 -j REDIRECT --to-ports 4243
+$X -A SVL_OUT -p tcp -d 10.0.0.2 -m multiport --dports 8080,8081,8082 -j REDIRECT --to-ports 4140
+# Strait sends opaque TCP to its peer's mesh port (the inbound port, the same on every proxy:
+# 4243 here), dialing <pod IP>:4243; in one namespace the client proxy binds that port on
+# 10.0.0.1 and the server proxy on 127.0.0.1, where REDIRECT delivers.
+$X -A SVL_OUT -m owner --uid-owner 2105 -p tcp -d 10.0.0.2 -m multiport --dports 8090,8091,8092,4243 -j REDIRECT --to-ports 4243
 $X -A SVL_OUT -m owner --uid-owner 2104 -j RETURN
 $X -A SVL_OUT -m owner --uid-owner 2105 -j RETURN
-$X -A SVL_OUT -p tcp -d 10.0.0.2 -m multiport --dports 8090,8091 -j REDIRECT --to-ports 4240
+$X -A SVL_OUT -p tcp -d 10.0.0.2 -m multiport --dports 8090,8091,8092 -j REDIRECT --to-ports 4240
 
 # nginx: one worker, the same server for the three ways.
 mkdir -p "$W/www"
@@ -111,6 +116,11 @@ http {
 }
 EOF
 $N nginx -c "$W/nginx.conf"
+# The TCP echo server, one process for the three ways.
+for port in 8082 8092 9082; do
+  $N "$BIN/strait-testapp" echo --listen 10.0.0.2:$port > "$W/echo-$port.log" 2>&1 &
+  PIDS+=($!)
+done
 
 # linkerd2-proxy's PKI: a test CA; per proxy a key, a CSR and a token for the stub.
 C=$W/certs; mkdir -p "$C"
@@ -135,7 +145,7 @@ C=$W/certs; mkdir -p "$C"
 )
 chmod -R a+rX "$W"
 ID=.default.serviceaccount.identity.linkerd.cluster.local
-$N "$W/l2p-stub" 127.0.0.1:8086 "$C" 10.0.0.2:8080=server$ID 10.0.0.2:8081=server$ID > "$W/stub.log" 2>&1 &
+$N "$W/l2p-stub" 127.0.0.1:8086 "$C" 10.0.0.2:8080=server$ID 10.0.0.2:8081=server$ID 10.0.0.2:8082=server$ID > "$W/stub.log" 2>&1 &
 PIDS+=($!)
 
 # Strait's PKI and local-mode mesh: service "web" whose endpoint is 10.0.0.2 (pod "server").
@@ -150,6 +160,7 @@ spec:
   ports:
   - {name: h1, port: 8090, targetPort: 8090, protocol: TCP}
   - {name: h2, port: 8091, targetPort: 8091, protocol: TCP}
+  - {name: tcp, port: 8092, targetPort: 8092, protocol: TCP}
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
@@ -162,6 +173,7 @@ addressType: IPv4
 ports:
 - {name: h1, port: 8090, protocol: TCP}
 - {name: h2, port: 8091, protocol: TCP}
+- {name: tcp, port: 8092, protocol: TCP}
 endpoints:
 - addresses: ["10.0.0.2"]
   conditions: {ready: true}
@@ -204,7 +216,7 @@ l2p() { # client|server
   else
     uid=2102
     extra=(LINKERD2_PROXY_OUTBOUND_LISTEN_ADDR=127.0.0.1:5140 LINKERD2_PROXY_INBOUND_LISTEN_ADDR=0.0.0.0:4143
-           LINKERD2_PROXY_ADMIN_LISTEN_ADDR=127.0.0.1:5191 LINKERD2_PROXY_INBOUND_PORTS=8080,8081)
+           LINKERD2_PROXY_ADMIN_LISTEN_ADDR=127.0.0.1:5191 LINKERD2_PROXY_INBOUND_PORTS=8080,8081,8082)
   fi
   $N setpriv --reuid=$uid --regid=$uid --clear-groups env -i PATH=/usr/bin:/bin \
     LINKERD2_PROXY_LOG=warn LINKERD2_PROXY_CORES=1 \
@@ -222,10 +234,10 @@ strait() { # client|server
   local who=$1 uid extra
   if [ "$who" = client ]; then
     uid=2105
-    extra=(STRAIT_OUTBOUND_ADDR=127.0.0.1:4240 STRAIT_INBOUND_ADDR=127.0.0.1:6243 STRAIT_ADMIN_ADDR=127.0.0.1:4291)
+    extra=(STRAIT_OUTBOUND_ADDR=127.0.0.1:4240 STRAIT_INBOUND_ADDR=10.0.0.1:4243 STRAIT_ADMIN_ADDR=127.0.0.1:4291)
   else
     uid=2104
-    extra=(STRAIT_OUTBOUND_ADDR=127.0.0.1:5240 STRAIT_INBOUND_ADDR=0.0.0.0:4243 STRAIT_ADMIN_ADDR=127.0.0.1:5291)
+    extra=(STRAIT_OUTBOUND_ADDR=127.0.0.1:5240 STRAIT_INBOUND_ADDR=127.0.0.1:4243 STRAIT_ADMIN_ADDR=127.0.0.1:5291)
   fi
   $N setpriv --reuid=$uid --regid=$uid --clear-groups env -i PATH=/usr/bin:/bin \
     STRAIT_LOG=warn STRAIT_THREADS=1 STRAIT_CONTROL_PLANE_ADDR=127.0.0.1:8087 \
@@ -306,6 +318,7 @@ for r in $(seq 1 "$REPS"); do
         rate) for q in 500 2000; do
               run "rate${q}_${m}_$r" $m $N timeout $TO "$BIN/strait-bench" fixed-rate --url http://10.0.0.2:$(port $m 8080)/ --rate $q --conns 8 --duration ${D}s
             done;;
+        tcp) run "tcp_${m}_$r" $m $N timeout $TO "$BIN/strait-bench" tcp-rr --addr 10.0.0.2:$(port $m 8082) --duration ${D}s;;
         close) run "close_${m}_$r" $m $N timeout $TO wrk -t1 -c16 -d${D}s -H 'Connection: close' http://10.0.0.2:$(port $m 8080)/;;
         syscalls) [ $m = direct ] || syscalls "$m" "$r";;
         profile) [ $m = direct ] || profile "$m" "$r";;
@@ -321,10 +334,12 @@ done > "$W/rss_kb"
 for p in "$SC" "$SS" "$LC" "$LS"; do
   awk '/RssAnon/{printf "%s ", $2}' "/proc/$p/status"
 done > "$W/anon_kb"
+# Each proxy's mappings after load (what its RSS is made of), for whoever wants to look.
+for p in "$SC" "$SS" "$LC" "$LS"; do cat "/proc/$p/smaps" > "$W/smaps.$p" 2>/dev/null || true; done
 
-python3 - "$W" "$(getconf CLK_TCK)" <<'EOF'
+python3 - "$W" "$(getconf CLK_TCK)" "$D" <<'EOF'
 import re, statistics, sys, os
-W, hz = sys.argv[1], int(sys.argv[2])
+W, hz, D = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 def out(tag):
     p = os.path.join(W, tag + ".out")
     return open(p).read() if os.path.exists(p) else ""
@@ -340,7 +355,9 @@ def reqs(tag):
         return float(m.group(1)), n
     m = re.search(r"requests=(\d+) errors=(\d+)", t)
     if m:
-        return None, int(m.group(1))
+        # tcp-rr: a rate only when no connection failed.
+        n = int(m.group(1))
+        return (n / D if int(m.group(2)) == 0 else None), n
     return None, 0
 def lat(tag, key):
     m = re.search(key + r"=(\d+)", out(tag))
@@ -397,6 +414,12 @@ if any(t.startswith("rate") for t in tags):
                 keys["vs_linkerd_added_%s_%d" % (k.replace(".", ""), q)] = ratio
         row("CPU per request per proxy at %d req/s (us)" % q, "rate%d" % q, cpu_us,
             "vs_linkerd_cpu_%d" % q)
+if any(t.startswith("tcp_") for t in tags):
+    d, l, s = row("opaque TCP request/response, 16 x 64 B (exchanges/s)", "tcp", rps, "vs_linkerd_tcp_rr")
+    row("CPU per exchange per proxy, opaque TCP (us)", "tcp", cpu_us, "vs_linkerd_cpu_tcp")
+    if d and med(d):
+        keys["strait_tcp_rr_vs_direct"] = med(s) / med(d) if s else float("nan")
+        keys["linkerd_tcp_rr_vs_direct"] = med(l) / med(d) if l else float("nan")
 rss = [int(x) / 1024 for x in open(os.path.join(W, "rss_kb")).read().split()]
 print("| measure | direct | linkerd2-proxy | Strait | Strait / linkerd2-proxy |")
 print("|---|---|---|---|---|")
