@@ -334,6 +334,16 @@ done > "$W/rss_kb"
 for p in "$SC" "$SS" "$LC" "$LS"; do
   awk '/RssAnon/{printf "%s ", $2}' "/proc/$p/status"
 done > "$W/anon_kb"
+# The same after 12 s without load: what stays once each proxy's allocator has settled
+# (linkerd2-proxy's jemalloc returns freed memory over about 10 s, Strait's memory task looks
+# every 10 s).
+sleep 12
+for p in "$SC" "$SS" "$LC" "$LS"; do
+  awk '/VmRSS/{printf "%s ", $2}' "/proc/$p/status"
+done > "$W/rss_idle_kb"
+for p in "$SC" "$SS" "$LC" "$LS"; do
+  awk '/RssAnon/{printf "%s ", $2}' "/proc/$p/status"
+done > "$W/anon_idle_kb"
 # Each proxy's mappings after load (what its RSS is made of), for whoever wants to look.
 for p in "$SC" "$SS" "$LC" "$LS"; do cat "/proc/$p/smaps" > "$W/smaps.$p" 2>/dev/null || true; done
 
@@ -431,6 +441,12 @@ print("| RSS after load, client / server proxy (MB) | - | %.1f / %.1f | %.1f / %
 anon = [int(x) / 1024 for x in open(os.path.join(W, "anon_kb")).read().split()]
 print("| private memory (RssAnon) after load, client / server proxy (MB) | - | %.1f / %.1f | %.1f / %.1f | %.2f |"
       % (anon[2], anon[3], anon[0], anon[1], max(anon[0], anon[1]) / max(anon[2], anon[3])))
+rss_i = [int(x) / 1024 for x in open(os.path.join(W, "rss_idle_kb")).read().split()]
+anon_i = [int(x) / 1024 for x in open(os.path.join(W, "anon_idle_kb")).read().split()]
+print("| RSS 12 s after load, client / server proxy (MB) | - | %.1f / %.1f | %.1f / %.1f | %.2f |"
+      % (rss_i[2], rss_i[3], rss_i[0], rss_i[1], max(rss_i[0], rss_i[1]) / max(rss_i[2], rss_i[3])))
+print("| private memory 12 s after load, client / server proxy (MB) | - | %.1f / %.1f | %.1f / %.1f | %.2f |"
+      % (anon_i[2], anon_i[3], anon_i[0], anon_i[1], max(anon_i[0], anon_i[1]) / max(anon_i[2], anon_i[3])))
 print("(medians of %d runs, (min-max); CPU: user+system of both proxies of the pair / 2 / requests)" % len(series("h1c16", "strait", rps) or [0]))
 print()
 for k, v in keys.items():
@@ -439,4 +455,8 @@ print("strait_rss_mb %.1f" % max(rss[0], rss[1]))
 print("linkerd_rss_mb %.1f" % max(rss[2], rss[3]))
 print("strait_anon_mb %.1f" % max(anon[0], anon[1]))
 print("linkerd_anon_mb %.1f" % max(anon[2], anon[3]))
+print("strait_rss_idle_mb %.1f" % max(rss_i[0], rss_i[1]))
+print("linkerd_rss_idle_mb %.1f" % max(rss_i[2], rss_i[3]))
+print("strait_anon_idle_mb %.1f" % max(anon_i[0], anon_i[1]))
+print("linkerd_anon_idle_mb %.1f" % max(anon_i[2], anon_i[3]))
 EOF

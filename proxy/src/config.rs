@@ -64,6 +64,12 @@ pub struct ProxyConfig {
     /// Timeout of a TCP connect to an endpoint or the application.
     #[arg(long, env = "STRAIT_CONNECT_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
+    /// How long an idle HTTP/1 connection to the application (or to a destination outside
+    /// the mesh) is kept for reuse. Keep it under the server's own keep-alive timeout
+    /// (Node.js: 5s), so that the proxy never sends a request on a connection the server is
+    /// closing.
+    #[arg(long, env = "STRAIT_HTTP1_POOL_IDLE_TIMEOUT", default_value = "3s", value_parser = parse_pool_idle_timeout)]
+    pub http1_pool_idle_timeout: Duration,
     /// How long a new destination waits for its first discovery answer before passing through.
     #[arg(long, env = "STRAIT_DISCOVERY_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
     pub discovery_timeout: Duration,
@@ -273,6 +279,14 @@ fn parse_collector(s: &str) -> Result<String, String> {
     }
 }
 
+fn parse_pool_idle_timeout(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < Duration::from_millis(100) || d > Duration::from_secs(600) {
+        return Err(format!("{s}: must be between 100ms and 10m"));
+    }
+    Ok(d)
+}
+
 fn parse_ratio(s: &str) -> Result<f32, String> {
     match s.parse::<f32>() {
         Ok(r) if (0.0..=10.0).contains(&r) => Ok(r),
@@ -435,6 +449,35 @@ mod tests {
                 .expect(bad)
                 .to_string();
             assert!(err.contains(flag) && err.contains(bad), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_http1_pool_idle_timeout_is_short_by_default_and_checked() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            cfg: ProxyConfig,
+        }
+        let parse =
+            |args: &[&str]| Cli::try_parse_from(std::iter::once("p").chain(args.iter().copied()));
+        // Under Node.js's keep-alive timeout (5s), like linkerd2-proxy's 3s.
+        let cfg = parse(&[]).expect("defaults").cfg;
+        assert_eq!(cfg.http1_pool_idle_timeout, Duration::from_secs(3));
+        let cfg = parse(&["--http1-pool-idle-timeout", "500ms"])
+            .expect("valid")
+            .cfg;
+        assert_eq!(cfg.http1_pool_idle_timeout, Duration::from_millis(500));
+        for bad in ["0s", "20m", "soon"] {
+            let err = parse(&["--http1-pool-idle-timeout", bad])
+                .err()
+                .expect(bad)
+                .to_string();
+            assert!(
+                err.contains("--http1-pool-idle-timeout") && err.contains(bad),
+                "{err}"
+            );
         }
     }
 

@@ -21,6 +21,7 @@ pub mod inbound;
 pub mod init;
 pub mod io;
 pub mod listen;
+pub mod memory;
 pub mod metrics;
 pub mod outbound;
 pub mod policy;
@@ -169,7 +170,7 @@ pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
     let workload = cfg.service_name();
     metrics.set_workload(&workload);
     let egress = Arc::new(stack::Egress {
-        clients: Clients::new(cfg.connect_timeout),
+        clients: Clients::new(cfg.connect_timeout, cfg.http1_pool_idle_timeout),
         workload: ::http::HeaderValue::from_str(&workload).ok(),
         mirrors: Arc::new(stack::mirror::Mirrors::new(metrics.clone())),
     });
@@ -224,6 +225,7 @@ pub async fn run(cfg: ProxyConfig) -> Result<(), StartError> {
     for listener in admin_listener {
         tokio::spawn(admin.clone().serve(listener));
     }
+    tokio::spawn(memory::release_periodically());
 
     if let Some(identity) = &identity {
         let (first_tx, mut first_rx) = tokio::sync::oneshot::channel();

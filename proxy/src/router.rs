@@ -258,7 +258,10 @@ mod tests {
 
     fn egress() -> Arc<Egress> {
         Arc::new(Egress {
-            clients: crate::http::forward::Clients::new(Duration::from_secs(1)),
+            clients: crate::http::forward::Clients::new(
+                Duration::from_secs(1),
+                Duration::from_secs(3),
+            ),
             workload: None,
             mirrors: Arc::new(crate::stack::mirror::Mirrors::new(Arc::new(Metrics::new()))),
         })

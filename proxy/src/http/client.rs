@@ -268,13 +268,16 @@ impl H2Pool {
 /// Pooled HTTP/1.1 keep-alive connections, keyed by the address in the request URI.
 pub type H1Client = hyper_util::client::legacy::Client<HttpConnector, ReqBody>;
 
-pub fn h1_client(connect_timeout: Duration) -> H1Client {
+/// Idle connections are closed after `idle_timeout` (`STRAIT_HTTP1_POOL_IDLE_TIMEOUT`): under
+/// the application's own keep-alive timeout, so that a request never goes out on a connection
+/// the application is closing, and so that a burst's connections do not outlive it.
+pub fn h1_client(connect_timeout: Duration, idle_timeout: Duration) -> H1Client {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(connect_timeout));
     hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_idle_timeout(idle_timeout)
         // As the server side: the client's names as written, Title-Case for those that
         // crossed HTTP/2.
         .http1_preserve_header_case(true)
@@ -399,4 +402,85 @@ async fn upgrade(
         });
     }
     Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// An HTTP/1.1 server answering every request with keep-alive; counts its connections and
+    /// reports each one's end (the client closed it) on `closed`.
+    async fn keep_alive_server() -> (
+        SocketAddr,
+        Arc<AtomicUsize>,
+        tokio::sync::mpsc::UnboundedReceiver<()>,
+    ) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut seen = Vec::new();
+                    loop {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => seen.extend_from_slice(&buf[..n]),
+                        }
+                        while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                            seen.drain(..end + 4);
+                            let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if s.write_all(reply).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    let _ = tx.send(());
+                });
+            }
+        });
+        (addr, accepted, rx)
+    }
+
+    async fn get(client: &H1Client, addr: SocketAddr) -> http::StatusCode {
+        let req = Request::builder()
+            .uri("/")
+            .header(http::header::HOST, "app")
+            .body(ReqBody::empty())
+            .expect("request");
+        send_h1(client, addr, Duration::from_secs(1), req)
+            .await
+            .expect("response")
+            .status()
+    }
+
+    #[tokio::test]
+    async fn an_idle_http1_connection_is_reused_then_closed_after_the_pool_timeout() {
+        let (addr, accepted, mut closed) = keep_alive_server().await;
+        let client = h1_client(Duration::from_secs(1), Duration::from_millis(300));
+        assert_eq!(get(&client, addr).await, 200);
+        assert_eq!(get(&client, addr).await, 200);
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "the second request reuses the connection"
+        );
+        // Idle past the pool's timeout: the proxy closes it (the application never has to).
+        tokio::time::timeout(Duration::from_secs(10), closed.recv())
+            .await
+            .expect("the idle connection is closed by the pool")
+            .expect("server task");
+        // The next request opens a new one.
+        assert_eq!(get(&client, addr).await, 200);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
 }

@@ -21,9 +21,9 @@ pub struct Clients {
 }
 
 impl Clients {
-    pub fn new(connect_timeout: Duration) -> Self {
+    pub fn new(connect_timeout: Duration, h1_idle_timeout: Duration) -> Self {
         Self {
-            h1: super::client::h1_client(connect_timeout),
+            h1: super::client::h1_client(connect_timeout, h1_idle_timeout),
             h2: super::client::H2Pool::new(connect_timeout),
             connect_timeout,
         }
