@@ -42,7 +42,7 @@ fuzz_target!(|data: &[u8]| {
     // compiled from what the control plane sent.
     let metrics = Arc::new(Metrics::new());
     let egress = Arc::new(Egress {
-        clients: Clients::new(Duration::from_secs(1)),
+        clients: Clients::new(Duration::from_secs(1), Duration::from_secs(3)),
         workload: None,
         mirrors: Arc::new(Mirrors::new(metrics.clone())),
     });
