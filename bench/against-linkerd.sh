@@ -326,24 +326,17 @@ for r in $(seq 1 "$REPS"); do
     done
   done
 done
-for p in "$SC" "$SS" "$LC" "$LS"; do
-  awk '/VmRSS/{printf "%s ", $2}' "/proc/$p/status"
-done > "$W/rss_kb"
-# The private part (heap, stacks): RSS less the executable's pages, which the page cache shares
-# between every process of the same binary.
-for p in "$SC" "$SS" "$LC" "$LS"; do
-  awk '/RssAnon/{printf "%s ", $2}' "/proc/$p/status"
-done > "$W/anon_kb"
+memory() { # field of /proc/<pid>/status, file: the four proxies' values in kB, on one line
+  for p in "$SC" "$SS" "$LC" "$LS"; do awk -v f="$1:" '$1 == f {printf "%s ", $2}' "/proc/$p/status"; done > "$W/$2"
+}
+# RSS, and its private part (heap, stacks): RSS less the executable's pages, which the page
+# cache shares between every process of the same binary.
+memory VmRSS rss_kb; memory RssAnon anon_kb
 # The same after 12 s without load: what stays once each proxy's allocator has settled
 # (linkerd2-proxy's jemalloc returns freed memory over about 10 s, Strait's memory task looks
 # every 10 s).
 sleep 12
-for p in "$SC" "$SS" "$LC" "$LS"; do
-  awk '/VmRSS/{printf "%s ", $2}' "/proc/$p/status"
-done > "$W/rss_idle_kb"
-for p in "$SC" "$SS" "$LC" "$LS"; do
-  awk '/RssAnon/{printf "%s ", $2}' "/proc/$p/status"
-done > "$W/anon_idle_kb"
+memory VmRSS rss_idle_kb; memory RssAnon anon_idle_kb
 # Each proxy's mappings after load (what its RSS is made of), for whoever wants to look.
 for p in "$SC" "$SS" "$LC" "$LS"; do cat "/proc/$p/smaps" > "$W/smaps.$p" 2>/dev/null || true; done
 
@@ -430,33 +423,26 @@ if any(t.startswith("tcp_") for t in tags):
     if d and med(d):
         keys["strait_tcp_rr_vs_direct"] = med(s) / med(d) if s else float("nan")
         keys["linkerd_tcp_rr_vs_direct"] = med(l) / med(d) if l else float("nan")
-rss = [int(x) / 1024 for x in open(os.path.join(W, "rss_kb")).read().split()]
+# Memory: client proxy, server proxy (Strait), then linkerd2-proxy's two, in MB.
+mem = {f: [int(x) / 1024 for x in open(os.path.join(W, f + "_kb")).read().split()]
+       for f in ("rss", "anon", "rss_idle", "anon_idle")}
+mem_rows = (("RSS after load", "rss"), ("private memory (RssAnon) after load", "anon"),
+            ("RSS 12 s after load", "rss_idle"), ("private memory 12 s after load", "anon_idle"))
 print("| measure | direct | linkerd2-proxy | Strait | Strait / linkerd2-proxy |")
 print("|---|---|---|---|---|")
 for name, d, l, s, ratio in rows:
     cell = lambda v: "%s (%s)" % (fmt(med(v)), rng(v)) if v else "-"
     print("| %s | %s | %s | %s | %.2f |" % (name, cell(d), cell(l), cell(s), ratio))
-print("| RSS after load, client / server proxy (MB) | - | %.1f / %.1f | %.1f / %.1f | %.2f |"
-      % (rss[2], rss[3], rss[0], rss[1], max(rss[0], rss[1]) / max(rss[2], rss[3])))
-anon = [int(x) / 1024 for x in open(os.path.join(W, "anon_kb")).read().split()]
-print("| private memory (RssAnon) after load, client / server proxy (MB) | - | %.1f / %.1f | %.1f / %.1f | %.2f |"
-      % (anon[2], anon[3], anon[0], anon[1], max(anon[0], anon[1]) / max(anon[2], anon[3])))
-rss_i = [int(x) / 1024 for x in open(os.path.join(W, "rss_idle_kb")).read().split()]
-anon_i = [int(x) / 1024 for x in open(os.path.join(W, "anon_idle_kb")).read().split()]
-print("| RSS 12 s after load, client / server proxy (MB) | - | %.1f / %.1f | %.1f / %.1f | %.2f |"
-      % (rss_i[2], rss_i[3], rss_i[0], rss_i[1], max(rss_i[0], rss_i[1]) / max(rss_i[2], rss_i[3])))
-print("| private memory 12 s after load, client / server proxy (MB) | - | %.1f / %.1f | %.1f / %.1f | %.2f |"
-      % (anon_i[2], anon_i[3], anon_i[0], anon_i[1], max(anon_i[0], anon_i[1]) / max(anon_i[2], anon_i[3])))
+for name, f in mem_rows:
+    m = mem[f]
+    print("| %s, client / server proxy (MB) | - | %.1f / %.1f | %.1f / %.1f | %.2f |"
+          % (name, m[2], m[3], m[0], m[1], max(m[0], m[1]) / max(m[2], m[3])))
 print("(medians of %d runs, (min-max); CPU: user+system of both proxies of the pair / 2 / requests)" % len(series("h1c16", "strait", rps) or [0]))
 print()
 for k, v in keys.items():
     print("%s %.3f" % (k, v))
-print("strait_rss_mb %.1f" % max(rss[0], rss[1]))
-print("linkerd_rss_mb %.1f" % max(rss[2], rss[3]))
-print("strait_anon_mb %.1f" % max(anon[0], anon[1]))
-print("linkerd_anon_mb %.1f" % max(anon[2], anon[3]))
-print("strait_rss_idle_mb %.1f" % max(rss_i[0], rss_i[1]))
-print("linkerd_rss_idle_mb %.1f" % max(rss_i[2], rss_i[3]))
-print("strait_anon_idle_mb %.1f" % max(anon_i[0], anon_i[1]))
-print("linkerd_anon_idle_mb %.1f" % max(anon_i[2], anon_i[3]))
+for f in ("rss", "anon", "rss_idle", "anon_idle"):
+    m = mem[f]
+    print("strait_%s_mb %.1f" % (f, max(m[0], m[1])))
+    print("linkerd_%s_mb %.1f" % (f, max(m[2], m[3])))
 EOF

@@ -402,6 +402,18 @@ impl PortList {
 mod tests {
     use super::*;
 
+    /// `strait-proxy run`'s settings parsed from `args`.
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        use clap::Parser;
+        Cli::try_parse_from(std::iter::once("p").chain(args.iter().copied()))
+    }
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        cfg: ProxyConfig,
+    }
+
     #[test]
     fn port_lists() {
         let l = PortList::parse(" 6379, 25 ,4444-4446").expect("valid");
@@ -419,14 +431,7 @@ mod tests {
 
     #[test]
     fn telemetry_settings_are_checked_and_errors_name_them() {
-        use clap::Parser;
-        #[derive(Parser)]
-        struct Cli {
-            #[command(flatten)]
-            cfg: ProxyConfig,
-        }
-        let ok = Cli::try_parse_from([
-            "p",
+        let ok = parse(&[
             "--trace-collector",
             "http://10.88.0.1:4317",
             "--trace-sample-ratio",
@@ -444,24 +449,13 @@ mod tests {
             ("--trace-sample-ratio", "1.5"),
             ("--access-log", "xml"),
         ] {
-            let err = Cli::try_parse_from(["p", flag, bad])
-                .err()
-                .expect(bad)
-                .to_string();
+            let err = parse(&[flag, bad]).err().expect(bad).to_string();
             assert!(err.contains(flag) && err.contains(bad), "{err}");
         }
     }
 
     #[test]
     fn the_http1_pool_idle_timeout_is_short_by_default_and_checked() {
-        use clap::Parser;
-        #[derive(Parser)]
-        struct Cli {
-            #[command(flatten)]
-            cfg: ProxyConfig,
-        }
-        let parse =
-            |args: &[&str]| Cli::try_parse_from(std::iter::once("p").chain(args.iter().copied()));
         // Under Node.js's keep-alive timeout (5s), like linkerd2-proxy's 3s.
         let cfg = parse(&[]).expect("defaults").cfg;
         assert_eq!(cfg.http1_pool_idle_timeout, Duration::from_secs(3));
@@ -483,14 +477,6 @@ mod tests {
 
     #[test]
     fn probe_settings_are_checked_and_an_empty_pod_ip_is_unset() {
-        use clap::Parser;
-        #[derive(Parser)]
-        struct Cli {
-            #[command(flatten)]
-            cfg: ProxyConfig,
-        }
-        let parse =
-            |args: &[&str]| Cli::try_parse_from(std::iter::once("p").chain(args.iter().copied()));
         let cfg = parse(&[]).expect("defaults").cfg;
         assert_eq!(cfg.pod_ip, PodIp(None));
         assert!(cfg.app_probes.is_empty());
